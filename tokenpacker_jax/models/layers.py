@@ -1,0 +1,128 @@
+"""Building blocks shared by the vision towers, projectors and decoders.
+
+Every parameter carries logical axis names (see ``tokenpacker_jax.sharding``); dense kernels
+are stored [in..., out...] as Flax does, so PyTorch ``Linear.weight`` [out, in] is transposed
+by the converters, never here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """GELU with the erf form (PyTorch ``nn.GELU()``); JAX/Flax default to the tanh form."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """GELU with the tanh approximation (HF ``gelu_pytorch_tanh`` / ``gelu_new``)."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """CLIP's activation: x * sigmoid(1.702 x)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+# Hugging Face ``hidden_act`` / ``hidden_activation`` names -> functions.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": gelu_exact,
+    "gelu_exact": gelu_exact,
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_tanh": gelu_tanh,
+    "quick_gelu": quick_gelu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
+
+
+# Remat policy names used in configs -> jax.checkpoint policies ("none" = no remat at all).
+REMAT_POLICIES: dict[str, Any] = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def remat_policy(name: str):
+    if name == "none" or name in REMAT_POLICIES:
+        return None if name == "none" else REMAT_POLICIES[name]
+    raise ValueError(f"unknown remat policy {name!r}; known: none, {', '.join(REMAT_POLICIES)}")
+
+
+def trunc_normal(stddev: float = 0.02) -> Initializer:
+    """PyTorch ``trunc_normal_(std=stddev)`` (cut at +-2 absolute, which is ~100 sigma at 0.02,
+    so effectively a plain normal); ``truncated_normal`` here cuts at +-2 sigma, the usual JAX
+    choice, which keeps the same scale to within a few percent."""
+    return nn.initializers.truncated_normal(stddev=stddev)
+
+
+def dense(features: int | Sequence[int], *, axes: tuple[str | None, ...], use_bias: bool = True,
+          dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+          kernel_init: Initializer = trunc_normal(), axis: int | Sequence[int] = -1,
+          name: str | None = None) -> nn.DenseGeneral:
+    """A DenseGeneral whose kernel and bias carry logical axis names.
+
+    ``axes`` names the kernel's dimensions, input axes first (e.g. ``("embed", "mlp")`` or
+    ``("embed", "heads", "head_dim")``); the bias takes the output names.
+    """
+    features_tuple = (features,) if isinstance(features, int) else tuple(features)
+    num_out = len(features_tuple)
+    if len(axes) < num_out + 1:
+        raise ValueError(f"dense {name}: axes {axes} must name inputs and {num_out} outputs")
+    return nn.DenseGeneral(
+        features=features,
+        axis=axis,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-num_out:]),
+        precision=None,
+        name=name,
+    )
+
+
+def layer_norm(eps: float, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               name: str | None = None) -> nn.LayerNorm:
+    """LayerNorm (scale and bias) with its statistics in float32 and logical names."""
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        use_fast_variance=False,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+        name=name,
+    )
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """``nn.with_logical_constraint`` under the current rules (no-op without a mesh)."""
+    return nn.with_logical_constraint(x, axes)
+
+
+def count_params(tree: Any) -> int:
+    """Number of scalars in a parameter tree (works on arrays and ShapeDtypeStructs)."""
+    leaves = jax.tree_util.tree_leaves(nn.meta.unbox(tree))
+    return sum(math.prod(leaf.shape) for leaf in leaves)
