@@ -44,7 +44,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
     ("position", None),
     ("channels", None),
-    ("patch", None),
+    ("patch_height", None),
+    ("patch_width", None),
     ("levels", None),
     # activations
     ("activation_batch", ("data", "fsdp")),

@@ -77,30 +77,68 @@ def trunc_normal(stddev: float = 0.02) -> Initializer:
     return nn.initializers.truncated_normal(stddev=stddev)
 
 
+class Dense(nn.Module):
+    """Linear map over the trailing ``num_in_axes`` axes: [..., *in] -> [..., *features].
+
+    Like ``nn.DenseGeneral``, but the kernel is created at its real shape
+    [*in, *features] with logical axis names (DenseGeneral initialises a flattened kernel,
+    which clashes with logical partitioning under a mesh). ``kernel_init`` sees the flattened
+    [fan_in, fan_out] shape, so variance-scaling initialisers get the right fans.
+    """
+
+    features: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    num_in_axes: int = 1
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer = trunc_normal()
+    bias_init: Initializer = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in, n_out = self.num_in_axes, len(self.features)
+        in_shape = tuple(x.shape[-n_in:])
+        if len(self.axes) != n_in + n_out:
+            raise ValueError(f"{self.name}: axes {self.axes} must name {n_in} input and "
+                             f"{n_out} output dimensions")
+        kernel_shape = in_shape + tuple(self.features)
+        flat_shape = (math.prod(in_shape), math.prod(self.features))
+        base_init = self.kernel_init
+
+        def init(key, shape, dtype):
+            return base_init(key, flat_shape, dtype).reshape(shape)
+
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes),
+                            kernel_shape, self.param_dtype)
+        x, kernel = x.astype(self.dtype), jnp.asarray(kernel, self.dtype)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(self.bias_init,
+                                                                   self.axes[n_in:]),
+                              tuple(self.features), self.param_dtype)
+            y = y + jnp.asarray(bias, self.dtype)
+        return y
+
+
 def dense(features: int | Sequence[int], *, axes: tuple[str | None, ...], use_bias: bool = True,
           dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
           kernel_init: Initializer = trunc_normal(), axis: int | Sequence[int] = -1,
-          name: str | None = None) -> nn.DenseGeneral:
-    """A DenseGeneral whose kernel and bias carry logical axis names.
+          name: str | None = None) -> Dense:
+    """A ``Dense`` whose kernel and bias carry logical axis names.
 
     ``axes`` names the kernel's dimensions, input axes first (e.g. ``("embed", "mlp")`` or
-    ``("embed", "heads", "head_dim")``); the bias takes the output names.
+    ``("embed", "heads", "head_dim")``); the bias takes the output names. ``axis`` are the
+    contracted input axes, which must be trailing (-1, or (-2, -1), ...).
     """
     features_tuple = (features,) if isinstance(features, int) else tuple(features)
-    num_out = len(features_tuple)
-    if len(axes) < num_out + 1:
-        raise ValueError(f"dense {name}: axes {axes} must name inputs and {num_out} outputs")
-    return nn.DenseGeneral(
-        features=features,
-        axis=axis,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[-num_out:]),
-        precision=None,
-        name=name,
-    )
+    axis_tuple = (axis,) if isinstance(axis, int) else tuple(axis)
+    if axis_tuple != tuple(range(-len(axis_tuple), 0)):
+        raise ValueError(f"dense {name}: contracted axes must be trailing, got {axis}")
+    return Dense(features=features_tuple, axes=tuple(axes), num_in_axes=len(axis_tuple),
+                 use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                 kernel_init=kernel_init, name=name)
 
 
 def layer_norm(eps: float, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,

@@ -172,7 +172,7 @@ class VisionTransformer(nn.Module):
         patches = pixels[:, : g * p, : g * p, :].astype(cfg.dtype)
         patches = patches.reshape(batch, g, p, g, p, channels).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(batch, g * g, p, p, channels)
-        x = layers.dense(cfg.width, axes=("patch", "patch", "channels", "embed"),
+        x = layers.dense(cfg.width, axes=("patch_height", "patch_width", "channels", "embed"),
                          axis=(-3, -2, -1), use_bias=cfg.family == "siglip",
                          name="patch_embedding", **kw)(patches)
         if cfg.has_class_token:

@@ -1,0 +1,78 @@
+"""Checks a config before anything compiles, and turns its sections into module configs.
+
+Errors name the field (``model.projector.scale_factor``) and say what would be valid.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from tokenpacker_jax import sharding
+from tokenpacker_jax.data.image import ASPECT_MODES
+from tokenpacker_jax.models.vision import VisionConfig
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field."""
+
+
+def vision_config(config: ml_collections.ConfigDict) -> VisionConfig:
+    """The tower's VisionConfig from ``config.model.vision``."""
+    try:
+        return VisionConfig.from_dict(config.model.vision.to_dict())
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model.vision: {err}") from err
+
+
+def _check(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{field}: {message}")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Raises ConfigError for the first field that cannot work.
+
+    Args:
+      config: a config from ``configs/*.py`` with overrides applied.
+      num_devices: devices the mesh must cover (default: all of this process's devices).
+    """
+    if num_devices is None:
+        import jax  # noqa: PLC0415 (keep config checks importable without a backend)
+
+        num_devices = jax.device_count()
+    try:
+        mesh = sharding.mesh_shape(config.mesh.to_dict(), num_devices)
+    except ValueError as err:
+        raise ConfigError(f"mesh: {err}") from err
+    try:
+        sharding.rules_from_config(config.sharding.rules)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"sharding.rules: {err}") from err
+
+    vision = vision_config(config)
+    # With a checkpoint the architecture comes from its config.json, checked when loaded.
+    if not config.model.vision_checkpoint:
+        num_states = vision.num_layers + 1
+        features = config.model.features
+        for field, index in [("model.features.select_layer", features.select_layer),
+                             *[("model.features.multi_layers", i) for i in
+                               features.multi_layers]]:
+            _check(-num_states <= index < num_states, field,
+                   f"layer {index} does not exist in a tower with {vision.num_layers} layers "
+                   f"(valid: {-num_states}..{num_states - 1})")
+        _check(config.data.image.image_size == vision.image_size, "data.image.image_size",
+               f"{config.data.image.image_size} differs from the tower's image_size "
+               f"{vision.image_size}")
+        grid = vision.grid_size
+        scale = config.model.projector.scale_factor
+        _check(scale >= 1 and grid % scale == 0, "model.projector.scale_factor",
+               f"{scale} does not divide the {grid}x{grid} patch grid "
+               f"(valid: {[s for s in range(1, grid + 1) if grid % s == 0]})")
+        _check(vision.num_heads % mesh["tensor"] == 0, "mesh.tensor",
+               f"{mesh['tensor']} does not divide the tower's {vision.num_heads} heads")
+
+    image = config.data.image
+    _check(image.aspect_mode in ASPECT_MODES, "data.image.aspect_mode",
+           f"{image.aspect_mode!r} is not one of {ASPECT_MODES}")
+    _check(len(image.mean) == 3 and len(image.std) == 3 and min(image.std) > 0,
+           "data.image", "mean and std need 3 channels and std > 0")
