@@ -1,0 +1,167 @@
+"""Decoder self-attention: rotary positions, masks, and the attention kernel.
+
+Shapes: B batch, T query length, S key length, N query heads, K key/value heads
+(N % K == 0: K == N multi-head, 1 < K < N grouped-query, K == 1 multi-query), H head dim.
+
+Masks are built from two kinds of coordinates per token:
+
+- its *slot*: index along the sequence (or the KV cache). Causality is on slots: a query
+  sees keys in slots <= its own, as Hugging Face does.
+- its *position*: the RoPE position id; -1 marks a slot that holds no token (padding, or a
+  cache slot not yet written). Sliding windows and the bidirectional prefix are measured in
+  positions, so they do not depend on which side the batch is padded.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tokenpacker_jax.models import layers
+from tokenpacker_jax.models.decoder_config import DecoderConfig
+
+HEADS_ACT = ("activation_batch", "activation_length", "activation_heads", None)
+KV_HEADS_ACT = ("activation_batch", "activation_length", "activation_kv_heads", None)
+
+
+def rope_inverse_frequencies(config: DecoderConfig) -> np.ndarray:
+    """Inverse frequencies [H/2] (float32), with the configured scaling (HF's formulas)."""
+    dim = config.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (1.0 / np.power(np.float32(config.rope_theta), exponents)).astype(np.float32)
+    if config.rope_type == "linear":
+        inv_freq = inv_freq / np.float32(config.rope_factor)
+    elif config.rope_type == "llama3":
+        # Llama 3.1: long wavelengths slowed down by `factor`, short ones kept, a smooth ramp
+        # between the two cut-offs.
+        factor = config.rope_factor
+        low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+        old_context = config.rope_original_max_position
+        low_freq_wavelen, high_freq_wavelen = old_context / low, old_context / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+        inv_freq = np.where(is_medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def rope_tables(config: DecoderConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [B, T, H] (float32) for integer positions [B, T]."""
+    inv_freq = jnp.asarray(rope_inverse_frequencies(config))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates x [B, T, heads, H] by the angles of cos/sin [B, T, H] (rotate-half layout)."""
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def attention_mask(q_slots: jax.Array, q_positions: jax.Array, k_slots: jax.Array,
+                   k_positions: jax.Array, *, sliding_window: int | None = None,
+                   prefix_length: jax.Array | None = None) -> jax.Array:
+    """Boolean mask [B, 1, T, S]: True where query t may attend key s.
+
+    Args:
+      q_slots: [T] slots of the queries; k_slots: [S] slots of the keys.
+      q_positions: [B, T] positions of the queries.
+      k_positions: [B, S] positions of the keys, -1 where the slot holds no token.
+      sliding_window: if set, only keys with q_pos - k_pos < sliding_window.
+      prefix_length: optional [B]: the tokens with positions < prefix_length[b] (e.g. an
+        image and a system prompt) attend to each other in both directions.
+    """
+    valid = (k_positions >= 0)[:, None, :]
+    allowed = (k_slots[None, :] <= q_slots[:, None])[None]
+    if prefix_length is not None:
+        prefix = prefix_length[:, None, None]
+        allowed = allowed | ((q_positions[:, :, None] < prefix)
+                             & (k_positions[:, None, :] < prefix))
+    mask = valid & allowed
+    if sliding_window is not None:
+        mask = mask & (q_positions[:, :, None] - k_positions[:, None, :] < sliding_window)
+    return mask[:, None]
+
+
+def attend(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array, *,
+           scale: float, softcap: float | None = None,
+           implementation: str | None = None) -> jax.Array:
+    """Softmax attention: query [B, T, N, H], key/value [B, S, K, H], mask [B, 1, T, S].
+
+    Without soft-capping this is ``jax.nn.dot_product_attention`` (XLA anywhere, cuDNN flash
+    attention on NVIDIA GPUs). Gemma 2 caps the logits as cap * tanh(logits / cap) before the
+    mask, which that function cannot express, so that case is written out here (XLA only).
+    Returns [B, T, N, H] in the query's dtype.
+    """
+    if softcap is None:
+        return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale,
+                                            implementation=implementation)
+    batch, length, num_heads, head_dim = query.shape
+    num_kv = key.shape[2]
+    grouped = query.reshape(batch, length, num_kv, num_heads // num_kv, head_dim)
+    logits = jnp.einsum("btkgh,bskh->bkgts", grouped, key,
+                        preferred_element_type=jnp.float32) * scale
+    logits = softcap * jnp.tanh(logits / softcap)
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", weights, value)
+    return out.reshape(batch, length, num_heads, head_dim)
+
+
+class Attention(nn.Module):
+    """Self-attention with RoPE and an optional KV cache: x [B, T, W] -> [B, T, W].
+
+    ``cache`` is None (plain forward) or (keys, values) [B, S, K, H] of this layer. With
+    ``cache_index`` None the new keys are written at slot 0 and the queries attend to the
+    new keys only (prefill); otherwise they are written at ``cache_index`` and the queries
+    attend to the whole cache (decoding). Returns (output, updated cache or None).
+    """
+
+    config: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 cache: tuple[jax.Array, jax.Array] | None = None,
+                 cache_index: jax.Array | None = None):
+        cfg = self.config
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, use_bias=cfg.attention_bias)
+        q = layers.dense((cfg.num_heads, cfg.head_dim), axes=("embed", "heads", "head_dim"),
+                         name="q_proj", **kw)(x)
+        k = layers.dense((cfg.num_kv_heads, cfg.head_dim),
+                         axes=("embed", "kv_heads", "head_dim"), name="k_proj", **kw)(x)
+        v = layers.dense((cfg.num_kv_heads, cfg.head_dim),
+                         axes=("embed", "kv_heads", "head_dim"), name="v_proj", **kw)(x)
+        q = layers.constrain(apply_rope(q, cos, sin), HEADS_ACT)
+        k = layers.constrain(apply_rope(k, cos, sin), KV_HEADS_ACT)
+        v = layers.constrain(v, KV_HEADS_ACT)
+
+        new_cache = None
+        if cache is not None:
+            cache_k, cache_v = cache
+            start = 0 if cache_index is None else cache_index
+            cache_k = jax.lax.dynamic_update_slice_in_dim(
+                cache_k, k.astype(cache_k.dtype), start, axis=1)
+            cache_v = jax.lax.dynamic_update_slice_in_dim(
+                cache_v, v.astype(cache_v.dtype), start, axis=1)
+            cache_k = layers.constrain(cache_k, KV_HEADS_ACT)
+            cache_v = layers.constrain(cache_v, KV_HEADS_ACT)
+            new_cache = (cache_k, cache_v)
+            if cache_index is not None:
+                k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
+
+        out = attend(q, k, v, mask, scale=cfg.query_scale, softcap=cfg.attn_logit_softcap,
+                     implementation=cfg.attention_impl)
+        out = layers.constrain(out, HEADS_ACT)
+        out = layers.dense(cfg.width, axes=("heads", "head_dim", "embed"), axis=(-2, -1),
+                           name="o_proj", **kw)(out)
+        return out, new_cache

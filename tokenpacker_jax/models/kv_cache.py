@@ -1,0 +1,107 @@
+"""The key/value cache for decoding with a static maximum length.
+
+``KVCache`` is a pytree (it goes through ``jax.jit`` as an argument and comes back as a
+result, so a generation loop can donate it). Slots are filled left to right: ``prefill``
+writes the prompt into slots [0, T), every ``decode_step`` writes one token into slot
+``index`` for the whole batch. Which slots hold a token, and at which RoPE position, is
+recorded per row in ``positions``, so prompts padded on either side decode correctly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax.sharding import Mesh
+
+from tokenpacker_jax import sharding
+from tokenpacker_jax.models.decoder_config import DecoderConfig
+
+# Logical axis names of the cache arrays (used for constraints and for shardings).
+KV_AXES = ("layers", "activation_batch", "activation_length", "activation_kv_heads", None)
+POSITION_AXES = ("activation_batch", "activation_length")
+
+
+@struct.dataclass
+class KVCache:
+    """Per-layer keys and values plus the bookkeeping of which slots are filled.
+
+    keys, values: [L, B, S, K, H] (compute dtype), S = the static maximum length.
+    positions: [B, S] int32, RoPE position of the token in each slot, -1 = no token.
+    index: [] int32, the next slot to write (the same for every row).
+    next_position: [B] int32, the position the next token of each row gets.
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    positions: jax.Array
+    index: jax.Array
+    next_position: jax.Array
+
+    @property
+    def max_length(self) -> int:
+        return self.keys.shape[2]
+
+
+def init_cache(config: DecoderConfig, batch: int, max_length: int,
+               dtype: Any = None) -> KVCache:
+    """An empty cache (every slot free) for ``batch`` rows of up to ``max_length`` tokens."""
+    shape = (config.num_layers, batch, max_length, config.num_kv_heads, config.head_dim)
+    dtype = jnp.dtype(dtype or config.dtype)
+    return KVCache(
+        keys=jnp.zeros(shape, dtype),
+        values=jnp.zeros(shape, dtype),
+        positions=jnp.full((batch, max_length), -1, jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+        next_position=jnp.zeros((batch,), jnp.int32),
+    )
+
+
+def cache_logical_axes() -> KVCache:
+    """The logical axis names of each cache field (a KVCache of tuples)."""
+    return KVCache(keys=KV_AXES, values=KV_AXES, positions=POSITION_AXES, index=(),
+                   next_position=("activation_batch",))
+
+
+def cache_shardings(config: DecoderConfig, batch: int, max_length: int, mesh: Mesh,
+                    rules: Any = None) -> KVCache:
+    """NamedShardings of a cache under the logical rules (batch over data/fsdp, KV heads
+    over tensor where they divide), e.g. for ``jax.jit`` out_shardings of ``prefill``."""
+    abstract = jax.eval_shape(lambda: init_cache(config, batch, max_length))
+    axes = cache_logical_axes()
+    rules = sharding.rules_from_config(rules)
+    leaves, treedef = jax.tree_util.tree_flatten(abstract)
+    axes_leaves = treedef.flatten_up_to(axes)
+    out = []
+    for leaf, names in zip(leaves, axes_leaves):
+        spec = jax.sharding.PartitionSpec(*[None] * leaf.ndim)
+        if names:
+            spec = nn.logical_to_mesh_axes(names, rules)
+        out.append(fit_sharding(jax.sharding.NamedSharding(mesh, spec), leaf.shape))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def fit_sharding(named: jax.sharding.NamedSharding,
+                 shape: tuple[int, ...]) -> jax.sharding.NamedSharding:
+    """Drops the mesh axes from dimensions they do not divide (e.g. one KV head of a
+    multi-query model under tensor=2), which then stay replicated along those axes."""
+    mesh = named.mesh
+    spec = list(named.spec) + [None] * (len(shape) - len(named.spec))
+    fitted = []
+    for size, axes in zip(shape, spec):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        count = 1
+        for name in names:
+            count *= mesh.shape[name]
+        fitted.append(axes if size % count == 0 else None)
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*fitted))
+
+
+def fit_shardings(shardings: Any, abstract: Any) -> Any:
+    """``fit_sharding`` over a tree of NamedShardings and a matching tree of shapes."""
+    abstract = nn.meta.unbox(abstract)
+    return jax.tree_util.tree_map(lambda s, a: fit_sharding(s, a.shape), shardings, abstract,
+                                  is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
