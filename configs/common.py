@@ -57,6 +57,16 @@ def clip_vit_l14_336() -> ml_collections.ConfigDict:
         remat_policy="none"))
 
 
+def vicuna_7b() -> ml_collections.ConfigDict:
+    """LLaMA-2 7B / Vicuna-7B v1.5 (SPEC §5)."""
+    return ml_collections.ConfigDict(dict(
+        family="llama", vocab_size=32000, width=4096, mlp_dim=11008, num_layers=32,
+        num_heads=32, num_kv_heads=32, head_dim=128, hidden_act="silu", norm_eps=1e-5,
+        rope_theta=10000.0, max_position_embeddings=4096, bos_token_id=1,
+        eos_token_id=(2,), pad_token_id=0, dtype="float32", param_dtype="float32",
+        remat_policy="none"))
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Fields every config has; paper defaults (CLIP-L/14-336, 144 tokens)."""
     config = ml_collections.ConfigDict()
@@ -78,6 +88,14 @@ def base_config() -> ml_collections.ConfigDict:
         embed_dim=1024,
         num_heads=8,
     ))
+
+    # The LLM (DecoderConfig fields; defaults: Vicuna-7B v1.5 = LLaMA-2 7B).
+    config.model.decoder = vicuna_7b()
+    # A HF LLM directory to load the decoder from (its config.json then defines it).
+    config.model.decoder_checkpoint = ""
+    # Tokenizer directory (tokenizer.json or a sentencepiece model); default: the decoder's.
+    config.model.tokenizer = ""
+    config.model.train_vision = False
 
     config.data = ml_collections.ConfigDict()
     config.data.image = ml_collections.ConfigDict(dict(

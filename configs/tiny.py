@@ -14,5 +14,8 @@ def get_config(arg: str | None = None):
     config.model.features.select_layer = -2
     config.model.features.multi_layers = (1, 2, 3, 4)
     config.model.projector.update(dict(scale_factor=2, embed_dim=64, num_heads=4))
+    config.model.decoder.update(dict(
+        vocab_size=512, width=128, mlp_dim=256, num_layers=2, num_heads=4, num_kv_heads=4,
+        head_dim=32, max_position_embeddings=512))
     config.data.image.image_size = 48
     return config

@@ -9,6 +9,8 @@ import ml_collections
 
 from tokenpacker_jax import sharding
 from tokenpacker_jax.data.image import ASPECT_MODES
+from tokenpacker_jax.models.decoder_config import DecoderConfig
+from tokenpacker_jax.models.projectors import ProjectorConfig
 from tokenpacker_jax.models.vision import VisionConfig
 
 
@@ -22,6 +24,38 @@ def vision_config(config: ml_collections.ConfigDict) -> VisionConfig:
         return VisionConfig.from_dict(config.model.vision.to_dict())
     except (TypeError, ValueError) as err:
         raise ConfigError(f"model.vision: {err}") from err
+
+
+def decoder_config(config: ml_collections.ConfigDict) -> DecoderConfig:
+    """The LLM's DecoderConfig from ``config.model.decoder``."""
+    try:
+        return DecoderConfig.from_dict(config.model.decoder.to_dict())
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model.decoder: {err}") from err
+
+
+def projector_config(config: ml_collections.ConfigDict, out_dim: int) -> ProjectorConfig:
+    """The ProjectorConfig from ``config.model.projector``; ``out_dim`` is the LLM width."""
+    try:
+        return ProjectorConfig.from_dict({**config.model.projector.to_dict(),
+                                          "out_dim": out_dim})
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model.projector: {err}") from err
+
+
+def mllm_config(config: ml_collections.ConfigDict, *, vision: VisionConfig | None = None,
+                decoder: DecoderConfig | None = None):
+    """The MLLMConfig; ``vision`` / ``decoder`` (e.g. read from checkpoints) replace the
+    config's sections."""
+    from tokenpacker_jax.models.mllm import MLLMConfig  # noqa: PLC0415
+
+    vision = vision or vision_config(config)
+    decoder = decoder or decoder_config(config)
+    features = config.model.features
+    return MLLMConfig(vision=vision, projector=projector_config(config, decoder.width),
+                      decoder=decoder, select_layer=features.select_layer,
+                      multi_layers=tuple(features.multi_layers),
+                      train_vision=config.model.train_vision)
 
 
 def _check(condition: bool, field: str, message: str) -> None:

@@ -1,0 +1,150 @@
+"""The multimodal LLM: frozen vision tower -> projector -> decoder (LLaVA-style).
+
+Visual tokens replace the ``<image>`` placeholder of each sample. The data pipeline has
+already expanded the placeholder into the right number of positions (and, for HD, put the
+separator tokens between tiles), marking them in ``image_mask``; the model fills the k-th
+marked position of a sample with that sample's k-th visual token. Shapes are static:
+
+    input_ids      int   [B, T]      text ids (anything at image positions)
+    image_mask     bool  [B, T]      True where a visual token goes
+    attention_mask int   [B, T]      1 for real tokens, 0 for padding
+    pixel_values   float [B, N, S, S, 3]   N tiles per sample (1 without HD)
+
+Visual tokens of a sample are its tiles' tokens in tile order, M per tile (valid tiles
+first, so padding tiles are never referenced). Parameters live under three top-level
+collections, which is what training stages mask: ``vision_tower``, ``projector``,
+``decoder``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tokenpacker_jax.models import layers
+from tokenpacker_jax.models.decoder import Decoder, DecoderConfig, KVCache
+from tokenpacker_jax.models.projectors import ProjectorConfig, build_projector
+from tokenpacker_jax.models.vision import VisionConfig, VisionTransformer, select_features
+
+PARAM_GROUPS = ("vision_tower", "projector", "decoder")
+
+
+@dataclasses.dataclass(frozen=True)
+class MLLMConfig:
+    vision: VisionConfig
+    projector: ProjectorConfig  # its out_dim must equal the decoder width
+    decoder: DecoderConfig
+    select_layer: int = -2
+    multi_layers: tuple[int, ...] = (12, 16, 22, 23)
+    train_vision: bool = False  # False: no gradient flows into the tower
+
+    def __post_init__(self):
+        if self.projector.out_dim != self.decoder.width:
+            raise ValueError(f"projector out_dim {self.projector.out_dim} must equal the "
+                             f"decoder width {self.decoder.width}")
+        object.__setattr__(self, "multi_layers", tuple(self.multi_layers))
+
+
+def splice_visual_tokens(text_embeds: jax.Array, visual_tokens: jax.Array,
+                         image_mask: jax.Array) -> jax.Array:
+    """Puts visual token k of each sample at its k-th ``image_mask`` position.
+
+    Args:
+      text_embeds: [B, T, H] token embeddings.
+      visual_tokens: [B, V, H] visual tokens of each sample, in order.
+      image_mask: [B, T] bool.
+    Returns:
+      [B, T, H]: ``visual_tokens`` at marked positions, ``text_embeds`` elsewhere.
+    """
+    num_visual = visual_tokens.shape[1]
+    index = jnp.clip(jnp.cumsum(image_mask, axis=1) - 1, 0, num_visual - 1)
+    gathered = jnp.take_along_axis(visual_tokens, index[..., None], axis=1)
+    return jnp.where(image_mask[..., None], gathered.astype(text_embeds.dtype), text_embeds)
+
+
+class MultimodalLM(nn.Module):
+    """Vision tower + projector + decoder; see the module docstring for the inputs."""
+
+    config: MLLMConfig
+
+    def setup(self):
+        cfg = self.config
+        self.vision_tower = VisionTransformer(cfg.vision)
+        self.projector = build_projector(cfg.projector)
+        self.decoder = Decoder(cfg.decoder)
+
+    def encode_images(self, pixel_values: jax.Array) -> jax.Array:
+        """Pixels [B, N, S, S, 3] -> visual tokens [B, N * M, H] (tiles in order)."""
+        batch, tiles = pixel_values.shape[:2]
+        flat = pixel_values.reshape(batch * tiles, *pixel_values.shape[2:])
+        hidden = self.vision_tower(flat)
+        x_last, x_multi = select_features(
+            hidden, has_class_token=self.config.vision.has_class_token,
+            select_layer=self.config.select_layer, multi_layers=self.config.multi_layers)
+        if not self.config.train_vision:
+            x_last, x_multi = jax.lax.stop_gradient((x_last, x_multi))
+        tokens = self.projector(x_last, x_multi)
+        tokens = tokens.reshape(batch, tiles * tokens.shape[1], tokens.shape[2])
+        return layers.constrain(tokens, ("activation_batch", "activation_length",
+                                         "activation_embed"))
+
+    def embed(self, input_ids: jax.Array, image_mask: jax.Array,
+              pixel_values: jax.Array) -> jax.Array:
+        """Decoder input embeddings [B, T, H] with the visual tokens spliced in."""
+        text = self.decoder.embed(input_ids)
+        return splice_visual_tokens(text, self.encode_images(pixel_values), image_mask)
+
+    def __call__(self, input_ids: jax.Array, image_mask: jax.Array, pixel_values: jax.Array,
+                 attention_mask: jax.Array) -> jax.Array:
+        """Next-token logits [B, T, vocab] (float32)."""
+        embeds = self.embed(input_ids, image_mask, pixel_values)
+        return self.decoder(attention_mask=attention_mask, inputs_embeds=embeds)
+
+    def prefill(self, input_ids: jax.Array, image_mask: jax.Array, pixel_values: jax.Array,
+                attention_mask: jax.Array, *, max_length: int) -> tuple[jax.Array, KVCache]:
+        """Runs left-padded prompts; logits [B, vocab] of each row's last token + the cache."""
+        embeds = self.embed(input_ids, image_mask, pixel_values)
+        return self.decoder.prefill(attention_mask=attention_mask, inputs_embeds=embeds,
+                                    max_length=max_length)
+
+    def decode_step(self, token_ids: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """One token per row [B] -> logits [B, vocab] and the advanced cache."""
+        return self.decoder.decode_step(token_ids, cache)
+
+
+def loss_and_metrics(logits: jax.Array, target_ids: jax.Array,
+                     loss_mask: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean cross-entropy over supervised tokens, and token accuracy.
+
+    Args:
+      logits: [B, T, V] float32; target_ids: [B, T] next tokens; loss_mask: [B, T] (1 =
+        supervised).
+    Returns:
+      (loss, {"loss", "accuracy", "supervised_tokens"}), means over supervised tokens.
+    """
+    mask = loss_mask.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, target_ids[..., None], axis=-1)[..., 0]
+    token_loss = log_z - target_logit
+    count = jnp.maximum(mask.sum(), 1.0)
+    loss = (token_loss * mask).sum() / count
+    correct = (jnp.argmax(logits, axis=-1) == target_ids).astype(jnp.float32)
+    accuracy = (correct * mask).sum() / count
+    return loss, {"loss": loss, "accuracy": accuracy, "supervised_tokens": mask.sum()}
+
+
+def init_inputs(config: MLLMConfig, batch: int, length: int,
+                tiles: int = 1) -> dict[str, Any]:
+    """Zero inputs of the right shapes and dtypes, for ``init`` / ``eval_shape``."""
+    size = config.vision.image_size
+    return dict(
+        input_ids=jnp.zeros((batch, length), jnp.int32),
+        image_mask=jnp.zeros((batch, length), jnp.bool_),
+        pixel_values=jnp.zeros((batch, tiles, size, size, config.vision.num_channels),
+                               jnp.float32),
+        attention_mask=jnp.ones((batch, length), jnp.int32),
+    )
