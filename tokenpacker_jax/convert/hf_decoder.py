@@ -154,6 +154,11 @@ def _check_family(config: DecoderConfig) -> None:
                          f"{_ARCHITECTURE[config.family]} cannot express")
 
 
+def _int_if_integral(value: float | None) -> float | int | None:
+    """transformers 5 validates query_pre_attn_scalar as an int."""
+    return int(value) if value is not None and float(value).is_integer() else value
+
+
 def decoder_config_to_hf(config: DecoderConfig, layout: str = "5") -> dict[str, Any]:
     """A ``config.json`` dict for ``config``: layout "5" (``rope_parameters``) or "4"
     (``rope_theta`` + ``rope_scaling``). transformers 5 reads both."""
@@ -189,7 +194,7 @@ def decoder_config_to_hf(config: DecoderConfig, layout: str = "5") -> dict[str, 
             out.update(hidden_activation=config.hidden_act)
     else:
         out.update(hidden_activation=config.hidden_act,
-                   query_pre_attn_scalar=config.query_pre_attn_scalar,
+                   query_pre_attn_scalar=_int_if_integral(config.query_pre_attn_scalar),
                    sliding_window=config.sliding_window,
                    layer_types=list(config.layer_types or ()),
                    attn_logit_softcapping=config.attn_logit_softcap,

@@ -1,0 +1,275 @@
+"""Decoders against transformers' PyTorch models: logits on padded batches, KV-cache decoding,
+greedy generation, export / import round trips, config.json layouts, parameter counts.
+
+Tiny random models of each family are saved with ``save_pretrained`` once per module.
+"""
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file
+
+from tokenpacker_jax.convert import hf, hf_decoder
+from tokenpacker_jax.models import layers
+from tokenpacker_jax.models.decoder import Decoder
+
+VOCAB = 128
+TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4)
+LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                   high_freq_factor=4.0, original_max_position_embeddings=16)
+
+
+def hf_config(family):
+    """Tiny configs: MHA LLaMA-2; GQA LLaMA-3 with llama3 RoPE scaling; Gemma with MQA;
+    Gemma 2 with a sliding window (4) shorter than the test sequences."""
+    if family == "llama_mha":
+        return transformers.LlamaConfig(**TINY, num_key_value_heads=4)
+    if family == "llama3_gqa":
+        return transformers.LlamaConfig(**TINY, num_key_value_heads=2,
+                                        rope_parameters=dict(LLAMA3_ROPE),
+                                        bos_token_id=1, eos_token_id=[2, 3])
+    if family == "gemma":
+        return transformers.GemmaConfig(**TINY, num_key_value_heads=1, head_dim=8)
+    if family == "gemma2":
+        return transformers.Gemma2Config(**{**TINY, "num_hidden_layers": 4},
+                                         num_key_value_heads=2, head_dim=8, sliding_window=4,
+                                         query_pre_attn_scalar=16)
+    raise ValueError(family)
+
+
+FAMILIES = ("llama_mha", "llama3_gqa", "gemma", "gemma2")
+
+
+def randomize(model, seed):
+    """Weights large enough that logits spread over several units (a 1e-4 tolerance then
+    means something), and norm weights away from their initial values."""
+    gen = torch.Generator().manual_seed(seed)
+    offset = 0.0 if "Gemma" in type(model).__name__ else 1.0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            param.copy_(offset + 0.2 * noise if "norm" in name else 0.25 * noise)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request, tmp_path_factory):
+    """(family, checkpoint dir, torch model, our module, our params, jitted forward)."""
+    family = request.param
+    torch_model = transformers.AutoModelForCausalLM.from_config(
+        hf_config(family), attn_implementation="eager").eval()
+    randomize(torch_model, seed=FAMILIES.index(family))
+    path = tmp_path_factory.mktemp(family)
+    torch_model.save_pretrained(path)
+    module, params = hf.load_decoder(path)
+    forward = jax.jit(module.apply)
+    return family, path, torch_model, module, params, forward
+
+
+def padded_batch(length=12, seed=0):
+    """Rows: full; left padded by 3; right padded by 4."""
+    ids = np.random.RandomState(seed).randint(4, VOCAB, size=(3, length))
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, -4:] = 0
+    ids = np.where(mask == 1, ids, 0)
+    return ids, mask
+
+
+def torch_logits(model, ids, mask):
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0) * mask
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                    position_ids=torch.tensor(positions))
+    return out.logits.numpy()
+
+
+def test_logits_match_transformers_on_padded_batch(tiny):
+    family, _, torch_model, module, params, forward = tiny
+    ids, mask = padded_batch()
+    expected = torch_logits(torch_model, ids, mask)
+    got = np.asarray(forward({"params": params}, ids, mask))
+    valid = mask.astype(bool)
+    assert got.shape == (3, 12, VOCAB) and got.dtype == np.float32
+    assert expected[valid].std() > 0.5, "logits too flat for a meaningful comparison"
+    np.testing.assert_allclose(got[valid], expected[valid], atol=1e-4, rtol=0)
+
+    # The embeddings entry point (used to splice in visual tokens) gives the same logits.
+    embeds = module.apply({"params": params}, ids, method=Decoder.embed)
+    from_embeds = np.asarray(forward({"params": params}, inputs_embeds=embeds,
+                                     attention_mask=mask))
+    np.testing.assert_allclose(from_embeds[valid], got[valid], atol=1e-5, rtol=0)
+
+
+# One cache size and prompt length for the decoding tests, so they share compilations.
+MAX_LENGTH = 28
+PROMPT = 8
+
+
+@functools.cache
+def decode_fns(module):
+    prefill = jax.jit(functools.partial(module.apply, method=Decoder.prefill,
+                                        max_length=MAX_LENGTH))
+    step = jax.jit(functools.partial(module.apply, method=Decoder.decode_step))
+    return prefill, step
+
+
+def test_kv_cache_decoding_reproduces_full_sequence(tiny):
+    """Prompt (rows: left padded, right padded, full) then 16 teacher-forced steps."""
+    _, _, _, module, params, forward = tiny
+    variables = {"params": params}
+    prompt, prompt_mask = padded_batch(length=PROMPT, seed=1)
+    prompt_mask = prompt_mask[[1, 2, 0]]  # left padded, right padded, full
+    prompt = prompt[[1, 2, 0]]
+    steps = 16
+    new = np.random.RandomState(2).randint(4, VOCAB, size=(3, steps))
+    full_ids = np.concatenate([prompt, new], axis=1)
+    full_mask = np.concatenate([prompt_mask, np.ones_like(new)], axis=1)
+    full = np.asarray(forward(variables, full_ids, full_mask))
+
+    prefill, step = decode_fns(module)
+    logits, cache = prefill(variables, prompt, prompt_mask)
+    last_prompt = [7, 3, 7]  # last real token of each row
+    np.testing.assert_allclose(np.asarray(logits), full[np.arange(3), last_prompt], atol=1e-4,
+                               rtol=0)
+    for i in range(steps):
+        logits, cache = step(variables, jnp.asarray(new[:, i]), cache)
+        np.testing.assert_allclose(np.asarray(logits), full[:, 8 + i], atol=1e-4, rtol=0,
+                                   err_msg=f"decode step {i}")
+    assert int(cache.index) == 8 + steps
+    np.testing.assert_array_equal(np.asarray(cache.next_position),
+                                  prompt_mask.sum(axis=1) + steps)
+
+
+def test_greedy_generation_matches_transformers(tiny):
+    _, _, torch_model, module, params, _ = tiny
+    prompt, mask = padded_batch(length=PROMPT, seed=3)
+    # Left padding only (transformers' generate needs it): full; 3 pads; 5 pads.
+    mask[2] = np.arange(PROMPT) >= 5
+    prompt = np.where(mask == 1, np.random.RandomState(5).randint(4, VOCAB, prompt.shape), 0)
+    new_tokens = MAX_LENGTH - PROMPT
+    torch_model.generation_config.eos_token_id = None  # never stop early
+    with torch.no_grad():
+        expected = torch_model.generate(
+            input_ids=torch.tensor(prompt), attention_mask=torch.tensor(mask),
+            do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            pad_token_id=0).numpy()[:, prompt.shape[1]:]
+
+    prefill, step = decode_fns(module)
+    variables = {"params": params}
+    logits, cache = prefill(variables, prompt, mask)
+    generated = []
+    for i in range(new_tokens):
+        token = jnp.argmax(logits, axis=-1)
+        generated.append(np.asarray(token))
+        if i + 1 < new_tokens:
+            logits, cache = step(variables, token, cache)
+    assert len(np.unique(expected)) > 5, "degenerate generation would prove little"
+    np.testing.assert_array_equal(np.stack(generated, axis=1), expected)
+
+
+def test_export_is_bit_exact_and_loads_in_transformers(tiny, tmp_path):
+    _, path, torch_model, module, params, forward = tiny
+    hf.save_decoder(module, params, tmp_path)
+    original = load_file(path / "model.safetensors")
+    exported = load_file(tmp_path / "model.safetensors")
+    assert sorted(exported) == sorted(original)
+    for key, value in original.items():
+        assert exported[key].dtype == value.dtype, key
+        np.testing.assert_array_equal(exported[key], value, err_msg=key)
+
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="eager").eval()
+    assert type(reloaded) is type(torch_model)
+    ids, mask = padded_batch(seed=4)
+    valid = mask.astype(bool)
+    ours = np.asarray(forward({"params": params}, ids, mask))
+    np.testing.assert_allclose(torch_logits(reloaded, ids, mask)[valid], ours[valid],
+                               atol=1e-4, rtol=0)
+
+
+def test_config_json_layouts_round_trip(tiny, tmp_path):
+    """Our config -> 4.x and 5.x config.json -> transformers' own parse -> our config."""
+    _, path, _, module, _, _ = tiny
+    config = module.config
+    for layout in ("4", "5"):
+        hf_dict = hf_decoder.decoder_config_to_hf(config, layout)
+        assert ("rope_parameters" in hf_dict) == (layout == "5")
+        assert hf_decoder.decoder_config_from_hf(hf_dict) == config
+        (tmp_path / "config.json").write_text(json.dumps(hf_dict))
+        parsed = transformers.AutoConfig.from_pretrained(tmp_path).to_dict()
+        assert hf_decoder.decoder_config_from_hf(parsed) == config
+
+
+# Released config.json files (transformers 4.x layout), abridged to the architecture keys.
+VICUNA_7B_V15 = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "bos_token_id": 1,
+    "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+    "intermediate_size": 11008, "max_position_embeddings": 4096, "num_attention_heads": 32,
+    "num_hidden_layers": 32, "num_key_value_heads": 32, "pad_token_id": 0,
+    "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None,
+    "tie_word_embeddings": False, "torch_dtype": "float16", "vocab_size": 32000}
+LLAMA31_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False,
+    "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "hidden_act": "silu",
+    "hidden_size": 4096, "intermediate_size": 14336, "max_position_embeddings": 131072,
+    "mlp_bias": False, "num_attention_heads": 32, "num_hidden_layers": 32,
+    "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": False, "vocab_size": 128256}
+GEMMA_2B = {
+    "architectures": ["GemmaForCausalLM"], "model_type": "gemma", "bos_token_id": 2,
+    "eos_token_id": 1, "head_dim": 256, "hidden_act": "gelu", "hidden_size": 2048,
+    "intermediate_size": 16384, "max_position_embeddings": 8192, "num_attention_heads": 8,
+    "num_hidden_layers": 18, "num_key_value_heads": 1, "pad_token_id": 0,
+    "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 10000.0, "vocab_size": 256000}
+GEMMA2_2B = {
+    "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2",
+    "attn_logit_softcapping": 50.0, "bos_token_id": 2, "cache_implementation": "hybrid",
+    "eos_token_id": [1, 107], "final_logit_softcapping": 30.0, "head_dim": 256,
+    "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 2304, "intermediate_size": 9216, "max_position_embeddings": 8192,
+    "num_attention_heads": 8, "num_hidden_layers": 26, "num_key_value_heads": 4,
+    "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
+    "rope_theta": 10000.0, "sliding_window": 4096, "vocab_size": 256000}
+
+
+@pytest.mark.parametrize("released", [VICUNA_7B_V15, LLAMA31_8B, GEMMA_2B, GEMMA2_2B],
+                         ids=["vicuna7b", "llama31_8b", "gemma2b", "gemma2_2b"])
+def test_released_4x_configs_read_as_transformers_5_reads_them(released, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(released))
+    ours = hf_decoder.decoder_config_from_hf(released)
+    normalised = transformers.AutoConfig.from_pretrained(tmp_path).to_dict()
+    assert "rope_parameters" in normalised
+    assert hf_decoder.decoder_config_from_hf(normalised) == ours
+    if released is LLAMA31_8B:
+        assert (ours.rope_type, ours.rope_factor, ours.rope_original_max_position,
+                ours.eos_token_id, ours.num_kv_heads) == ("llama3", 8.0, 8192,
+                                                          (128001, 128008, 128009), 8)
+    if released is GEMMA_2B:
+        assert ours.hidden_act == "gelu_pytorch_tanh" and ours.num_kv_heads == 1
+    if released is GEMMA2_2B:
+        assert ours.layer_types[:2] == ("sliding_attention", "full_attention")
+        assert ours.query_scale == 256**-0.5
+
+
+@pytest.mark.parametrize("name, make_config, expected", [
+    ("vicuna7b", transformers.LlamaConfig, 6_738_415_616),
+    ("gemma2_2b", transformers.Gemma2Config, 2_614_341_888),
+])
+def test_parameter_counts_of_real_configs(name, make_config, expected):
+    """transformers' defaults are LLaMA-2 7B (= Vicuna-7B v1.5) and Gemma-2-2B."""
+    hf_cfg = make_config()
+    with torch.device("meta"):
+        torch_model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+    torch_count = sum(p.numel() for p in torch_model.parameters())
+    ours = layers.count_params(hf.abstract_decoder_params(
+        hf_decoder.decoder_config_from_hf(hf_cfg.to_dict())))
+    assert ours == torch_count == expected
