@@ -105,6 +105,33 @@ def base_config() -> ml_collections.ConfigDict:
         std=CLIP_STD,
     ))
 
+    # Which groups train (SPEC §5: stage 1 the projector, stage 2 projector + LLM).
+    config.train = ml_collections.ConfigDict(dict(
+        stage=2,
+        trainable=("projector", "decoder"),
+        num_steps=-1,  # -1: data.num_epochs over the training split
+        microbatches=1,  # gradient accumulation: the global batch in this many pieces
+        init_from="",  # a previous run's workdir (stage 1 for stage 2): its params
+        log_every=10,
+        eval_every=0,  # 0: no periodic evaluation
+        eval_batches=8,
+    ))
+    config.optim = ml_collections.ConfigDict(dict(
+        lr=2e-5,
+        group_lr={},  # e.g. {"projector": 1e-4}; others use lr
+        schedule="cosine",  # linear warmup, then cosine to 0 (or "constant")
+        warmup_ratio=0.03,
+        weight_decay=0.0,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        grad_clip=1.0,
+    ))
+    config.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3,
+                                                       asynchronous=True))
+    # Multi-host (TPU pods, SLURM): jax.distributed.initialize before anything else.
+    config.distributed = ml_collections.ConfigDict(dict(initialize=False, timeout_s=300))
+
     # Mesh axis sizes; -1 = all remaining devices.
     config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     # Logical axis name -> mesh axes (see tokenpacker_jax/sharding.py).

@@ -116,25 +116,33 @@ class MultimodalLM(nn.Module):
         return self.decoder.decode_step(token_ids, cache)
 
 
-def loss_and_metrics(logits: jax.Array, target_ids: jax.Array,
-                     loss_mask: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean cross-entropy over supervised tokens, and token accuracy.
+def token_loss_sums(logits: jax.Array, target_ids: jax.Array,
+                    loss_mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Sums over supervised tokens: (cross-entropy, correct argmax predictions, count).
 
     Args:
       logits: [B, T, V] float32; target_ids: [B, T] next tokens; loss_mask: [B, T] (1 =
         supervised).
-    Returns:
-      (loss, {"loss", "accuracy", "supervised_tokens"}), means over supervised tokens.
+    Sums rather than means, so microbatches and hosts combine exactly.
     """
     mask = loss_mask.astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, target_ids[..., None], axis=-1)[..., 0]
-    token_loss = log_z - target_logit
-    count = jnp.maximum(mask.sum(), 1.0)
-    loss = (token_loss * mask).sum() / count
     correct = (jnp.argmax(logits, axis=-1) == target_ids).astype(jnp.float32)
-    accuracy = (correct * mask).sum() / count
-    return loss, {"loss": loss, "accuracy": accuracy, "supervised_tokens": mask.sum()}
+    return ((log_z - target_logit) * mask).sum(), (correct * mask).sum(), mask.sum()
+
+
+def loss_and_metrics(logits: jax.Array, target_ids: jax.Array,
+                     loss_mask: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean cross-entropy over supervised tokens, and token accuracy.
+
+    Returns:
+      (loss, {"loss", "accuracy", "supervised_tokens"}), means over supervised tokens.
+    """
+    loss_sum, correct, count = token_loss_sums(logits, target_ids, loss_mask)
+    denominator = jnp.maximum(count, 1.0)
+    loss = loss_sum / denominator
+    return loss, {"loss": loss, "accuracy": correct / denominator, "supervised_tokens": count}
 
 
 def init_inputs(config: MLLMConfig, batch: int, length: int,

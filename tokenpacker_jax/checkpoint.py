@@ -1,0 +1,68 @@
+"""Orbax checkpoints of a training run: one CheckpointManager per workdir.
+
+Each step directory holds three items:
+
+- ``state``: the TrainState (step, params, optimizer state), restored onto whatever mesh
+  the abstract target's shardings describe (so 8-device checkpoints load on 1 device);
+- ``data``: the data iterator's state (grain), so a resumed run sees exactly the samples an
+  uninterrupted one would;
+- ``config``: the run's config as JSON, for tools that start from a checkpoint.
+
+Saves are asynchronous; ``wait`` blocks until the last one is durable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+ITEMS = ("state", "data", "config")
+
+
+def make_manager(directory: str | os.PathLike, *, keep: int = 3,
+                 asynchronous: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                                 item_names=ITEMS)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
+         config_json: str, *, force: bool = False) -> bool:
+    """Starts an (async) save of ``state`` at ``step``; True when a save was started."""
+    return manager.save(step, force=force, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+        config=ocp.args.JsonSave(json.loads(config_json))))
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying target shardings: what to restore onto."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
+            data_iterator: Any | None = None) -> Any:
+    """Restores ``state`` (onto the shardings in ``abstract_state``) and, if given, the data
+    iterator's position in place. Returns the state."""
+    items = dict(state=ocp.args.StandardRestore(abstract_state))
+    if data_iterator is not None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"]
+
+
+def restore_config(directory: str | os.PathLike, step: int | None = None) -> dict:
+    """The config saved with a checkpoint (the latest step by default)."""
+    manager = make_manager(directory, asynchronous=False)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{directory}: no checkpoint found")
+    return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
+        "config"]

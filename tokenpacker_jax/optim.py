@@ -1,0 +1,90 @@
+"""Optimizer of a training stage (SPEC §5): which parameter groups train, and how.
+
+Stages are masks, not code paths: ``config.train.trainable`` names the parameter groups that
+train (``projector``; ``projector`` + ``decoder``; ``vision_tower`` only if asked). The
+optimizer sees only those groups, so frozen groups carry no optimizer state and get no
+weight gradients computed at all. Inside, ``optax.multi_transform`` labels every leaf with
+its group, so each group may have its own learning rate (``optim.group_lr``).
+
+Recipe: global-norm clipping, then AdamW with linear warmup and cosine decay to zero (the
+HF Trainer's ``cosine`` schedule, which LLaVA / TokenPacker train with).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import optax
+
+from tokenpacker_jax.models.mllm import PARAM_GROUPS
+
+
+def check_trainable(trainable: Sequence[str]) -> tuple[str, ...]:
+    groups = tuple(trainable)
+    unknown = sorted(set(groups) - set(PARAM_GROUPS))
+    if unknown or not groups:
+        raise ValueError(f"train.trainable must name some of {PARAM_GROUPS}, got {groups}")
+    return groups
+
+
+def split_trainable(params: Mapping[str, Any],
+                    trainable: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(trainable groups, frozen groups) of a params dict keyed by PARAM_GROUPS."""
+    return ({k: v for k, v in params.items() if k in trainable},
+            {k: v for k, v in params.items() if k not in trainable})
+
+
+def learning_rate_schedule(peak: float, total_steps: int, warmup_ratio: float,
+                           schedule: str = "cosine") -> optax.Schedule:
+    """Linear warmup over ceil(warmup_ratio * total) steps, then cosine (or constant)."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+    if schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=peak, warmup_steps=warmup,
+            decay_steps=max(total_steps, warmup + 1), end_value=0.0)
+    if schedule == "constant":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak)],
+            [max(warmup, 1)])
+    raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {schedule!r}")
+
+
+def _decay_mask(params):
+    # Decay matrices only, not norms, biases or embeddings' 1-D tables.
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(optim_config, trainable: Sequence[str],
+                   total_steps: int) -> tuple[optax.GradientTransformation, dict]:
+    """The optimizer over the trainable groups, and {group: lr schedule} for logging.
+
+    Args:
+      optim_config: ``config.optim`` (lr, group_lr, warmup_ratio, schedule, weight_decay,
+        b1, b2, eps, grad_clip).
+      trainable: the trained groups (``config.train.trainable``).
+      total_steps: optimizer steps of the run (for the schedule).
+    """
+    groups = check_trainable(trainable)
+    group_lr = dict(optim_config.group_lr or {})
+    unknown = sorted(set(group_lr) - set(groups))
+    if unknown:
+        raise ValueError(f"optim.group_lr names groups that do not train: {unknown}")
+    schedules = {
+        group: learning_rate_schedule(group_lr.get(group, optim_config.lr), total_steps,
+                                      optim_config.warmup_ratio, optim_config.schedule)
+        for group in groups}
+    per_group = {
+        group: optax.adamw(schedules[group], b1=optim_config.b1, b2=optim_config.b2,
+                           eps=optim_config.eps, weight_decay=optim_config.weight_decay,
+                           mask=_decay_mask)
+        for group in groups}
+    labels = lambda params: {group: jax.tree.map(lambda _: group, subtree)  # noqa: E731
+                             for group, subtree in params.items()}
+    chain = []
+    if optim_config.grad_clip > 0:
+        chain.append(optax.clip_by_global_norm(optim_config.grad_clip))
+    chain.append(optax.multi_transform(per_group, labels))
+    return optax.chain(*chain), schedules

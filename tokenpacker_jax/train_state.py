@@ -1,0 +1,106 @@
+"""The training state, built from shapes: nothing is allocated twice, nothing on one host.
+
+``jax.eval_shape(init)`` gives the parameters' shapes and logical names -> shardings from the
+rules -> pretrained towers / LLMs are read straight into their shards -> ``jax.jit(init,
+out_shardings=...)`` creates only the groups no checkpoint provided -> the optimizer state
+is created sharded like the parameters it tracks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from tokenpacker_jax import sharding
+from tokenpacker_jax.models import mllm
+from tokenpacker_jax.optim import split_trainable
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: dict  # {"vision_tower", "projector", "decoder"}: all of them, frozen ones too
+    opt_state: Any  # over the trainable groups only
+
+
+def _fit(named: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
+    """Drops mesh axes from dimensions they do not divide (they stay replicated there)."""
+    spec = list(named.spec) + [None] * (len(shape) - len(named.spec))
+    fitted = []
+    for size, axes in zip(shape, spec):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        count = 1
+        for name in names:
+            count *= named.mesh.shape[name]
+        fitted.append(axes if size % count == 0 else None)
+    return NamedSharding(named.mesh, PartitionSpec(*fitted))
+
+
+def param_shardings(model: mllm.MultimodalLM, mesh: Mesh, rules: Any,
+                    tiles: int = 1) -> tuple[Any, Any]:
+    """(abstract params, their NamedShardings) of the model, without allocating."""
+    inputs = mllm.init_inputs(model.config, 1, 8, tiles)
+    with sharding.use_mesh(mesh, rules):
+        boxed = jax.eval_shape(model.init, jax.random.key(0), **inputs)["params"]
+        shardings = sharding.logical_shardings(boxed, mesh, rules)
+    abstract = nn.meta.unbox(boxed)
+    shardings = jax.tree.map(lambda s, a: _fit(s, a.shape), shardings, abstract)
+    return abstract, shardings
+
+
+def init_params(model: mllm.MultimodalLM, mesh: Mesh, rules: Any, key: jax.Array,
+                loaded: dict[str, Any], shardings: Any, tiles: int = 1) -> dict:
+    """All parameter groups: ``loaded`` ones as given, the others freshly initialised
+    straight into their shards (XLA drops the init of groups that are not returned)."""
+    missing = [group for group in mllm.PARAM_GROUPS if group not in loaded]
+    inputs = mllm.init_inputs(model.config, 1, 8, tiles)
+
+    def init_missing(key):
+        params = nn.meta.unbox(model.init(key, **inputs)["params"])
+        return {group: params[group] for group in missing}
+
+    fresh = {}
+    if missing:
+        with sharding.use_mesh(mesh, rules):
+            fresh = jax.jit(init_missing,
+                            out_shardings={g: shardings[g] for g in missing})(key)
+    return {group: loaded[group] if group in loaded else fresh[group]
+            for group in mllm.PARAM_GROUPS}
+
+
+def create_state(params: dict, tx: optax.GradientTransformation,
+                 trainable: Sequence[str], shardings: Any, mesh: Mesh) -> TrainState:
+    """A step-0 TrainState whose optimizer state is sharded like its parameters."""
+    trainable_params, _ = split_trainable(params, trainable)
+    opt_shardings = optimizer_shardings(tx, trainable_params, shardings, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable_params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, PartitionSpec()))
+    return TrainState(step=step, params=params, opt_state=opt_state)
+
+
+def optimizer_shardings(tx: optax.GradientTransformation, trainable_params: Any,
+                        shardings: Any, mesh: Mesh) -> Any:
+    """Moments and other per-parameter optimizer leaves take their parameter's sharding;
+    counters and the like are replicated."""
+    abstract_state = jax.eval_shape(tx.init, trainable_params)
+    trainable_shardings = {group: shardings[group] for group in trainable_params}
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return optax.tree_map_params(
+        tx, lambda _, s: s, abstract_state, trainable_shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, (jax.ShapeDtypeStruct, NamedSharding)))
+
+
+def state_shardings(state_like: TrainState, shardings: Any, tx: optax.GradientTransformation,
+                    trainable: Sequence[str], mesh: Mesh) -> TrainState:
+    """Shardings of a TrainState (a concrete or abstract one), for jit and for restoring."""
+    trainable_params, _ = split_trainable(state_like.params, trainable)
+    return TrainState(step=NamedSharding(mesh, PartitionSpec()), params=shardings,
+                      opt_state=optimizer_shardings(tx, trainable_params, shardings, mesh))
