@@ -26,6 +26,7 @@ from tokenpacker_jax.models.decoder_config import DecoderConfig
 
 HEADS_ACT = ("activation_batch", "activation_length", "activation_heads", None)
 KV_HEADS_ACT = ("activation_batch", "activation_length", "activation_kv_heads", None)
+CACHE_AXES = ("layers", *KV_HEADS_ACT)
 
 
 def rope_inverse_frequencies(config: DecoderConfig) -> np.ndarray:
@@ -121,10 +122,12 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array, 
 class Attention(nn.Module):
     """Self-attention with RoPE and an optional KV cache: x [B, T, W] -> [B, T, W].
 
-    ``cache`` is None (plain forward) or (keys, values) [B, S, K, H] of this layer. With
-    ``cache_index`` None the new keys are written at slot 0 and the queries attend to the
-    new keys only (prefill); otherwise they are written at ``cache_index`` and the queries
-    attend to the whole cache (decoding). Returns (output, updated cache or None).
+    ``cache`` is None (plain forward) or the keys and values of ALL layers [L, B, S, K, H]
+    with ``layer`` the index of this one: writing the new tokens into the whole stack in
+    place (rather than scanning per-layer slices in and out) keeps a decoding step from
+    copying the cache. With ``cache_index`` None the new keys go to slot 0 and the queries
+    attend to the new keys only (prefill); otherwise they go to slot ``cache_index`` and
+    the queries attend to every slot (decoding). Returns (output, updated cache or None).
     """
 
     config: DecoderConfig
@@ -132,7 +135,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
                  cache: tuple[jax.Array, jax.Array] | None = None,
-                 cache_index: jax.Array | None = None):
+                 layer: jax.Array | None = None, cache_index: jax.Array | None = None):
         cfg = self.config
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, use_bias=cfg.attention_bias)
         q = layers.dense((cfg.num_heads, cfg.head_dim), axes=("embed", "heads", "head_dim"),
@@ -147,17 +150,16 @@ class Attention(nn.Module):
 
         new_cache = None
         if cache is not None:
-            cache_k, cache_v = cache
             start = 0 if cache_index is None else cache_index
-            cache_k = jax.lax.dynamic_update_slice_in_dim(
-                cache_k, k.astype(cache_k.dtype), start, axis=1)
-            cache_v = jax.lax.dynamic_update_slice_in_dim(
-                cache_v, v.astype(cache_v.dtype), start, axis=1)
-            cache_k = layers.constrain(cache_k, KV_HEADS_ACT)
-            cache_v = layers.constrain(cache_v, KV_HEADS_ACT)
-            new_cache = (cache_k, cache_v)
+            new_cache = tuple(
+                layers.constrain(
+                    jax.lax.dynamic_update_slice(stack, new[None].astype(stack.dtype),
+                                                 (layer, 0, start, 0, 0)), CACHE_AXES)
+                for stack, new in zip(cache, (k, v)))
             if cache_index is not None:
-                k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
+                k, v = (layers.constrain(
+                    jax.lax.dynamic_index_in_dim(stack, layer, axis=0, keepdims=False),
+                    KV_HEADS_ACT).astype(q.dtype) for stack in new_cache)
 
         out = attend(q, k, v, mask, scale=cfg.query_scale, softcap=cfg.attn_logit_softcap,
                      implementation=cfg.attention_impl)

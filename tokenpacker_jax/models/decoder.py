@@ -113,20 +113,23 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + [post_norm] attn(norm x), then + [post_norm] mlp(norm x).
 
-    Scanned over layers: ``is_sliding`` and ``cache`` (this layer's keys and values or None)
-    carry a leading layer axis, the rest is shared by all layers. Returns (x, new cache).
+    Scanned over layers with carry (x [B, T, W], cache: None or the keys and values of all
+    layers); ``per_layer`` = (is this a sliding-window layer, layer index) is scanned, the
+    rest is shared by all layers.
     """
 
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, x, is_sliding, cache, cos, sin, global_mask, local_mask, cache_index):
+    def __call__(self, carry, per_layer, cos, sin, global_mask, local_mask, cache_index):
         cfg = self.config
+        x, cache = carry
+        is_sliding, layer = per_layer
         mask = global_mask if local_mask is None else jnp.where(is_sliding, local_mask,
                                                                   global_mask)
         x = layers.constrain(x, RESIDUAL_ACT)
         h = _norm(cfg, "pre_attention_norm")(x)
-        h, new_cache = Attention(cfg, name="attn")(h, cos, sin, mask, cache, cache_index)
+        h, cache = Attention(cfg, name="attn")(h, cos, sin, mask, cache, layer, cache_index)
         if cfg.post_norms:
             h = _norm(cfg, "post_attention_norm")(h)
         x = x + h
@@ -135,7 +138,7 @@ class DecoderLayer(nn.Module):
         if cfg.post_norms:
             h = _norm(cfg, "post_mlp_norm")(h)
         x = layers.constrain(x + h, RESIDUAL_ACT)
-        return x, new_cache
+        return (x, cache), None
 
 
 def _scanned_layers(cfg: DecoderConfig) -> nn.Module:
@@ -147,7 +150,7 @@ def _scanned_layers(cfg: DecoderConfig) -> nn.Module:
         block,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(cfg)
@@ -258,9 +261,9 @@ class Decoder(nn.Module):
                                               jnp.arange(cache.max_length), key_positions,
                                               prefix_length=None)
         cos, sin = rope_tables(cfg, q_positions)
-        x, (keys, values) = self.layers(x, jnp.asarray(cfg.sliding_layers),
-                                        (cache.keys, cache.values), cos, sin, global_mask,
-                                        local_mask, slot)
+        (x, (keys, values)), _ = self.layers((x, (cache.keys, cache.values)),
+                                             self._per_layer(), cos, sin, global_mask,
+                                             local_mask, slot)
         new_cache = KVCache(keys=keys, values=values, positions=key_positions, index=slot + 1,
                             next_position=cache.next_position + 1)
         return self.logits(self.final_norm(x[:, 0])), new_cache
@@ -298,5 +301,10 @@ class Decoder(nn.Module):
         global_mask, local_mask = self._masks(slots, positions, slots, key_positions,
                                               prefix_length)
         cos, sin = rope_tables(cfg, positions)
-        return self.layers(x, jnp.asarray(cfg.sliding_layers), cache, cos, sin, global_mask,
-                           local_mask, cache_index)
+        (x, cache), _ = self.layers((x, cache), self._per_layer(), cos, sin, global_mask,
+                                    local_mask, cache_index)
+        return x, cache
+
+    def _per_layer(self):
+        cfg = self.config
+        return (jnp.asarray(cfg.sliding_layers), jnp.arange(cfg.num_layers, dtype=jnp.int32))
