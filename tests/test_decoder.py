@@ -15,8 +15,9 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
-from tokenpacker_jax.convert import hf, hf_decoder
+from tokenpacker_jax.convert import checkpoint_io, hf, hf_decoder
 from tokenpacker_jax.models import layers
+from tokenpacker_jax.models.attention import attention_mask
 from tokenpacker_jax.models.decoder import Decoder
 
 VOCAB = 128
@@ -175,14 +176,18 @@ def test_greedy_generation_matches_transformers(tiny):
 
 
 def test_export_is_bit_exact_and_loads_in_transformers(tiny, tmp_path):
+    """Exported in several safetensors shards with an index, as large models are."""
     _, path, torch_model, module, params, forward = tiny
-    hf.save_decoder(module, params, tmp_path)
+    hf.save_decoder(module, params, tmp_path, max_shard_bytes=40_000)
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
     original = load_file(path / "model.safetensors")
-    exported = load_file(tmp_path / "model.safetensors")
+    exported = checkpoint_io.TensorReader(tmp_path)
     assert sorted(exported) == sorted(original)
     for key, value in original.items():
         assert exported[key].dtype == value.dtype, key
         np.testing.assert_array_equal(exported[key], value, err_msg=key)
+    _, reimported = hf.load_decoder(tmp_path)  # reads the sharded index
+    jax.tree_util.tree_map(np.testing.assert_array_equal, reimported, params)
 
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path, attn_implementation="eager").eval()
@@ -273,3 +278,77 @@ def test_parameter_counts_of_real_configs(name, make_config, expected):
     ours = layers.count_params(hf.abstract_decoder_params(
         hf_decoder.decoder_config_from_hf(hf_cfg.to_dict())))
     assert ours == torch_count == expected
+
+
+@pytest.mark.parametrize("tiny", ["llama_mha"], indirect=True)
+def test_llava_style_bin_checkpoint_imports_the_llm(tiny, tmp_path):
+    """Reference LLaVA / TokenPacker checkpoints: ``llava_llama`` config, ``.bin`` shards with
+    RoPE buffers and the projector / vision tower beside the LLM's keys."""
+    _, _, torch_model, module, params, forward = tiny
+    state = dict(torch_model.state_dict())
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    state["model.mm_projector.0.weight"] = torch.ones(32, 8)
+    state["model.vision_tower.vision_tower.vision_model.post_layernorm.weight"] = torch.ones(8)
+    keys = sorted(state)
+    shards = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
+              "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2:]}
+    for name, names in shards.items():
+        torch.save({k: state[k] for k in names}, tmp_path / name)
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"weight_map": {k: name for name, names in shards.items() for k in names}}))
+    config = torch_model.config.to_dict()
+    config.update(model_type="llava_llama", mm_projector_type="tokenpacker",
+                  mm_hidden_size=1024, mm_vision_tower="openai/clip-vit-large-patch14-336")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded_module, loaded = hf.load_decoder(tmp_path)
+    assert loaded_module.config == module.config
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
+
+    del state["model.layers.1.mlp.up_proj.weight"]
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    (tmp_path / "pytorch_model.bin.index.json").unlink()
+    with pytest.raises(ValueError, match=r"missing keys \['model.layers.1.mlp.up_proj.weight'\]"):
+        hf.load_decoder(tmp_path)
+
+
+@pytest.mark.parametrize("tiny", ["gemma2"], indirect=True)
+def test_remat_gives_the_same_gradients(tiny):
+    _, path, _, module, params, _ = tiny
+    remat_module, _ = hf.load_decoder(path, remat_policy="full")
+    ids, mask = padded_batch(seed=6)
+
+    def loss(apply, p):
+        logits = apply({"params": p}, ids, mask)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 7] * mask)
+
+    grads = jax.jit(jax.grad(functools.partial(loss, module.apply)))(params)
+    remat_grads = jax.jit(jax.grad(functools.partial(loss, remat_module.apply)))(params)
+    jax.tree_util.tree_map(functools.partial(np.testing.assert_allclose, atol=1e-6, rtol=1e-5),
+                           remat_grads, grads)
+    assert float(jnp.abs(grads["layers"]["attn"]["q_proj"]["kernel"]).max()) > 0
+
+
+def test_attention_mask_padding_causality_window_and_prefix():
+    """Row 0: 1 left pad, then 5 tokens. Window 3; bidirectional prefix of 2 tokens."""
+    q_slots = k_slots = jnp.arange(6)
+    positions = jnp.asarray([[0, 0, 1, 2, 3, 4]])
+    k_positions = jnp.asarray([[-1, 0, 1, 2, 3, 4]])
+    causal = np.asarray(attention_mask(q_slots, positions, k_slots, k_positions))[0, 0]
+    expected = np.tril(np.ones((6, 6), bool))
+    expected[:, 0] = False  # the pad is never a key
+    np.testing.assert_array_equal(causal, expected)
+
+    window = np.asarray(attention_mask(q_slots, positions, k_slots, k_positions,
+                                       sliding_window=3))[0, 0]
+    expected_window = expected & (np.asarray(positions)[0][:, None]
+                                  - np.asarray(k_positions)[0][None, :] < 3)
+    np.testing.assert_array_equal(window, expected_window)
+    assert window[5].tolist() == [False, False, False, True, True, True]
+
+    prefix = np.asarray(attention_mask(q_slots, positions, k_slots, k_positions,
+                                       prefix_length=jnp.asarray([2])))[0, 0]
+    expected_prefix = expected.copy()
+    expected_prefix[2, 2] = expected_prefix[1, 2] = True  # tokens 0 and 1 see each other
+    expected_prefix[0, 1:3] = True  # (the pad query is irrelevant: its output is unused)
+    np.testing.assert_array_equal(prefix[1:], expected_prefix[1:])
+    assert prefix[3].tolist() == expected[3].tolist()  # after the prefix: causal
