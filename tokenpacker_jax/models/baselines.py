@@ -253,6 +253,10 @@ class Resampler(nn.Module):
         queries = jnp.broadcast_to((queries + query_pos)[None], (batch, num_queries, dim))
         out, _ = MultiheadAttention(self.num_heads, self.dtype, self.param_dtype, name="attn")(
             queries, x + key_pos[None], x)
+        # Batch-only sharding here is also a workaround: without it XLA's SPMD partitioner
+        # (jax 0.10.2, CPU) swaps batch shards of this batch-free-query attention followed by
+        # two (tensor, fsdp)-sharded matmuls; test_projectors.py catches it.
+        out = layers.constrain(out, LENGTH_AXES)
         out = layers.layer_norm(self.eps, name="ln_post", **kw)(out)
         out = layers.dense(self.out_dim, axes=("mlp", "embed"), use_bias=False, name="proj",
                            **kw)(out)
