@@ -52,22 +52,19 @@ def learning_rate_schedule(peak: float, total_steps: int, warmup_ratio: float,
     raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {schedule!r}")
 
 
-def _decay_mask(params):
-    # Decay matrices only, not norms, biases or embeddings' 1-D tables.
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
-
-
-def make_optimizer(optim_config, trainable: Sequence[str],
+def make_optimizer(optim_config, trainable_params: Mapping[str, Any],
                    total_steps: int) -> tuple[optax.GradientTransformation, dict]:
     """The optimizer over the trainable groups, and {group: lr schedule} for logging.
 
     Args:
       optim_config: ``config.optim`` (lr, group_lr, warmup_ratio, schedule, weight_decay,
         b1, b2, eps, grad_clip).
-      trainable: the trained groups (``config.train.trainable``).
+      trainable_params: {group: params} of the trained groups (arrays or ShapeDtypeStructs):
+        the labels and weight-decay masks are trees of the same structure (not functions,
+        so ``optax.tree_map_params`` can map the state to shardings).
       total_steps: optimizer steps of the run (for the schedule).
     """
-    groups = check_trainable(trainable)
+    groups = check_trainable(tuple(trainable_params))
     group_lr = dict(optim_config.group_lr or {})
     unknown = sorted(set(group_lr) - set(groups))
     if unknown:
@@ -76,13 +73,16 @@ def make_optimizer(optim_config, trainable: Sequence[str],
         group: learning_rate_schedule(group_lr.get(group, optim_config.lr), total_steps,
                                       optim_config.warmup_ratio, optim_config.schedule)
         for group in groups}
-    per_group = {
-        group: optax.adamw(schedules[group], b1=optim_config.b1, b2=optim_config.b2,
-                           eps=optim_config.eps, weight_decay=optim_config.weight_decay,
-                           mask=_decay_mask)
-        for group in groups}
-    labels = lambda params: {group: jax.tree.map(lambda _: group, subtree)  # noqa: E731
-                             for group, subtree in params.items()}
+    labels = {group: jax.tree.map(lambda _, g=group: g, subtree)
+              for group, subtree in trainable_params.items()}
+    per_group = {}
+    for group in groups:
+        # Decay matrices only, not norms, biases or other 1-D parameters.
+        decay_mask = {g: jax.tree.map(lambda p: len(p.shape) >= 2, subtree)
+                      for g, subtree in trainable_params.items()}
+        per_group[group] = optax.adamw(schedules[group], b1=optim_config.b1,
+                                       b2=optim_config.b2, eps=optim_config.eps,
+                                       weight_decay=optim_config.weight_decay, mask=decay_mask)
     chain = []
     if optim_config.grad_clip > 0:
         chain.append(optax.clip_by_global_norm(optim_config.grad_clip))

@@ -227,9 +227,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     total_steps = train_cfg.num_steps if train_cfg.num_steps > 0 else (
         steps_per_epoch * config.data.num_epochs)
 
-    tx, schedules = make_optimizer(config.optim, trainable, total_steps)
     tiles = pipeline.max_tiles(config.data)
     abstract_params, param_shardings = state_lib.param_shardings(model, mesh, rules, tiles)
+    tx, schedules = make_optimizer(
+        config.optim, split_trainable(abstract_params, trainable)[0], total_steps)
     abstract_state = state_lib.TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
         opt_state=jax.eval_shape(tx.init, split_trainable(abstract_params, trainable)[0]))

@@ -88,14 +88,33 @@ def create_state(params: dict, tx: optax.GradientTransformation,
 def optimizer_shardings(tx: optax.GradientTransformation, trainable_params: Any,
                         shardings: Any, mesh: Mesh) -> Any:
     """Moments and other per-parameter optimizer leaves take their parameter's sharding;
-    counters and the like are replicated."""
+    counters and the like are replicated.
+
+    Optimizer states hold copies of the parameter tree (Adam's mu and nu), so a state leaf
+    belongs to the parameter whose path its own dict-key path ends with (same shape).
+    """
     abstract_state = jax.eval_shape(tx.init, trainable_params)
-    trainable_shardings = {group: shardings[group] for group in trainable_params}
+    by_path = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(trainable_params):
+        keys = tuple(str(k.key) for k in path)
+        by_path[keys] = (tuple(leaf.shape), _lookup(shardings, keys))
     replicated = NamedSharding(mesh, PartitionSpec())
-    return optax.tree_map_params(
-        tx, lambda _, s: s, abstract_state, trainable_shardings,
-        transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, (jax.ShapeDtypeStruct, NamedSharding)))
+
+    def leaf_sharding(path, leaf):
+        keys = tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+        for start in range(len(keys)):
+            match = by_path.get(keys[start:])
+            if match is not None and match[0] == tuple(leaf.shape):
+                return match[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_state)
+
+
+def _lookup(tree: Any, keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        tree = tree[key]
+    return tree
 
 
 def state_shardings(state_like: TrainState, shardings: Any, tx: optax.GradientTransformation,

@@ -1,0 +1,161 @@
+"""The training step on 8 simulated devices: learning, sharding, stages, accumulation,
+checkpoints restored onto other meshes."""
+
+import dataclasses
+
+import grain
+import ml_collections
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from configs import tiny
+from tokenpacker_jax import checkpoint, configuration, sharding
+from tokenpacker_jax import train_state as state_lib
+from tokenpacker_jax.models import mllm
+from tokenpacker_jax.optim import make_optimizer, split_trainable
+from tokenpacker_jax.train import global_batch, make_train_step
+
+VOCAB, LENGTH, BATCH, M = 64, 64, 8, 36
+
+
+def _optim(lr=3e-3):
+    return ml_collections.ConfigDict(dict(
+        lr=lr, group_lr={}, schedule="constant", warmup_ratio=0.0, weight_decay=0.0,
+        b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0))
+
+
+@pytest.fixture(scope="module")
+def model():
+    # Smaller than configs/tiny.py so that the several compiled steps stay cheap.
+    config = configuration.mllm_config(tiny.get_config())
+    return mllm.MultimodalLM(dataclasses.replace(
+        config, multi_layers=(1, 2, 1, 2),
+        vision=dataclasses.replace(config.vision, num_layers=2),
+        decoder=dataclasses.replace(config.decoder, vocab_size=VOCAB, num_layers=1)))
+
+
+def make_batch(seed=0):
+    """Half the samples have an image after one text token; targets depend on the image."""
+    rng = np.random.default_rng(seed)
+    input_ids = rng.integers(3, VOCAB, (BATCH, LENGTH)).astype(np.int32)
+    image_mask = np.zeros((BATCH, LENGTH), bool)
+    image_mask[::2, 1:1 + M] = True
+    target_ids = np.roll(input_ids, -1, axis=1)
+    loss_mask = np.zeros((BATCH, LENGTH), np.float32)
+    loss_mask[:, 1 + M:LENGTH - 1] = 1.0
+    return dict(
+        input_ids=input_ids, target_ids=target_ids, loss_mask=loss_mask,
+        attention_mask=np.ones((BATCH, LENGTH), np.int32), image_mask=image_mask,
+        pixel_values=rng.normal(size=(BATCH, 1, 48, 48, 3)).astype(np.float32),
+        tile_mask=image_mask[:, 1:2].copy())
+
+
+def build(model, mesh, trainable, microbatches=1, lr=3e-3):
+    rules = sharding.DEFAULT_RULES
+    abstract, shardings = state_lib.param_shardings(model, mesh, rules)
+    tx, _ = make_optimizer(_optim(lr), split_trainable(abstract, trainable)[0],
+                           total_steps=100)
+    params = state_lib.init_params(model, mesh, rules, jax.random.key(0), {}, shardings)
+    state = state_lib.create_state(params, tx, trainable, shardings, mesh)
+    state_shardings = state_lib.state_shardings(state, shardings, tx, trainable, mesh)
+    with sharding.use_mesh(mesh, rules):
+        step = jax.jit(make_train_step(model, tx, trainable, microbatches),
+                       in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
+                       donate_argnums=0)
+    return state, step, state_shardings
+
+
+def run_steps(mesh, step, state, batch, n):
+    losses = []
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+        for _ in range(n):
+            state, metrics = step(state, global_batch(batch, mesh))
+            losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+@pytest.fixture(scope="module")
+def stage2_run(model, mesh8):
+    state, step, shardings = build(model, mesh8, ("projector", "decoder"))
+    initial = jax.tree.map(np.asarray, state.params)
+    state, losses = run_steps(mesh8, step, state, make_batch(), 12)
+    return initial, state, losses, shardings
+
+
+def test_loss_falls_and_state_is_sharded(stage2_run):
+    _, state, losses, _ = stage2_run
+    assert losses[-1] < 0.7 * losses[0], losses
+    gate = state.params["decoder"]["layers"]["mlp"]["gate_proj"]["kernel"]  # [L, embed, mlp]
+    assert gate.sharding.spec == P(None, "fsdp", "tensor")
+    assert gate.addressable_shards[0].data.shape[1:] == (gate.shape[1] // 2, gate.shape[2] // 2)
+    # Adam's moments are sharded like the parameters they track.
+    moments = [leaf for leaf in jax.tree.leaves(state.opt_state)
+               if getattr(leaf, "shape", ()) == gate.shape]
+    assert moments and all(m.sharding.spec == gate.sharding.spec for m in moments)
+    assert int(state.step) == 12
+
+
+def test_stage2_never_changes_the_tower(stage2_run):
+    initial, state, _, _ = stage2_run
+    jax.tree.map(np.testing.assert_array_equal, initial["vision_tower"],
+                 jax.tree.map(np.asarray, state.params["vision_tower"]))
+    changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)),
+                                           initial["decoder"], state.params["decoder"]))
+    assert all(changed)
+
+
+def test_stage1_trains_only_the_projector(model, mesh8):
+    state, step, _ = build(model, mesh8, ("projector",))
+    initial = jax.tree.map(np.asarray, state.params)
+    state, losses = run_steps(mesh8, step, state, make_batch(), 3)
+    for group in ("vision_tower", "decoder"):
+        jax.tree.map(np.testing.assert_array_equal, initial[group],
+                     jax.tree.map(np.asarray, state.params[group]))
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)),
+                                         initial["projector"], state.params["projector"]))
+    assert all(moved)
+    # Frozen groups carry no optimizer state.
+    n_opt = sum(leaf.size for leaf in jax.tree.leaves(state.opt_state))
+    n_projector = sum(leaf.size for leaf in jax.tree.leaves(state.params["projector"]))
+    assert n_opt < 2 * n_projector + 16
+
+
+def test_gradient_accumulation_matches_one_big_batch(model, mesh8):
+    batch = make_batch(1)
+    results = []
+    for microbatches in (1, 2):
+        state, step, _ = build(model, mesh8, ("projector", "decoder"), microbatches)
+        state, _ = run_steps(mesh8, step, state, batch, 1)
+        results.append(jax.tree.map(np.asarray, state.params))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 results[0], results[1])
+
+
+def test_checkpoint_restores_onto_other_meshes(stage2_run, tmp_path):
+    _, state, _, shardings = stage2_run
+    iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
+    next(iterator)
+    manager = checkpoint.make_manager(tmp_path, asynchronous=False)
+    assert checkpoint.save(manager, 12, state, iterator, '{"a": 1}', force=True)
+    manager.wait_until_finished()
+    expected = jax.tree.map(np.asarray, state)
+
+    one = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    other = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+    for mesh in (one, other):
+        target_shardings = jax.tree.map(
+            lambda s: jax.sharding.NamedSharding(mesh, s.spec), shardings,
+            is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+        fresh_iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
+        restored = checkpoint.restore(
+            manager, 12, checkpoint.abstract_like(state, target_shardings), fresh_iterator)
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), expected,
+                     restored)
+        leaf = restored.params["decoder"]["embedder"]["embedding"]
+        assert leaf.sharding.mesh.devices.size == mesh.devices.size
+        assert next(fresh_iterator) == 1  # the data position came back too
+    assert checkpoint.restore_config(tmp_path) == {"a": 1}
