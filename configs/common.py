@@ -104,6 +104,38 @@ def base_config() -> ml_collections.ConfigDict:
         mean=CLIP_MEAN,
         std=CLIP_STD,
     ))
+    # Records (tokenpacker_jax/data/pipeline.py): "llava" = LLaVA JSON/JSONL files per
+    # split, image paths relative to image_folder; "tfds" = an image-caption TFDS dataset.
+    config.data.source = "llava"
+    config.data.files = ml_collections.ConfigDict(dict(train="", val="", test=""))
+    config.data.image_folder = ""
+    config.data.tfds = ml_collections.ConfigDict(dict(
+        name="",  # e.g. "my_captions" or "my_captions/config:1.0.0"
+        data_dir="",  # where it was prepared ("" = TFDS's default)
+        splits=dict(train="train", val="validation", test="test"),
+        image_key="image", caption_key="caption",
+        id_key="",  # a text feature naming the record in messages ("" = the index)
+        prompt="Describe the image briefly.",  # the question a caption answers
+    ))
+    config.data.template = "vicuna_v1"  # plain (stage 1) | vicuna_v1 | llama3 | gemma
+    # None: the template's own system prompt; "" for none.
+    config.data.system_prompt = ml_collections.config_dict.placeholder(str)
+    config.data.max_length = 2048  # T, tokens per sample after truncation and padding
+    config.data.batch_size = 128  # global; each host takes batch_size / process_count
+    config.data.num_epochs = 1  # the trainer's step count; the train stream never ends
+    config.data.shuffle = True  # train split (seeded with config.seed, reshuffled per epoch)
+    config.data.on_error = "skip"  # skip (count by reason, log, go on) | raise
+    config.data.read_threads = 8  # grain threads decoding records in each process
+    config.data.prefetch_buffer = 64  # examples buffered per process
+    config.data.worker_count = 0  # grain worker processes (0: threads only)
+    config.data.worker_buffer_size = 2
+    # TokenPacker-HD (aspect_mode = slice, SPEC §3); -1 ids: looked up in the tokenizer.
+    config.data.hd = ml_collections.ConfigDict(dict(
+        patch_num=9,  # candidate grids 9 | 16 | 25
+        comma_id=29892,  # ',' of the Vicuna tokenizer
+        newline_id=0,  # what the reference's '\n' lookup yields (unk)
+        reference_global_view=False,  # build the global view from the padded canvas
+    ))
 
     # Which groups train (SPEC §5: stage 1 the projector, stage 2 projector + LLM).
     config.train = ml_collections.ConfigDict(dict(

@@ -18,4 +18,6 @@ def get_config(arg: str | None = None):
         vocab_size=512, width=128, mlp_dim=256, num_layers=2, num_heads=4, num_kv_heads=4,
         head_dim=32, max_position_embeddings=512))
     config.data.image.image_size = 48
+    config.data.update(dict(max_length=256, batch_size=16, read_threads=2, prefetch_buffer=32))
+    config.data.hd.update(dict(comma_id=-1, newline_id=-1))
     return config

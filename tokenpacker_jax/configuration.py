@@ -110,3 +110,54 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
            f"{image.aspect_mode!r} is not one of {ASPECT_MODES}")
     _check(len(image.mean) == 3 and len(image.std) == 3 and min(image.std) > 0,
            "data.image", "mean and std need 3 channels and std > 0")
+    validate_data(config, mesh)
+
+
+def validate_data(config: ml_collections.ConfigDict,
+                  mesh: dict[str, int] | None = None) -> None:
+    """The ``config.data`` checks (see tokenpacker_jax/data/pipeline.py for the fields).
+
+    ``mesh``: resolved mesh axis sizes; the global batch must divide over data x fsdp.
+    """
+    from tokenpacker_jax.data import conversation, hd  # noqa: PLC0415
+
+    data = config.data
+    _check(data.source in ("llava", "tfds"), "data.source",
+           f"{data.source!r} is not 'llava' or 'tfds'")
+    if data.source == "tfds":
+        _check(bool(data.tfds.name), "data.tfds.name", "no TFDS dataset named")
+    _check(data.template in conversation.TEMPLATES, "data.template",
+           f"{data.template!r} is not one of {sorted(conversation.TEMPLATES)}")
+    _check(data.on_error in ("skip", "raise"), "data.on_error",
+           f"{data.on_error!r} is not 'skip' or 'raise'")
+    _check(data.batch_size > 0, "data.batch_size", f"{data.batch_size} must be positive")
+    if mesh is not None:
+        replicas = mesh["data"] * mesh["fsdp"]
+        _check(data.batch_size % replicas == 0, "data.batch_size",
+               f"{data.batch_size} does not divide over the data x fsdp = {replicas} "
+               f"devices")
+    _check(data.num_epochs > 0, "data.num_epochs", f"{data.num_epochs} must be positive")
+    for field in ("read_threads", "prefetch_buffer", "worker_count", "worker_buffer_size"):
+        _check(data[field] >= 0, f"data.{field}", f"{data[field]} must be >= 0")
+    if data.image.aspect_mode == "slice":
+        _check(data.hd.patch_num in hd.HD_CANDIDATES, "data.hd.patch_num",
+               f"{data.hd.patch_num} is not one of {sorted(hd.HD_CANDIDATES)}")
+    if not config.model.vision_checkpoint:
+        # Tokens of the smallest image: one tile (the HD 1x1 grid adds its newline).
+        from tokenpacker_jax.models.projectors import num_output_tokens  # noqa: PLC0415
+
+        try:
+            tokens = num_output_tokens(
+                projector_config(config, config.model.decoder.width),
+                vision_config(config).grid_size)
+        except (ConfigError, ValueError):
+            tokens = None  # reported by the projector checks
+        if tokens is not None:
+            tokens += 1 if data.image.aspect_mode == "slice" else 0
+            _check(data.max_length > tokens, "data.max_length",
+                   f"{data.max_length} leaves no room for text beside an image's {tokens} "
+                   f"positions")
+    if not config.model.decoder_checkpoint and "decoder" in config.model:
+        limit = config.model.decoder.max_position_embeddings
+        _check(data.max_length <= limit, "data.max_length",
+               f"{data.max_length} exceeds the decoder's max_position_embeddings {limit}")

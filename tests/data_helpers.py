@@ -1,0 +1,111 @@
+"""Tiny tokenizers of the three families, trained in the test, and small data helpers.
+
+- ``vicuna_like``: a LLaMA sentencepiece BPE (byte fallback, identity normalisation,
+  split digits, ``<unk>`` 0 / ``<s>`` 1 / ``</s>`` 2) wrapped as transformers
+  ``LlamaTokenizer`` from the ``.model`` file. Its corpus makes "USER" a piece that never
+  starts a word, so " USER" is "▁" + "USER" (two tokens) and "USER" after ``</s>`` is one,
+  as with the real Vicuna vocabulary; the reference's ``legacy=False`` round arithmetic
+  relies on exactly that.
+- ``llama3_like``: byte-level BPE with LLaMA-3's split pattern and header/eot specials.
+- ``gemma_like``: sentencepiece without a dummy prefix, ``<pad>`` 0 / ``<eos>`` 1 /
+  ``<bos>`` 2, ``<start_of_turn>`` / ``<end_of_turn>`` as user-defined pieces, wrapped as
+  transformers ``GemmaTokenizer``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+WORDS = ("a chat between curious user and an artificial intelligence assistant the gives "
+         "helpful detailed polite answers to questions what is colour shape red green blue "
+         "yellow purple circle square triangle cross in top left right bottom centre image "
+         "how many objects shapes are there digit describe this picture briefly where of "
+         "one two three four shown ASSISTANT 0 1 2 3 4 5 6 7 8 9").split()
+
+
+def corpus(seed: int = 0, lines: int = 2000) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
+            + rng.choice([".", "?", ",", ":", "!", "", "'s"]) for _ in range(lines)]
+
+
+def _write_config(directory: str, config: dict) -> None:
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as file:
+        json.dump(config, file)
+
+
+def vicuna_like(directory: str, *, legacy: bool = False):
+    import sentencepiece as spm
+    from transformers import AutoTokenizer, LlamaTokenizer
+
+    os.makedirs(directory, exist_ok=True)
+    texts = corpus() + ["kUSER qUSER zUSER"] * 300
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=os.path.join(directory, "tokenizer"),
+        vocab_size=600, model_type="bpe", byte_fallback=True, character_coverage=1.0,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+        num_threads=1, minloglevel=2)
+    _write_config(directory, {"tokenizer_class": "LlamaTokenizer", "legacy": legacy,
+                              "add_bos_token": True, "add_eos_token": False,
+                              "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    assert isinstance(tokenizer, LlamaTokenizer)
+    return tokenizer
+
+
+def llama3_like(directory: str):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+               r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                "<|end_header_id|>", "<|eot_id|>"]
+    tokenizer.train_from_iterator(corpus(), trainers.BpeTrainer(
+        vocab_size=600, special_tokens=specials, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|begin_of_text|>",
+                            eos_token="<|end_of_text|>").save_pretrained(directory)
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def gemma_like(directory: str):
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    os.makedirs(directory, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus()), model_prefix=os.path.join(directory, "tokenizer"),
+        vocab_size=600, model_type="bpe", byte_fallback=True, character_coverage=1.0,
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
+        bos_piece="<bos>", unk_piece="<unk>", add_dummy_prefix=False,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        split_digits=True, allow_whitespace_only_pieces=True,
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], num_threads=1,
+        minloglevel=2)
+    _write_config(directory, {"tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>",
+                              "eos_token": "<eos>", "pad_token": "<pad>",
+                              "unk_token": "<unk>"})
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def data_config(**overrides):
+    """``configs/tiny.py``'s data section with overrides (dotted keys allowed)."""
+    from configs import tiny
+
+    config = tiny.get_config().data
+    for key, value in overrides.items():
+        target = config
+        *path, last = key.split(".")
+        for part in path:
+            target = target[part]
+        target[last] = value
+    return config

@@ -1,0 +1,299 @@
+"""Conversation templates: ids and supervision against the reference's procedure (Vicuna /
+plain) and, for every template, supervised tokens = the answers plus their end marker."""
+
+import pytest
+
+from data_helpers import gemma_like, llama3_like, vicuna_like
+from tokenpacker_jax.data import errors
+from tokenpacker_jax.data.conversation import (IMAGE_TOKEN_ID, VICUNA_SYSTEM,
+                                               ConversationTokenizer, Text, get_template,
+                                               parse_turns, text_tokenizer)
+from tokenpacker_jax.data.errors import DataError
+
+IGNORE = -100
+
+CONVERSATIONS = [
+    [{"from": "human", "value": "<image>\nWhat colour is the circle?"},
+     {"from": "gpt", "value": "red"}],
+    # Placeholder after the text (moved to the front), two rounds, a digit answer.
+    [{"from": "human", "value": "What is in this picture? <image>"},
+     {"from": "gpt", "value": "A blue square in the top left, and a star."},
+     {"from": "human", "value": "How many objects are there?"},
+     {"from": "gpt", "value": "3"}],
+    # Text only, odd spacing and punctuation, three rounds.
+    [{"from": "human", "value": "describe  the chat"},
+     {"from": "gpt", "value": "a chat, between: polite answers!"},
+     {"from": "human", "value": "and 12?"},
+     {"from": "gpt", "value": "  spaced   answer "},
+     {"from": "human", "value": "what's this"},
+     {"from": "gpt", "value": "it's a (green) triangle\nover two lines"}],
+    # Non-ASCII text goes through byte fallback.
+    [{"from": "human", "value": "<image>\nNommez la forme ?"},
+     {"from": "gpt", "value": "un carré vert — 4 côtés"}],
+]
+
+
+# -- the reference's procedure (LLaVA train.py: preprocess_v1 / preprocess_plain), written
+#    out plainly: tokenise the whole prompt, then mask round by round with offsets.
+
+def tokenizer_image_token(prompt, tokenizer):
+    chunks = [tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]
+    ids, offset = [], 0
+    if chunks and chunks[0] and chunks[0][0] == tokenizer.bos_token_id:
+        offset = 1
+        ids.append(chunks[0][0])
+    for number, chunk in enumerate(chunks):
+        if number:
+            ids.extend(([IMAGE_TOKEN_ID] * (offset + 1))[offset:])
+        ids.extend(chunk[offset:])
+    return ids
+
+
+def move_image_to_front(conversation):
+    turns = [dict(turn) for turn in conversation]
+    for turn in turns:
+        if "<image>" in turn["value"]:
+            turn["value"] = ("<image>\n" + turn["value"].replace("<image>", "").strip()).strip()
+    return turns
+
+
+def reference_v1(conversation, tokenizer):
+    has_image = any("<image>" in turn["value"] for turn in conversation)
+    turns = move_image_to_front(conversation) if has_image else conversation
+    prompt = VICUNA_SYSTEM + " "
+    for number, turn in enumerate(turns):
+        role = "USER" if number % 2 == 0 else "ASSISTANT"
+        prompt += f"{role}: {turn['value']}" + (" " if number % 2 == 0 else "</s>")
+
+    def tokenize(text):
+        return tokenizer_image_token(text, tokenizer) if has_image \
+            else tokenizer(text).input_ids
+
+    ids = tokenize(prompt)
+    labels = list(ids)
+    total, cur = len(ids), 1
+    labels[0] = IGNORE
+    for number, round_text in enumerate(prompt.split("</s>")):
+        if round_text == "":
+            break
+        parts = round_text.split(" ASSISTANT: ")
+        if len(parts) != 2:
+            break
+        parts[0] += " ASSISTANT: "
+        round_len = len(tokenize(round_text))
+        instruction_len = len(tokenize(parts[0])) - 2
+        if number != 0 and not tokenizer.legacy:
+            round_len -= 1
+            instruction_len -= 1
+        labels[cur:cur + instruction_len] = [IGNORE] * len(labels[cur:cur + instruction_len])
+        cur += round_len
+    labels[cur:] = [IGNORE] * len(labels[cur:])
+    assert cur == total, f"the reference itself mismatches ({cur} vs {total})"
+    return ids, labels
+
+
+def reference_plain(conversation, tokenizer):
+    prompt = "<image>" + conversation[1]["value"] + "\n"
+    ids = tokenizer_image_token(prompt, tokenizer)
+    masked = len(tokenizer_image_token("<image>", tokenizer))
+    return ids, [IGNORE] * masked + ids[masked:]
+
+
+def ours(template, conversation, tokenizer):
+    has_image = any("<image>" in turn["value"] for turn in conversation)
+    result = ConversationTokenizer(template, tokenizer)(
+        parse_turns(conversation, has_image=has_image))
+    labels = [i if s else IGNORE for i, s in zip(result.ids, result.supervised)]
+    return result.ids, labels
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["legacy=False", "legacy=True"])
+def vicuna(request, tmp_path_factory):
+    return vicuna_like(str(tmp_path_factory.mktemp("vicuna")), legacy=request.param)
+
+
+@pytest.fixture(scope="module")
+def llama3(tmp_path_factory):
+    return llama3_like(str(tmp_path_factory.mktemp("llama3")))
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory):
+    return gemma_like(str(tmp_path_factory.mktemp("gemma")))
+
+
+def test_tiny_vicuna_tokenizer_splits_user_like_vicuna(vicuna):
+    # What makes the reference's legacy=False arithmetic line up on the real vocabulary.
+    assert vicuna.convert_ids_to_tokens(vicuna.encode(" USER", add_special_tokens=False)) \
+        == ["▁", "USER"]
+    after_eos = vicuna.convert_ids_to_tokens(vicuna.encode("</s>USER", add_special_tokens=False))
+    assert after_eos == (["</s>", "▁", "USER"] if vicuna.legacy else ["</s>", "USER"])
+
+
+@pytest.mark.parametrize("number", range(len(CONVERSATIONS)))
+def test_vicuna_v1_equals_reference(vicuna, number):
+    conversation = CONVERSATIONS[number]
+    ref_ids, ref_labels = reference_v1(conversation, vicuna)
+    ids, labels = ours("vicuna_v1", conversation, vicuna)
+    assert ids == ref_ids
+    assert labels == ref_labels
+    assert sum(label != IGNORE for label in labels) > 0
+
+
+@pytest.mark.parametrize("number", [0, 1, 3])
+def test_plain_equals_reference(vicuna, number):
+    conversation = CONVERSATIONS[number][:2]
+    ref_ids, ref_labels = reference_plain(conversation, vicuna)
+    ids, labels = ours("plain", conversation, vicuna)
+    assert ids == ref_ids
+    assert labels == ref_labels
+
+
+def supervised_runs(ids, supervised):
+    runs, current = [], []
+    for token, flag in zip(ids, supervised):
+        if flag:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return runs
+
+
+def decode(tokenizer, ids):
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "llama3", "gemma", "plain"])
+@pytest.mark.parametrize("number", range(len(CONVERSATIONS)))
+def test_supervised_tokens_are_the_answers_and_end_markers(template, number, vicuna, llama3,
+                                                           gemma):
+    tokenizer = {"vicuna_v1": vicuna, "plain": vicuna, "llama3": llama3,
+                 "gemma": gemma}[template]
+    conversation = CONVERSATIONS[number]
+    if template == "plain":
+        conversation = conversation[:2]
+        if "<image>" not in conversation[0]["value"]:
+            conversation = [{"from": "human", "value": "<image>"}, conversation[1]]
+    has_image = any("<image>" in turn["value"] for turn in conversation)
+    result = ConversationTokenizer(template, tokenizer)(
+        parse_turns(conversation, has_image=has_image))
+    answers = [turn["value"] for turn in conversation[1::2]]
+    end = get_template(template).end_marker
+    runs = [decode(tokenizer, run) for run in supervised_runs(result.ids, result.supervised)]
+    if template == "vicuna_v1":
+        # The space before an answer is in its first token (the reference supervises it
+        # too); the LLaMA decoder drops one leading space of the decoded text.
+        assert runs == [a + end for a in answers]
+    elif template == "plain":
+        assert runs == [answers[0] + end]
+    else:
+        assert runs == [a.strip() + end for a in answers]
+    # Nothing else: every supervised id lies in one of those runs, and the prompt decodes
+    # to the template text around them.
+    assert sum(result.supervised) == sum(len(r) for r in supervised_runs(result.ids,
+                                                                         result.supervised))
+    assert result.ids.count(IMAGE_TOKEN_ID) == int(has_image)
+    assert not any(s for i, s in zip(result.ids, result.supervised) if i == IMAGE_TOKEN_ID)
+
+
+def test_llama3_and_gemma_prompts(llama3, gemma):
+    conversation = CONVERSATIONS[1]
+    turns = parse_turns(conversation, has_image=True)
+    result = ConversationTokenizer("llama3", llama3)(turns)
+    text = decode(llama3, [i for i in result.ids if i != IMAGE_TOKEN_ID])
+    assert text == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n\nWhat is in this "
+        "picture?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nA blue square in "
+        "the top left, and a star.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHow "
+        "many objects are there?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        "3<|eot_id|>")
+    assert result.ids[0] == llama3.bos_token_id
+    result = ConversationTokenizer(get_template("gemma", system="Be brief."), gemma)(turns)
+    text = decode(gemma, [i for i in result.ids if i != IMAGE_TOKEN_ID])
+    assert text == (
+        "<bos><start_of_turn>user\nBe brief.\n\n\nWhat is in this picture?<end_of_turn>\n"
+        "<start_of_turn>model\nA blue square in the top left, and a star.<end_of_turn>\n"
+        "<start_of_turn>user\nHow many objects are there?<end_of_turn>\n<start_of_turn>model\n"
+        "3<end_of_turn>\n")
+
+
+def test_ids_equal_whole_prompt_tokenisation(llama3, gemma):
+    # Text-only: our segment-by-segment ids are the tokenizer's ids of the whole prompt.
+    conversation = CONVERSATIONS[2]
+    turns = parse_turns(conversation, has_image=False)
+    for name, tokenizer in (("llama3", llama3), ("gemma", gemma)):
+        result = ConversationTokenizer(name, tokenizer)(turns)
+        text = decode(tokenizer, result.ids)
+        assert tokenizer.encode(text, add_special_tokens=False) == result.ids
+
+
+def test_project_tokenizer_is_accepted(tmp_path):
+    from tokenpacker_jax.tokenizer import load_tokenizer
+
+    vicuna_like(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    tokenizer = load_tokenizer(tmp_path)
+    adapted = text_tokenizer(tokenizer)
+    assert (adapted.bos_id, adapted.eos_id, adapted.pad_id) == (1, 2, 0)
+    result = ConversationTokenizer("vicuna_v1", tokenizer)(
+        parse_turns(CONVERSATIONS[0], has_image=True))
+    assert result.ids[0] == 1 and result.ids[-1] == 2 and result.supervised[-1]
+
+
+def test_boundary_inside_a_token_is_an_error():
+    class WholeText:  # one id per distinct text: no segment boundary is a token boundary
+        bos_id, eos_id, pad_id = 1, 2, 0
+
+        def encode(self, text):
+            return [2] if text == "</s>" else [3 + len(text)]
+
+    conversation = ConversationTokenizer("vicuna_v1", WholeText())
+    with pytest.raises(DataError) as info:
+        conversation(parse_turns(CONVERSATIONS[2], has_image=False))
+    assert info.value.reason == errors.TOKENIZATION
+    # A lone text segment needs no boundary.
+    assert conversation.tokenize_segments([Text("abc")]).ids == [6]
+
+
+@pytest.mark.parametrize("conversation, has_image, reason, words", [
+    ([], False, errors.EMPTY_CONVERSATION, "empty"),
+    (None, False, errors.EMPTY_CONVERSATION, "empty"),
+    ([{"from": "gpt", "value": "hi"}, {"from": "human", "value": "q"}], False,
+     errors.ROLE_ORDER, "turn 0"),
+    ([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}], False,
+     errors.ROLE_ORDER, "turn 1"),
+    ([{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"},
+      {"from": "human", "value": "c"}], False, errors.ROLE_ORDER, "last turn"),
+    ([{"from": "robot", "value": "a"}, {"from": "gpt", "value": "b"}], False,
+     errors.ROLE_ORDER, "robot"),
+    ([{"from": "human", "value": "<image>\na"}, {"from": "gpt", "value": "b"}], False,
+     errors.PLACEHOLDER_WITHOUT_IMAGE, "no image"),
+    ([{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}], True,
+     errors.IMAGE_WITHOUT_PLACEHOLDER, "no <image>"),
+    ([{"from": "human", "value": "<image> <image>"}, {"from": "gpt", "value": "b"}], True,
+     errors.BAD_RECORD, "2 times"),
+    ([{"from": "human", "value": "a"}, {"from": "gpt", "value": "<image>"}], True,
+     errors.BAD_RECORD, "answer"),
+    ([{"from": "human", "value": "a"}, {"from": "gpt", "value": "  "}], False,
+     errors.BAD_RECORD, "empty"),
+    ([{"from": "human"}, {"from": "gpt", "value": "b"}], False, errors.BAD_RECORD, "'value'"),
+])
+def test_parse_turns_rejects(conversation, has_image, reason, words):
+    with pytest.raises(DataError) as info:
+        parse_turns(conversation, has_image=has_image)
+    assert info.value.reason == reason
+    assert words in str(info.value)
+
+
+def test_placeholder_moves_to_the_front():
+    turns = parse_turns([{"from": "human", "value": " What is this?\n<image> "},
+                         {"from": "gpt", "value": "x"}], has_image=True)
+    assert turns[0].text == "<image>\nWhat is this?"
+
+
+def test_missing_special_token_is_reported_once(vicuna):
+    with pytest.raises(ValueError, match="<start_of_turn>.* one special token"):
+        ConversationTokenizer("gemma", vicuna)

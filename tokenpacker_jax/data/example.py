@@ -1,0 +1,258 @@
+"""One record -> one training example of static shapes (the per-sample half of the batch
+contract; ``tokenpacker_jax.data.pipeline`` batches them).
+
+Per sample, with T = max_length, N = max tiles, S = image size:
+
+    input_ids      int32   [T]  text ids; the pad id at visual positions and padding
+    target_ids     int32   [T]  the next token (input_ids shifted left; at the last kept
+                                position of a truncated sample, the first token cut off);
+                                the pad id after the last token
+    loss_mask      float32 [T]  1 where target_ids[t] is supervised (answers and their end
+                                marker); 0 at padding and where the target is visual
+    attention_mask int32   [T]  1 for real positions (text or visual), 0 for padding
+    image_mask     bool    [T]  True at the positions the model fills with visual tokens
+    pixel_values   float32 [N, S, S, 3]  valid tiles first, then zeros
+    tile_mask      bool    [N]
+    sample_id      int64   []   the record's index in its source (-1: a padding row)
+
+The image slot of the conversation becomes ``tokens_per_tile`` visual positions
+(``square``/``pad``), or for ``slice`` (TokenPacker-HD, SPEC §3) the tiles' tokens row by
+row with the ',' id between the tiles of a row and the '\\n' id closing each row, then the
+global view's tokens and '\\n' (``tokenpacker_jax.data.hd.hd_layout``); the k-th visual
+position takes visual token k of the sample (its valid tiles' tokens in tile order).
+
+Truncation to T never cuts inside an image's positions (separators included): a sample
+whose cut would is rejected (``too_long``), as is one left without a supervised token. An
+image whose positions all lie past the cut is dropped with them (no tiles, no positions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from tokenpacker_jax.data import errors, hd
+from tokenpacker_jax.data.conversation import (IMAGE_TOKEN_ID, ConversationTokenizer,
+                                               parse_turns)
+from tokenpacker_jax.data.errors import DataError
+from tokenpacker_jax.data.image import (ImageError, load_image, normalize, preprocess,
+                                        to_rgb)
+from tokenpacker_jax.data.llava import SourceRecord
+
+EXAMPLE_KEYS = ("input_ids", "target_ids", "loss_mask", "attention_mask", "image_mask",
+                "pixel_values", "tile_mask", "sample_id")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSettings:
+    """How images become tiles and positions.
+
+    mode: square | pad | slice.  size: tile side S.  patch_num: HD candidate list (slice).
+    comma_id / newline_id: HD separator ids.  reference_global_view: build the HD global
+    view as the reference code does (see ``hd.global_view``).
+    """
+
+    mode: str = "square"
+    size: int = 336
+    mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
+    patch_num: int = 9
+    comma_id: int = hd.COMMA_TOKEN_ID
+    newline_id: int = hd.NEWLINE_TOKEN_ID
+    reference_global_view: bool = False
+
+    @property
+    def max_tiles(self) -> int:
+        return hd.max_tiles(self.patch_num) if self.mode == "slice" else 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """Stands in the stream for a record that could not be used."""
+
+    error: DataError
+    sample_id: int
+
+
+def _open_image(source: SourceRecord, image_folder: str) -> tuple[Image.Image, str]:
+    """The record's image and a name for it in messages."""
+    if source.image is not None:  # supplied by the source (TFDS): pixels or encoded bytes
+        name = f"{source.where} image"
+        try:
+            if isinstance(source.image, (bytes, bytearray)):
+                with Image.open(io.BytesIO(source.image)) as image:
+                    image.load()
+                    return image.copy(), name
+            pixels = np.asarray(source.image)
+            if pixels.ndim == 3 and pixels.shape[-1] == 1:
+                pixels = pixels[..., 0]
+            return Image.fromarray(pixels), name
+        except (OSError, ValueError, TypeError, Image.DecompressionBombError) as err:
+            raise DataError(errors.CORRUPT_IMAGE, f"{name}: cannot decode ({err})") from err
+    relative = source.record["image"]
+    if not isinstance(relative, str):
+        raise DataError(errors.BAD_RECORD, f"'image' must be one path (one image per "
+                                           f"sample), got {relative!r:.80}")
+    path = os.path.join(image_folder, relative)
+    try:
+        return load_image(path), path
+    except ImageError as err:
+        reason = (errors.MISSING_IMAGE if isinstance(err.__cause__, FileNotFoundError)
+                  else errors.CORRUPT_IMAGE)
+        raise DataError(reason, str(err)) from err
+    except Image.DecompressionBombError as err:
+        raise DataError(errors.CORRUPT_IMAGE, f"{path}: {err}") from err
+
+
+class ExampleBuilder:
+    """Callable: SourceRecord -> example dict (see the module docstring) or ``Skipped``.
+
+    Picklable, so grain can run it in worker processes.
+
+    Args:
+      conversation: the template + tokenizer.
+      image: ImageSettings.
+      tokens_per_tile: visual tokens per tile (the projector's output count).
+      max_length: T.
+      image_folder: what image paths in records are relative to.
+    """
+
+    def __init__(self, conversation: ConversationTokenizer, image: ImageSettings,
+                 tokens_per_tile: int, max_length: int, image_folder: str = ""):
+        if image.mode not in ("square", "pad", "slice"):
+            raise ValueError(f"image mode must be square, pad or slice, got {image.mode!r}")
+        self.conversation = conversation
+        self.image = image
+        self.tokens_per_tile = int(tokens_per_tile)
+        self.max_length = int(max_length)
+        self.image_folder = image_folder
+        self.pad_id = conversation.tokenizer.pad_id
+
+    # -- the stream's two kinds of element ----------------------------------------------
+
+    def __call__(self, source: SourceRecord) -> dict[str, np.ndarray] | Skipped:
+        try:
+            return self.build(source)
+        except DataError as err:
+            return Skipped(err.with_record(source.describe()), source.index)
+
+    def padding_example(self) -> dict[str, np.ndarray]:
+        """An all-padding row (every mask zero, sample_id -1)."""
+        length, tiles, size = self.max_length, self.image.max_tiles, self.image.size
+        return dict(
+            input_ids=np.full(length, self.pad_id, np.int32),
+            target_ids=np.full(length, self.pad_id, np.int32),
+            loss_mask=np.zeros(length, np.float32),
+            attention_mask=np.zeros(length, np.int32),
+            image_mask=np.zeros(length, bool),
+            pixel_values=np.zeros((tiles, size, size, 3), np.float32),
+            tile_mask=np.zeros(tiles, bool),
+            sample_id=np.int64(-1))
+
+    # -- building ------------------------------------------------------------------------
+
+    def build(self, source: SourceRecord) -> dict[str, np.ndarray]:
+        """Raises DataError (without the record's name) for a record that cannot be used."""
+        if source.error is not None:
+            raise DataError(source.error_reason, source.error)
+        record = source.record
+        if not isinstance(record, dict):
+            raise DataError(errors.BAD_RECORD, f"a record must be a JSON object, got "
+                                               f"{type(record).__name__}")
+        has_image = source.image is not None or record.get("image") not in (None, "")
+        turns = parse_turns(record.get("conversations"), has_image=has_image)
+        tokens = self.conversation(turns)
+        pixels, tile_mask = self._empty_pixels()
+        span_ids = span_visual = None
+        if has_image:
+            image, name = _open_image(source, self.image_folder)
+            pixels, tile_mask, span_ids, span_visual = self.image_tiles(image, name)
+        example = self.assemble(tokens.ids, tokens.supervised, span_ids, span_visual)
+        if not example.pop("image_kept"):
+            tile_mask = np.zeros_like(tile_mask)
+        example.update(pixel_values=pixels, tile_mask=tile_mask,
+                       sample_id=np.int64(source.index))
+        return example
+
+    def _empty_pixels(self) -> tuple[np.ndarray, np.ndarray]:
+        tiles, size = self.image.max_tiles, self.image.size
+        return np.zeros((tiles, size, size, 3), np.float32), np.zeros(tiles, bool)
+
+    def image_tiles(self, image: Image.Image, name: str = "image"
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Pixels [N, S, S, 3], tile mask [N], and the image's positions: ids [L] (pad at
+        visual positions, separator ids between) and visual [L] bool."""
+        settings, g = self.image, self.tokens_per_tile
+        try:
+            if settings.mode != "slice":
+                pixels = preprocess(image, mode=settings.mode, image_size=settings.size,
+                                    mean=settings.mean, std=settings.std)[None]
+                return (pixels, np.ones(1, bool), np.full(g, self.pad_id, np.int32),
+                        np.ones(g, bool))
+            full = normalize(np.asarray(to_rgb(image)), settings.mean, settings.std)
+            tiles = hd.hd_tiles(full, settings.patch_num, tile_size=settings.size,
+                                num_slots=settings.max_tiles,
+                                reference_global_view=settings.reference_global_view)
+        except (ImageError, ValueError) as err:
+            raise DataError(errors.CORRUPT_IMAGE, f"{name}: {err}") from err
+        layout = hd.hd_layout(*tiles.grid, g)
+        ids = layout.token_ids(settings.comma_id, settings.newline_id, fill=self.pad_id)
+        return tiles.pixels, tiles.mask, ids, layout.kind == hd.TILE
+
+    def assemble(self, ids: Sequence[int], supervised: Sequence[bool],
+                 span_ids: np.ndarray | None, span_visual: np.ndarray | None
+                 ) -> dict[str, Any]:
+        """Text ids with the image slot -> the padded sequence arrays (+ ``image_kept``)."""
+        ids = np.asarray(ids, np.int64)
+        supervised = np.asarray(supervised, bool)
+        slots = np.flatnonzero(ids == IMAGE_TOKEN_ID)
+        if len(slots) != (0 if span_ids is None else 1):
+            raise DataError(errors.BAD_RECORD, f"{len(slots)} image slots in the tokens for "
+                                               f"{0 if span_ids is None else 1} image")
+        visual = np.zeros(len(ids), bool)
+        span = None
+        if span_ids is not None:
+            slot = int(slots[0])
+            span = (slot, slot + len(span_ids))
+            ids = np.concatenate([ids[:slot], span_ids, ids[slot + 1:]])
+            supervised = np.concatenate([supervised[:slot], np.zeros(len(span_ids), bool),
+                                         supervised[slot + 1:]])
+            visual = np.concatenate([visual[:slot], span_visual, visual[slot + 1:]])
+        length = len(ids)
+        target = np.full(length, self.pad_id, np.int64)
+        target[:-1] = ids[1:]
+        loss = np.zeros(length, bool)
+        loss[:-1] = supervised[1:]
+        kept = length
+        image_kept = span is not None
+        if length > self.max_length:
+            kept = self.max_length
+            if span is not None and span[0] < kept < span[1]:
+                raise DataError(errors.TOO_LONG, f"{length} positions > max_length "
+                                                 f"{kept}, and the cut falls inside the "
+                                                 f"image's positions {span[0]}..{span[1]}")
+            if span is not None and span[0] >= kept:
+                image_kept = False
+            if not loss[:kept].any():
+                raise DataError(errors.TOO_LONG, f"{length} positions > max_length {kept}, "
+                                                 f"and no answer token is left before the cut")
+        if (ids[:kept] < 0).any():
+            raise DataError(errors.TOKENIZATION, "negative token id in the sequence")
+        pad = self.max_length - kept
+
+        def padded(values, fill, dtype):
+            return np.concatenate([values[:kept], np.full(pad, fill)]).astype(dtype)
+
+        return dict(
+            input_ids=padded(ids, self.pad_id, np.int32),
+            target_ids=padded(target, self.pad_id, np.int32),
+            loss_mask=padded(loss, 0, np.float32),
+            attention_mask=padded(np.ones(length), 0, np.int32),
+            image_mask=padded(visual, False, bool),
+            image_kept=image_kept)

@@ -1,0 +1,274 @@
+"""Synthetic images with questions that need fine detail, for toy-scale runs and tests.
+
+``python -m tokenpacker_jax.data.synthetic --out DIR --num N --seed S [--size 48]``
+
+Each image (``--size`` px square, 48 by default for ``configs/tiny.py``, 336 for the paper's
+tower) is a 3 x 3 grid of cells on a lightly noisy grey background. One to four cells hold a
+coloured shape (distinct colours and shapes within an image), one more holds a dark digit
+drawn from a 5 x 7 bitmap font; positions inside a cell are jittered. Questions have small
+closed answer sets (chance = 1 / set size):
+
+    colour    "What colour is the {shape}?"            red green blue yellow purple   (1/5)
+    shape     "What shape is the {colour} object?"     circle square triangle cross   (1/4)
+    position  "Where is the {colour} {shape}?"         the 9 cells, "top left" .. (1/9)
+    count     "How many shapes are there?"             one two three four             (1/4)
+    digit     "What digit is shown?"                   0 .. 9                         (1/10)
+
+Written to DIR (paths in the JSON are relative to DIR, the image folder):
+
+    images/{split}/{index:05d}.png
+    {split}_caption.json     stage 1: ``<image>`` + a caption naming every item (plain)
+    {split}_qa.json          stage 2: all five question types, shuffled, one conversation
+    {split}_questions.jsonl  held-out evaluation: one question per line with
+                             question_id, image, text, answer, category
+    meta.json                answer sets and the generation settings
+    tokenizer/               (``--tokenizer-vocab V``) a LLaMA-style sentencepiece
+                             tokenizer (byte fallback) trained on this text
+
+Splits: ``train`` (``--num``), ``val`` and ``test`` (``--num-eval`` each). Every image is
+drawn from its own random stream (seed, split, index), so the same seed gives the same
+bytes, and a larger ``--num`` extends a smaller one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230),
+           "yellow": (235, 200, 30), "purple": (150, 60, 200)}
+SHAPES = ("circle", "square", "triangle", "cross")
+POSITIONS = ("top left", "top", "top right", "left", "centre", "right", "bottom left",
+             "bottom", "bottom right")
+COUNTS = ("one", "two", "three", "four")
+DIGITS = tuple(str(d) for d in range(10))
+CATEGORIES = ("colour", "shape", "position", "count", "digit")
+ANSWERS = {"colour": tuple(COLOURS), "shape": SHAPES, "position": POSITIONS,
+           "count": COUNTS, "digit": DIGITS}
+SPLITS = {"train": 0, "val": 1, "test": 2}
+CAPTION_PROMPT = "Describe the image briefly."
+
+# 5 x 7 bitmap digits, rows top to bottom.
+_FONT = {
+    "0": ("01110", "10001", "10011", "10101", "11001", "10001", "01110"),
+    "1": ("00100", "01100", "00100", "00100", "00100", "00100", "01110"),
+    "2": ("01110", "10001", "00001", "00010", "00100", "01000", "11111"),
+    "3": ("11111", "00010", "00100", "00010", "00001", "10001", "01110"),
+    "4": ("00010", "00110", "01010", "10010", "11111", "00010", "00010"),
+    "5": ("11111", "10000", "11110", "00001", "00001", "10001", "01110"),
+    "6": ("00110", "01000", "10000", "11110", "10001", "10001", "01110"),
+    "7": ("11111", "00001", "00010", "00100", "01000", "01000", "01000"),
+    "8": ("01110", "10001", "10001", "01110", "10001", "10001", "01110"),
+    "9": ("01110", "10001", "10001", "01111", "00001", "00010", "01100"),
+}
+_DIGIT_COLOUR = (25, 25, 25)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int],
+                colour: tuple[int, int, int]) -> None:
+    left, top, right, bottom = box
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle(box, fill=colour)
+    elif shape == "triangle":
+        draw.polygon([((left + right) / 2, top), (right, bottom), (left, bottom)], fill=colour)
+    elif shape == "cross":
+        third = (right - left + 1) / 3
+        draw.rectangle((left + third, top, right - third, bottom), fill=colour)
+        draw.rectangle((left, top + third, right, bottom - third), fill=colour)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def _draw_digit(pixels: np.ndarray, digit: str, top: int, left: int, scale: int) -> None:
+    bitmap = np.array([[c == "1" for c in row] for row in _FONT[digit]])
+    mask = np.kron(bitmap, np.ones((scale, scale), bool))
+    region = pixels[top:top + mask.shape[0], left:left + mask.shape[1]]
+    region[mask] = _DIGIT_COLOUR
+
+
+def scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """One image (uint8 [size, size, 3]) and what is in it."""
+    cell = size // 3
+    count = int(rng.integers(1, 5))
+    cells = rng.permutation(9)[:count + 1]
+    colours = rng.permutation(len(COLOURS))[:count]
+    shapes = rng.permutation(len(SHAPES))[:count]
+    digit = DIGITS[int(rng.integers(10))]
+
+    base = rng.integers(220, 246)
+    pixels = np.clip(base + rng.integers(-6, 7, (size, size, 1)), 0, 255).repeat(3, axis=2)
+    pixels = pixels.astype(np.uint8)
+    offset = (size - 3 * cell) // 2  # centres the 3 x 3 grid when size % 3 != 0
+    objects = []
+    image = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(image)
+    extent = max(3, round(cell * 0.75))
+    for slot, colour_index, shape_index in zip(cells[:count], colours, shapes):
+        row, col = divmod(int(slot), 3)
+        slack = cell - extent
+        top = offset + row * cell + int(rng.integers(0, slack + 1))
+        left = offset + col * cell + int(rng.integers(0, slack + 1))
+        colour_name = list(COLOURS)[int(colour_index)]
+        jitter = rng.integers(-12, 13, 3)
+        colour = tuple(int(v) for v in np.clip(np.array(COLOURS[colour_name]) + jitter, 0, 255))
+        shape = SHAPES[int(shape_index)]
+        _draw_shape(draw, shape, (left, top, left + extent - 1, top + extent - 1), colour)
+        objects.append({"shape": shape, "colour": colour_name, "position": POSITIONS[slot]})
+    pixels = np.array(image)
+
+    scale = max(1, cell // 8)
+    height, width = 7 * scale, 5 * scale
+    row, col = divmod(int(cells[count]), 3)
+    top = offset + row * cell + int(rng.integers(0, max(cell - height, 0) + 1))
+    left = offset + col * cell + int(rng.integers(0, max(cell - width, 0) + 1))
+    _draw_digit(pixels, digit, top, left, scale)
+    return pixels, {"objects": objects, "digit": digit,
+                    "digit_position": POSITIONS[int(cells[count])]}
+
+
+def questions(info: dict[str, Any], rng: np.random.Generator) -> list[dict[str, str]]:
+    """One question of each category (in CATEGORIES order) with its answer."""
+    objects = info["objects"]
+    target = objects[int(rng.integers(len(objects)))]
+    return [
+        {"category": "colour", "text": f"What colour is the {target['shape']}?",
+         "answer": target["colour"]},
+        {"category": "shape", "text": f"What shape is the {target['colour']} object?",
+         "answer": target["shape"]},
+        {"category": "position", "text": f"Where is the {target['colour']} "
+                                         f"{target['shape']}?", "answer": target["position"]},
+        {"category": "count", "text": "How many shapes are there?",
+         "answer": COUNTS[len(objects) - 1]},
+        {"category": "digit", "text": "What digit is shown?", "answer": info["digit"]},
+    ]
+
+
+def caption(info: dict[str, Any]) -> str:
+    items = [f"a {o['colour']} {o['shape']} at the {o['position']}" for o in info["objects"]]
+    listed = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+    return f"{listed}; the digit {info['digit']} at the {info['digit_position']}."
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def generate_split(out: str, split: str, num: int, seed: int, size: int) -> dict[str, list]:
+    """Writes one split's images; returns its caption / qa / question records."""
+    os.makedirs(os.path.join(out, "images", split), exist_ok=True)
+    captions, conversations, evaluation = [], [], []
+    for index in range(num):
+        rng = np.random.default_rng([seed, SPLITS[split], index])
+        pixels, info = scene(rng, size)
+        image = f"images/{split}/{index:05d}.png"
+        with open(os.path.join(out, image), "wb") as file:
+            file.write(_png(pixels))
+        sample_id = f"{split}-{index:05d}"
+        captions.append({"id": sample_id, "image": image, "conversations": [
+            {"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
+            {"from": "gpt", "value": caption(info)}]})
+        asked = questions(info, rng)
+        turns = []
+        for turn, number in enumerate(rng.permutation(len(asked))):
+            question = asked[int(number)]
+            prefix = "<image>\n" if turn == 0 else ""
+            turns += [{"from": "human", "value": prefix + question["text"]},
+                      {"from": "gpt", "value": question["answer"]}]
+        conversations.append({"id": sample_id, "image": image, "conversations": turns})
+        for question in asked:
+            evaluation.append({"question_id": f"{sample_id}-{question['category']}",
+                               "image": image, "text": question["text"],
+                               "answer": question["answer"],
+                               "category": question["category"]})
+    return {"caption": captions, "qa": conversations, "questions": evaluation}
+
+
+def _write_json(path: str, value: Any) -> None:
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump(value, file, indent=1, ensure_ascii=False)
+        file.write("\n")
+
+
+def train_tokenizer(texts: Sequence[str], out_dir: str, vocab_size: int) -> None:
+    """A LLaMA-style sentencepiece BPE tokenizer (byte fallback, ``<unk>`` 0, ``<s>`` 1,
+    ``</s>`` 2, digits split) trained on ``texts``, saved for ``load_tokenizer``."""
+    import sentencepiece as spm  # noqa: PLC0415
+
+    os.makedirs(out_dir, exist_ok=True)
+    model = io.BytesIO()  # no file names enter the model, so its bytes depend on texts only
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1,
+        eos_id=2, pad_id=-1, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+        num_threads=1, minloglevel=2)
+    with open(os.path.join(out_dir, "tokenizer.model"), "wb") as file:
+        file.write(model.getvalue())
+    _write_json(os.path.join(out_dir, "tokenizer_config.json"), {
+        "tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True,
+        "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>"})
+    _write_json(os.path.join(out_dir, "config.json"), {"model_type": "llama"})
+
+
+def generate(out: str, num: int, seed: int, *, num_eval: int | None = None, size: int = 48,
+             tokenizer_vocab: int = 0) -> dict[str, Any]:
+    """Writes the dataset (see the module docstring); returns meta.json's content."""
+    if size < 24:
+        raise ValueError(f"--size {size}: images below 24 px cannot hold the scenes")
+    num_eval = max(20, num // 10) if num_eval is None else num_eval
+    os.makedirs(out, exist_ok=True)
+    texts = []
+    for split, count in (("train", num), ("val", num_eval), ("test", num_eval)):
+        records = generate_split(out, split, count, seed, size)
+        _write_json(os.path.join(out, f"{split}_caption.json"), records["caption"])
+        _write_json(os.path.join(out, f"{split}_qa.json"), records["qa"])
+        with open(os.path.join(out, f"{split}_questions.jsonl"), "w", encoding="utf-8") as file:
+            for question in records["questions"]:
+                file.write(json.dumps(question, ensure_ascii=False) + "\n")
+        if split == "train":
+            texts += [t["value"] for r in records["caption"] + records["qa"]
+                      for t in r["conversations"]]
+    meta = {"seed": seed, "size": size, "num": {"train": num, "val": num_eval,
+                                                "test": num_eval},
+            "answers": {k: list(v) for k, v in ANSWERS.items()},
+            "chance": {k: 1 / len(v) for k, v in ANSWERS.items()}}
+    _write_json(os.path.join(out, "meta.json"), meta)
+    if tokenizer_vocab:
+        from tokenpacker_jax.data.conversation import VICUNA_SYSTEM  # noqa: PLC0415
+
+        template_text = [VICUNA_SYSTEM + " USER: ASSISTANT:"] * 50
+        train_tokenizer(texts + template_text, os.path.join(out, "tokenizer"),
+                        tokenizer_vocab)
+    return meta
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--num", type=int, required=True, help="training images")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-eval", type=int, default=None,
+                        help="images in val and in test (default max(20, num / 10))")
+    parser.add_argument("--size", type=int, default=48, help="image side in pixels")
+    parser.add_argument("--tokenizer-vocab", type=int, default=0,
+                        help="also train a sentencepiece tokenizer of this size (0: none)")
+    args = parser.parse_args(argv)
+    meta = generate(args.out, args.num, args.seed, num_eval=args.num_eval, size=args.size,
+                    tokenizer_vocab=args.tokenizer_vocab)
+    print(f"wrote {meta['num']} images of {args.size} px to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
