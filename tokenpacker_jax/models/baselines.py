@@ -58,12 +58,16 @@ def space_to_depth(x: jax.Array, scale_factor: int) -> jax.Array:
 
 
 def depthwise_conv3x3(features: int, *, use_bias: bool, kw: dict, name: str) -> nn.Conv:
-    """A 3x3, stride 1, 'same' padded convolution with one filter per channel."""
+    """A 3x3, stride 1, 'same' padded convolution with one filter per channel.
+
+    Channels go over the tensor axis ('mlp'): over fsdp, like the batch, the partitioner
+    would have to replicate the whole activation around the convolution.
+    """
     return nn.Conv(features, (3, 3), padding=1, feature_group_count=features, use_bias=use_bias,
                    kernel_init=nn.with_logical_partitioning(layers.trunc_normal(),
-                                                            (None, None, None, "embed")),
+                                                            (None, None, None, "mlp")),
                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                          ("embed",)),
+                                                          ("mlp",)),
                    name=name, **kw)
 
 
