@@ -1,0 +1,118 @@
+"""The synthetic dataset: same seed same bytes, small closed answer sets, and answers that the
+pixels bear out (colour and position of the asked object, count, the digit's bitmap)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tokenpacker_jax.data import synthetic
+
+
+def tree(root):
+    files = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as file:
+                files[os.path.relpath(path, root)] = file.read()
+    return files
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("a")
+    synthetic.main(["--out", str(out), "--num", "40", "--seed", "5", "--num-eval", "10",
+                    "--tokenizer-vocab", "400"])
+    return out
+
+
+def test_same_seed_same_bytes(generated, tmp_path_factory):
+    again = tmp_path_factory.mktemp("b")
+    synthetic.main(["--out", str(again), "--num", "40", "--seed", "5", "--num-eval", "10",
+                    "--tokenizer-vocab", "400"])
+    first, second = tree(generated), tree(again)
+    assert len(first) == 40 + 2 * 10 + 3 * 3 + 1 + 3  # images, 3 files per split, meta, tok
+    assert first == second
+    other = tmp_path_factory.mktemp("c")
+    synthetic.main(["--out", str(other), "--num", "40", "--seed", "6", "--num-eval", "10"])
+    third = tree(other)
+    assert third["images/train/00000.png"] != first["images/train/00000.png"]
+    assert third["train_qa.json"] != first["train_qa.json"]
+
+
+def test_answer_sets_are_small_and_closed(generated):
+    meta = json.loads((generated / "meta.json").read_text())
+    assert max(meta["chance"].values()) <= 0.25
+    questions = [json.loads(line) for line in
+                 (generated / "test_questions.jsonl").read_text().splitlines()]
+    assert len(questions) == 10 * len(synthetic.CATEGORIES)
+    for question in questions:
+        assert question["answer"] in meta["answers"][question["category"]]
+    conversations = json.loads((generated / "train_qa.json").read_text())
+    for record in conversations:
+        turns = record["conversations"]
+        assert turns[0]["value"].startswith("<image>\n") and len(turns) == 10
+        assert [t["from"] for t in turns] == ["human", "gpt"] * 5
+    captions = json.loads((generated / "train_caption.json").read_text())
+    assert captions[0]["conversations"][1]["value"].endswith(".")
+
+
+def cell_pixels(pixels, position, size):
+    cell = size // 3
+    offset = (size - 3 * cell) // 2
+    row, col = divmod(synthetic.POSITIONS.index(position), 3)
+    return pixels[offset + row * cell:offset + (row + 1) * cell,
+                  offset + col * cell:offset + (col + 1) * cell]
+
+
+def colour_mask(pixels, name):
+    target = np.array(synthetic.COLOURS[name])
+    return (np.abs(pixels.astype(int) - target).max(axis=-1) <= 14)
+
+
+@pytest.mark.parametrize("size", [48, 336])
+def test_answers_match_the_pixels(size, tmp_path):
+    out = tmp_path / str(size)
+    count = 30 if size == 48 else 4
+    synthetic.generate(str(out), count, seed=11, num_eval=1, size=size)
+    records = json.loads((out / "train_qa.json").read_text())
+    for record in records:
+        pixels = np.asarray(Image.open(out / record["image"]).convert("RGB"))
+        assert pixels.shape == (size, size, 3)
+        answers = {}
+        turns = record["conversations"]
+        for question, answer in zip(turns[::2], turns[1::2]):
+            answers[question["value"].replace("<image>\n", "")] = answer["value"]
+        count_answer = answers.pop("How many shapes are there?")
+        digit = answers.pop("What digit is shown?")
+        shape_question = next(q for q in answers if q.startswith("What shape"))
+        colour = shape_question.split("the ")[1].split(" object")[0]
+        shape = answers[shape_question]
+        assert answers[f"What colour is the {shape}?"] == colour
+        position = answers[f"Where is the {colour} {shape}?"]
+        # The asked object's colour fills part of the named cell, and appears nowhere else.
+        inside = colour_mask(cell_pixels(pixels, position, size), colour).sum()
+        assert inside >= (size // 3) ** 2 * 0.25
+        assert colour_mask(pixels, colour).sum() == inside
+        fill = inside / round(size // 3 * 0.75) ** 2
+        if shape == "square":
+            assert fill > 0.95
+        elif shape == "circle":
+            assert 0.7 < fill < 0.9
+        else:
+            assert fill < 0.7
+        # As many colours as the count says.
+        present = [name for name in synthetic.COLOURS
+                   if colour_mask(pixels, name).sum() >= (size // 3) ** 2 * 0.2]
+        assert synthetic.COUNTS[len(present) - 1] == count_answer
+        # The dark pixels are exactly the digit's bitmap, scaled.
+        dark = (pixels.max(axis=-1) < 60)
+        rows, cols = np.nonzero(dark)
+        glyph = dark[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        scale = max(1, size // 3 // 8)
+        bitmap = np.array([[c == "1" for c in row] for row in synthetic._FONT[digit]])
+        trimmed = bitmap[:, bitmap.any(axis=0)][bitmap.any(axis=1)]
+        np.testing.assert_array_equal(glyph, np.kron(trimmed, np.ones((scale, scale), bool)))
