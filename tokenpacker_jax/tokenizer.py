@@ -8,7 +8,7 @@ conventions that differ between families:
 |-------------------|-------------------------|----------------------------------|------------------|
 | LLaMA-2 / Vicuna  | ``<s>`` 1               | ``</s>`` 2                       | ``<unk>`` 0 (1)  |
 | LLaMA-3.x         | ``<|begin_of_text|>``   | ``<|end_of_text|>`` (``<|eot_id|>``) | EOS (2)      |
-| Gemma 1 / 2       | ``<bos>`` 2             | ``<eos>`` 1 (``<end_of_turn>``)  | ``<pad>`` 0      |
+| Gemma 1 / 2 / 3   | ``<bos>`` 2             | ``<eos>`` 1 (``<end_of_turn>``)  | ``<pad>`` 0      |
 
 (1) LLaMA-2 has no pad token; the reference LLaVA-1.5 training sets ``pad = unk`` (id 0),
     and so do we. Pads are always masked, so the id only has to be a valid one.
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-TOKENIZER_FAMILIES = ("llama", "gemma", "gemma2")
+TOKENIZER_FAMILIES = ("llama", "gemma", "gemma2", "gemma3")
 # Chat-turn terminators that generation should stop at, besides EOS.
 _EXTRA_STOP_TOKENS = ("<|eot_id|>", "<end_of_turn>")
 
@@ -89,6 +89,8 @@ def _family_from_directory(path: Path, hf_tokenizer: Any) -> str:
             return "llama"
         if model_type in ("gemma", "gemma2"):
             return model_type
+        if model_type in ("gemma3", "gemma3_text"):
+            return "gemma3"
     vocab = hf_tokenizer.get_vocab()
     if "<start_of_turn>" in vocab or "<bos>" in vocab:
         return "gemma"

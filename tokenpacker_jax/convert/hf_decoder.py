@@ -1,5 +1,9 @@
 """LLaMA / Gemma decoders: HF config.json <-> DecoderConfig, and the weight name tables.
 
+Families: LLaMA-2 / Vicuna and LLaMA-3.x (``llama``; also the reference LLaVA / TokenPacker
+``llava_llama``), Gemma 1 (``gemma``), Gemma 2 (``gemma2``) and Gemma 3 text
+(``gemma3_text``, or the text part of a multimodal ``gemma3`` config).
+
 Both config.json layouts are read: transformers 4.x (``rope_theta`` + ``rope_scaling``, as in
 the released Vicuna-1.5, LLaMA-3.x and Gemma checkpoints) and 5.x (``rope_parameters``);
 ``decoder_config_to_hf`` writes either.
@@ -16,9 +20,11 @@ from tokenpacker_jax.models.decoder_config import DecoderConfig
 # model_type -> family. ``llava_llama`` is the reference LLaVA / TokenPacker checkpoint: a
 # LLaMA config with extra multimodal fields, whose LLM keys are the LLaMA keys.
 _FAMILY_OF_MODEL_TYPE = {"llama": "llama", "llava_llama": "llama", "gemma": "gemma",
-                         "gemma2": "gemma2"}
+                         "gemma2": "gemma2", "gemma3_text": "gemma3"}
 _ARCHITECTURE = {"llama": "LlamaForCausalLM", "gemma": "GemmaForCausalLM",
-                 "gemma2": "Gemma2ForCausalLM"}
+                 "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+_MODEL_TYPE = {"llama": "llama", "gemma": "gemma", "gemma2": "gemma2",
+               "gemma3": "gemma3_text"}
 
 # Defaults of transformers' config classes, for config.json files listing only some values.
 _HF_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -40,6 +46,14 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
                    sliding_window=4096, final_logit_softcapping=30.0,
                    attn_logit_softcapping=50.0, bos_token_id=2, eos_token_id=1,
                    pad_token_id=0),
+    "gemma3": dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216,
+                   num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+                   head_dim=256, hidden_activation="gelu_pytorch_tanh",
+                   max_position_embeddings=131072, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                   rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, attention_bias=False,
+                   query_pre_attn_scalar=256, sliding_window=4096, sliding_window_pattern=6,
+                   final_logit_softcapping=None, attn_logit_softcapping=None, bos_token_id=2,
+                   eos_token_id=1, pad_token_id=0),
 }
 
 # What each family's architecture fixes (checked on export so a config that mixes the
@@ -47,27 +61,47 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
 _FAMILY_TRAITS = {
     "llama": dict(norm_plus_one=False, scale_embeddings=False, post_norms=False,
                   attn_logit_softcap=None, final_logit_softcap=None, layer_types=None,
-                  query_pre_attn_scalar=None),
+                  query_pre_attn_scalar=None, qk_norm=False, rope_local_theta=None),
     "gemma": dict(norm_plus_one=True, scale_embeddings=True, post_norms=False,
                   attn_logit_softcap=None, final_logit_softcap=None, layer_types=None,
-                  query_pre_attn_scalar=None, attention_bias=False),
+                  query_pre_attn_scalar=None, attention_bias=False, qk_norm=False,
+                  rope_local_theta=None),
     "gemma2": dict(norm_plus_one=True, scale_embeddings=True, post_norms=True,
+                   attention_bias=False, mlp_bias=False, qk_norm=False, rope_local_theta=None),
+    "gemma3": dict(norm_plus_one=True, scale_embeddings=True, post_norms=True, qk_norm=True,
                    attention_bias=False, mlp_bias=False),
 }
 
 
-def _rope_from_hf(values: Mapping[str, Any]) -> dict[str, Any]:
+def _rope_from_hf(values: Mapping[str, Any], family: str) -> dict[str, Any]:
     """Our rope_* fields from either layout."""
     params = values.get("rope_parameters")
+    local = None
     if params is None:  # transformers 4.x
         params = dict(values.get("rope_scaling") or {})
         params.setdefault("rope_theta", values.get("rope_theta", 10000.0))
+        if family == "gemma3":
+            local = {"rope_type": "default", "rope_theta": values["rope_local_base_freq"]}
     else:
         params = dict(params)
-        if any(isinstance(v, Mapping) for v in params.values()):
+        if family == "gemma3":  # 5.x: one entry per layer type
+            local = dict(params.get("sliding_attention") or {})
+            local.setdefault("rope_theta", values["rope_local_base_freq"])
+            params = dict(params.get("full_attention") or {})
+        elif any(isinstance(v, Mapping) for v in params.values()):
             raise ValueError("config.json: per-layer-type rope_parameters are not supported "
-                             f"by these decoders ({sorted(params)})")
+                             f"for {family} ({sorted(params)})")
         params.setdefault("rope_theta", values.get("rope_theta", 10000.0))
+    out = _one_rope(params, values)
+    if local is not None:
+        if local.get("rope_type", local.get("type", "default")) != "default":
+            raise ValueError(f"config.json: scaled RoPE on sliding layers ({local}) is not "
+                             "supported")
+        out["rope_local_theta"] = float(local["rope_theta"])
+    return out
+
+
+def _one_rope(params: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
     rope_type = params.get("rope_type", params.get("type", "default"))
     out: dict[str, Any] = dict(rope_theta=float(params["rope_theta"]), rope_type=rope_type)
     if rope_type in ("linear", "llama3"):
@@ -92,6 +126,9 @@ def _eos_tuple(eos: Any) -> tuple[int, ...]:
 def decoder_config_from_hf(hf_config: Mapping[str, Any], **overrides) -> DecoderConfig:
     """Our DecoderConfig from a LLaMA / Gemma / Gemma 2 ``config.json`` (4.x or 5.x)."""
     model_type = hf_config.get("model_type")
+    if model_type == "gemma3" and "text_config" in hf_config:  # multimodal: its LLM
+        hf_config = {"model_type": "gemma3_text", **hf_config["text_config"]}
+        model_type = "gemma3_text"
     if model_type not in _FAMILY_OF_MODEL_TYPE:
         raise ValueError(f"config.json: model_type {model_type!r} is not a supported decoder "
                          f"(expected one of {sorted(_FAMILY_OF_MODEL_TYPE)})")
@@ -124,14 +161,20 @@ def decoder_config_from_hf(hf_config: Mapping[str, Any], **overrides) -> Decoder
         bos_token_id=v.get("bos_token_id"),
         eos_token_id=_eos_tuple(v.get("eos_token_id")),
         pad_token_id=v.get("pad_token_id"),
-        **_rope_from_hf(v),
+        **_rope_from_hf(v, family),
     )
-    if family in ("gemma", "gemma2"):
+    if family != "llama":
         fields.update(norm_plus_one=True, scale_embeddings=True)
-    if family == "gemma2":
+    if family in ("gemma2", "gemma3"):
+        if v.get("use_bidirectional_attention"):
+            raise ValueError("config.json: use_bidirectional_attention (embedding models) is "
+                             "not supported")
         num_layers = fields["num_layers"]
+        # Gemma 2 alternates from a sliding layer 0; Gemma 3 repeats 5 sliding + 1 global.
+        pattern = 2 if family == "gemma2" else int(v.get("sliding_window_pattern") or 6)
         layer_types = v.get("layer_types") or [
-            "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)]
+            "sliding_attention" if (i + 1) % pattern else "full_attention"
+            for i in range(num_layers)]
         softcap = v.get("attn_logit_softcapping")
         final_softcap = v.get("final_logit_softcapping")
         fields.update(
@@ -141,6 +184,7 @@ def decoder_config_from_hf(hf_config: Mapping[str, Any], **overrides) -> Decoder
             final_logit_softcap=None if final_softcap is None else float(final_softcap),
             sliding_window=int(v["sliding_window"]),
             layer_types=tuple(layer_types),
+            qk_norm=family == "gemma3",
         )
     fields.update(overrides)
     return DecoderConfig(**fields)
@@ -149,6 +193,8 @@ def decoder_config_from_hf(hf_config: Mapping[str, Any], **overrides) -> Decoder
 def _check_family(config: DecoderConfig) -> None:
     wrong = {name: getattr(config, name) for name, value in _FAMILY_TRAITS[config.family].items()
              if getattr(config, name) != value}
+    if config.family == "gemma3" and config.rope_local_theta is None:
+        wrong["rope_local_theta"] = None
     if wrong:
         raise ValueError(f"decoder config of family {config.family!r} has {wrong}, which a "
                          f"{_ARCHITECTURE[config.family]} cannot express")
@@ -168,7 +214,7 @@ def decoder_config_to_hf(config: DecoderConfig, layout: str = "5") -> dict[str, 
     eos = list(config.eos_token_id)
     out: dict[str, Any] = dict(
         architectures=[_ARCHITECTURE[config.family]],
-        model_type=config.family,
+        model_type=_MODEL_TYPE[config.family],
         vocab_size=config.vocab_size,
         hidden_size=config.width,
         intermediate_size=config.mlp_dim,
@@ -201,6 +247,8 @@ def decoder_config_to_hf(config: DecoderConfig, layout: str = "5") -> dict[str, 
                    final_logit_softcapping=config.final_logit_softcap)
         if layout == "4":
             out.update(hidden_act=config.hidden_act)
+        if config.family == "gemma3":
+            out.update(use_bidirectional_attention=False)
     rope: dict[str, Any] = {}
     if config.rope_type in ("linear", "llama3"):
         rope["factor"] = config.rope_factor
@@ -211,9 +259,16 @@ def decoder_config_to_hf(config: DecoderConfig, layout: str = "5") -> dict[str, 
     if layout == "5":
         out["rope_parameters"] = dict(rope_type=config.rope_type,
                                       rope_theta=config.rope_theta, **rope)
+        if config.family == "gemma3":
+            out["rope_parameters"] = {
+                "full_attention": out["rope_parameters"],
+                "sliding_attention": dict(rope_type="default",
+                                          rope_theta=config.rope_local_theta)}
     else:
         out["rope_theta"] = config.rope_theta
         out["rope_scaling"] = dict(rope_type=config.rope_type, **rope) if rope else None
+        if config.family == "gemma3":
+            out["rope_local_base_freq"] = config.rope_local_theta
     return out
 
 
@@ -241,7 +296,10 @@ def decoder_table(config: DecoderConfig) -> list[Rule]:
         table.append(Rule((*ours, "mlp", proj, "kernel"), f"{layer}mlp.{proj}.weight", LINEAR))
         if config.mlp_bias:
             table.append(Rule((*ours, "mlp", proj, "bias"), f"{layer}mlp.{proj}.bias"))
-    if config.family == "gemma2":
+    if config.qk_norm:
+        table += [Rule((*ours, "attn", f"{x}_norm", "scale"), f"{layer}self_attn.{x}_norm.weight")
+                  for x in ("q", "k")]
+    if config.post_norms:
         norms = {"pre_attention_norm": "input_layernorm",
                  "post_attention_norm": "post_attention_layernorm",
                  "pre_mlp_norm": "pre_feedforward_layernorm",

@@ -23,17 +23,25 @@ import numpy as np
 
 from tokenpacker_jax.models import layers
 from tokenpacker_jax.models.decoder_config import DecoderConfig
+from tokenpacker_jax.models.rms_norm import RMSNorm
 
 HEADS_ACT = ("activation_batch", "activation_length", "activation_heads", None)
 KV_HEADS_ACT = ("activation_batch", "activation_length", "activation_kv_heads", None)
 CACHE_AXES = ("layers", *KV_HEADS_ACT)
 
 
-def rope_inverse_frequencies(config: DecoderConfig) -> np.ndarray:
-    """Inverse frequencies [H/2] (float32), with the configured scaling (HF's formulas)."""
+def rope_inverse_frequencies(config: DecoderConfig, local: bool = False) -> np.ndarray:
+    """Inverse frequencies [H/2] (float32), with the configured scaling (HF's formulas).
+
+    ``local``: those of the sliding-window layers when they have their own base (Gemma 3:
+    ``rope_local_theta``, never scaled).
+    """
     dim = config.head_dim
+    theta = config.rope_local_theta if local else config.rope_theta
     exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    inv_freq = (1.0 / np.power(np.float32(config.rope_theta), exponents)).astype(np.float32)
+    inv_freq = (1.0 / np.power(np.float32(theta), exponents)).astype(np.float32)
+    if local:
+        return inv_freq
     if config.rope_type == "linear":
         inv_freq = inv_freq / np.float32(config.rope_factor)
     elif config.rope_type == "llama3":
@@ -52,9 +60,10 @@ def rope_inverse_frequencies(config: DecoderConfig) -> np.ndarray:
     return inv_freq.astype(np.float32)
 
 
-def rope_tables(config: DecoderConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+def rope_tables(config: DecoderConfig, positions: jax.Array,
+                local: bool = False) -> tuple[jax.Array, jax.Array]:
     """cos and sin [B, T, H] (float32) for integer positions [B, T]."""
-    inv_freq = jnp.asarray(rope_inverse_frequencies(config))
+    inv_freq = jnp.asarray(rope_inverse_frequencies(config, local))
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     angles = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
@@ -144,6 +153,9 @@ class Attention(nn.Module):
                          axes=("embed", "kv_heads", "head_dim"), name="k_proj", **kw)(x)
         v = layers.dense((cfg.num_kv_heads, cfg.head_dim),
                          axes=("embed", "kv_heads", "head_dim"), name="v_proj", **kw)(x)
+        if cfg.qk_norm:  # Gemma 3: RMSNorm over each head's query and key, before RoPE
+            q = RMSNorm(cfg.norm_eps, cfg.norm_plus_one, cfg.param_dtype, name="q_norm")(q)
+            k = RMSNorm(cfg.norm_eps, cfg.norm_plus_one, cfg.param_dtype, name="k_norm")(k)
         q = layers.constrain(apply_rope(q, cos, sin), HEADS_ACT)
         k = layers.constrain(apply_rope(k, cos, sin), KV_HEADS_ACT)
         v = layers.constrain(v, KV_HEADS_ACT)

@@ -1,4 +1,4 @@
-"""Decoder-only LLMs: LLaMA-2 / Vicuna, LLaMA-3.x, Gemma 1 and Gemma 2, pure Flax Linen.
+"""Decoder-only LLMs: LLaMA-2 / Vicuna, LLaMA-3.x, Gemma 1, 2 and 3 (text), pure Flax Linen.
 
 ``Decoder(config)`` maps token ids [B, T] (or input embeddings [B, T, W], e.g. text with
 visual tokens spliced in) to next-token logits [B, T, vocab] (float32)::
@@ -35,30 +35,11 @@ from tokenpacker_jax.models import layers
 from tokenpacker_jax.models.attention import Attention, attention_mask, rope_tables
 from tokenpacker_jax.models.decoder_config import DecoderConfig
 from tokenpacker_jax.models.kv_cache import POSITION_AXES, KVCache, init_cache
+from tokenpacker_jax.models.rms_norm import RMSNorm
 
 __all__ = ["Decoder", "DecoderConfig", "KVCache", "init_cache"]
 
 RESIDUAL_ACT = ("activation_batch", "activation_length", "activation_embed")
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm over the last axis in float32. LLaMA: w * x_hat (w starts at 1), cast to the
-    input dtype before the product; Gemma: x_hat * (1 + w) (w starts at 0) in float32."""
-
-    eps: float
-    plus_one: bool = False
-    param_dtype: str = "float32"
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        init = nn.initializers.zeros_init() if self.plus_one else nn.initializers.ones_init()
-        scale = self.param("scale", nn.with_logical_partitioning(init, ("norm",)),
-                           (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        if self.plus_one:
-            return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
-        return scale.astype(x.dtype) * normed.astype(x.dtype)
 
 
 def _norm(cfg: DecoderConfig, name: str | None = None) -> RMSNorm:
@@ -80,7 +61,10 @@ class Embedder(nn.Module):
     def __call__(self, input_ids: jax.Array) -> jax.Array:
         """[B, T] int -> [B, T, W] in the compute dtype (times sqrt(W) for Gemma)."""
         cfg = self.config
-        x = jnp.take(self.embedding, input_ids, axis=0).astype(cfg.dtype)
+        # Gather the FSDP-split width first (as for any weight under FSDP): a lookup into
+        # the split table would need the output replicated and re-split by the compiler.
+        table = layers.constrain(self.embedding, ("vocab", None))
+        x = jnp.take(table, input_ids, axis=0).astype(cfg.dtype)
         if cfg.scale_embeddings:
             # HF rounds sqrt(W) to the model dtype first (55.4256 -> 55.5 in bfloat16).
             x = x * np.float32(math.sqrt(cfg.width)).astype(cfg.dtype)
@@ -121,12 +105,16 @@ class DecoderLayer(nn.Module):
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, carry, per_layer, cos, sin, global_mask, local_mask, cache_index):
+    def __call__(self, carry, per_layer, rope, global_mask, local_mask, cache_index):
         cfg = self.config
         x, cache = carry
         is_sliding, layer = per_layer
         mask = global_mask if local_mask is None else jnp.where(is_sliding, local_mask,
                                                                   global_mask)
+        (cos, sin), local_rope = rope
+        if local_rope is not None:
+            cos, sin = (jnp.where(is_sliding, local, full)
+                        for local, full in zip(local_rope, (cos, sin)))
         x = layers.constrain(x, RESIDUAL_ACT)
         h = _norm(cfg, "pre_attention_norm")(x)
         h, cache = Attention(cfg, name="attn")(h, cos, sin, mask, cache, layer, cache_index)
@@ -150,7 +138,7 @@ def _scanned_layers(cfg: DecoderConfig) -> nn.Module:
         block,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(cfg)
@@ -250,7 +238,6 @@ class Decoder(nn.Module):
         """Feeds one token per row [B] at slot ``cache.index``; returns logits [B, vocab] and
         the advanced cache. The caller keeps index < max_length (slots are not checked
         inside jit; writing past the end would overwrite the last slot)."""
-        cfg = self.config
         x = self.embed(token_ids[:, None])
         q_positions = cache.next_position[:, None]
         slot = cache.index
@@ -260,10 +247,9 @@ class Decoder(nn.Module):
         global_mask, local_mask = self._masks(slot[None], q_positions,
                                               jnp.arange(cache.max_length), key_positions,
                                               prefix_length=None)
-        cos, sin = rope_tables(cfg, q_positions)
         (x, (keys, values)), _ = self.layers((x, (cache.keys, cache.values)),
-                                             self._per_layer(), cos, sin, global_mask,
-                                             local_mask, slot)
+                                             self._per_layer(), self._rope(q_positions),
+                                             global_mask, local_mask, slot)
         new_cache = KVCache(keys=keys, values=values, positions=key_positions, index=slot + 1,
                             next_position=cache.next_position + 1)
         return self.logits(self.final_norm(x[:, 0])), new_cache
@@ -295,15 +281,19 @@ class Decoder(nn.Module):
         return global_mask, local_mask
 
     def _layers(self, x, positions, mask, prefix_length, cache, cache_index):
-        cfg = self.config
         slots = jnp.arange(x.shape[1])
         key_positions = jnp.where(mask, positions, -1)
         global_mask, local_mask = self._masks(slots, positions, slots, key_positions,
                                               prefix_length)
-        cos, sin = rope_tables(cfg, positions)
-        (x, cache), _ = self.layers((x, cache), self._per_layer(), cos, sin, global_mask,
-                                    local_mask, cache_index)
+        (x, cache), _ = self.layers((x, cache), self._per_layer(), self._rope(positions),
+                                    global_mask, local_mask, cache_index)
         return x, cache
+
+    def _rope(self, positions):
+        """(cos, sin) of the global layers, and of the sliding ones where they differ."""
+        cfg = self.config
+        local = rope_tables(cfg, positions, local=True) if cfg.rope_local_theta else None
+        return rope_tables(cfg, positions), local
 
     def _per_layer(self):
         cfg = self.config

@@ -1,20 +1,22 @@
-"""Architecture of the decoder LLMs (LLaMA-2 / Vicuna, LLaMA-3.x, Gemma 1, Gemma 2).
+"""Architecture of the decoder LLMs (LLaMA-2 / Vicuna, LLaMA-3.x, Gemma 1, 2 and 3 text).
 
 One frozen dataclass covers the families; the family name only picks defaults in the HF
 converters, every behaviour is an explicit field:
 
-| field                | LLaMA-2 / Vicuna | LLaMA-3.x        | Gemma 1      | Gemma 2            |
-|----------------------|------------------|------------------|--------------|--------------------|
-| num_kv_heads         | = num_heads      | < num_heads (GQA)| 1 (2B, MQA)  | < num_heads        |
-| rope_type            | default          | llama3           | default      | default            |
-| hidden_act           | silu             | silu             | gelu_tanh    | gelu_tanh          |
-| norm_plus_one        | no               | no               | yes (1 + w)  | yes                |
-| scale_embeddings     | no               | no               | sqrt(width)  | sqrt(width)        |
-| tie_embeddings       | no               | no (3.2: yes)    | yes          | yes                |
-| post_norms           | no               | no               | no           | yes                |
-| query_pre_attn_scalar| None (head_dim)  | None             | None         | 256 / 144          |
-| attn / final softcap | None             | None             | None         | 50 / 30            |
-| layer_types          | all global       | all global       | all global   | sliding, global, ..|
+| field                | LLaMA-2 / Vicuna | LLaMA-3.x        | Gemma 1      | Gemma 2          | Gemma 3 text   |
+|----------------------|------------------|------------------|--------------|------------------|----------------|
+| num_kv_heads         | = num_heads      | < num_heads (GQA)| 1 (2B, MQA)  | < num_heads      | < num_heads    |
+| rope_type            | default          | llama3           | default      | default          | default/linear |
+| rope_local_theta     | None             | None             | None         | None             | 10000          |
+| hidden_act           | silu             | silu             | gelu_tanh    | gelu_tanh        | gelu_tanh      |
+| norm_plus_one        | no               | no               | yes (1 + w)  | yes              | yes            |
+| scale_embeddings     | no               | no               | sqrt(width)  | sqrt(width)      | sqrt(width)    |
+| tie_embeddings       | no               | no (3.2: yes)    | yes          | yes              | yes            |
+| post_norms           | no               | no               | no           | yes              | yes            |
+| qk_norm              | no               | no               | no           | no               | yes            |
+| query_pre_attn_scalar| None (head_dim)  | None             | None         | 256 / 144        | 256 / 168      |
+| attn / final softcap | None             | None             | None         | 50 / 30          | None           |
+| layer_types          | all global       | all global       | all global   | sliding, global  | 5 sliding : 1  |
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 from tokenpacker_jax.models import layers
 
-DECODER_FAMILIES = ("llama", "gemma", "gemma2")
+DECODER_FAMILIES = ("llama", "gemma", "gemma2", "gemma3")
 ROPE_TYPES = ("default", "linear", "llama3")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
@@ -47,6 +49,7 @@ class DecoderConfig:
     norm_eps: float = 1e-5
     norm_plus_one: bool = False  # Gemma RMSNorm: x_hat * (1 + w), w stored as HF stores it
     post_norms: bool = False  # Gemma 2: RMSNorm after attention and after the MLP as well
+    qk_norm: bool = False  # Gemma 3: RMSNorm over each query and key head before RoPE
     scale_embeddings: bool = False  # Gemma: embeddings times sqrt(width), in the compute dtype
     tie_embeddings: bool = False  # output head = embedding table transposed
     attention_bias: bool = False
@@ -58,6 +61,7 @@ class DecoderConfig:
     rope_low_freq_factor: float = 1.0  # llama3
     rope_high_freq_factor: float = 4.0  # llama3
     rope_original_max_position: int = 8192  # llama3
+    rope_local_theta: float | None = None  # Gemma 3: sliding layers' own base, unscaled
     max_position_embeddings: int = 4096  # recorded for config.json; nothing is sized by it
     # Attention.
     query_pre_attn_scalar: float | None = None  # logits scale = this ** -0.5 (None: head_dim)
