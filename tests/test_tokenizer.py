@@ -67,8 +67,8 @@ def test_llama2_sentencepiece_pads_with_unk(vicuna_dir):
 
 def test_gemma_sentencepiece_conventions(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(train_sentencepiece(
-        vocab_size=320, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
-        bos_piece="<bos>", unk_piece="<unk>", add_dummy_prefix=False,
+        vocab_size=320, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>",
+        eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>", add_dummy_prefix=False,
         user_defined_symbols=["<start_of_turn>", "<end_of_turn>"]))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "bos_token": "<bos>",

@@ -4,11 +4,11 @@
 or a sentencepiece ``tokenizer.model`` with ``tokenizer_config.json``) and settles the
 conventions that differ between families:
 
-| family            | BOS                     | EOS (stop also at)               | pad              |
-|-------------------|-------------------------|----------------------------------|------------------|
-| LLaMA-2 / Vicuna  | ``<s>`` 1               | ``</s>`` 2                       | ``<unk>`` 0 (1)  |
-| LLaMA-3.x         | ``<|begin_of_text|>``   | ``<|end_of_text|>`` (``<|eot_id|>``) | EOS (2)      |
-| Gemma 1 / 2 / 3   | ``<bos>`` 2             | ``<eos>`` 1 (``<end_of_turn>``)  | ``<pad>`` 0      |
+| family          | BOS                   | EOS (generation also stops at)    | pad         |
+|-----------------|-----------------------|-----------------------------------|-------------|
+| LLaMA-2, Vicuna | ``<s>`` 1             | ``</s>`` 2                        | unk 0 (1)   |
+| LLaMA-3.x       | ``<|begin_of_text|>`` | ``<|end_of_text|>`` (``<|eot_id|>``) | EOS (2)  |
+| Gemma 1 / 2 / 3 | ``<bos>`` 2           | ``<eos>`` 1 (``<end_of_turn>``)   | ``<pad>`` 0 |
 
 (1) LLaMA-2 has no pad token; the reference LLaVA-1.5 training sets ``pad = unk`` (id 0),
     and so do we. Pads are always masked, so the id only has to be a valid one.

@@ -3,20 +3,22 @@
 One frozen dataclass covers the families; the family name only picks defaults in the HF
 converters, every behaviour is an explicit field:
 
-| field                | LLaMA-2 / Vicuna | LLaMA-3.x        | Gemma 1      | Gemma 2          | Gemma 3 text   |
-|----------------------|------------------|------------------|--------------|------------------|----------------|
-| num_kv_heads         | = num_heads      | < num_heads (GQA)| 1 (2B, MQA)  | < num_heads      | < num_heads    |
-| rope_type            | default          | llama3           | default      | default          | default/linear |
-| rope_local_theta     | None             | None             | None         | None             | 10000          |
-| hidden_act           | silu             | silu             | gelu_tanh    | gelu_tanh        | gelu_tanh      |
-| norm_plus_one        | no               | no               | yes (1 + w)  | yes              | yes            |
-| scale_embeddings     | no               | no               | sqrt(width)  | sqrt(width)      | sqrt(width)    |
-| tie_embeddings       | no               | no (3.2: yes)    | yes          | yes              | yes            |
-| post_norms           | no               | no               | no           | yes              | yes            |
-| qk_norm              | no               | no               | no           | no               | yes            |
-| query_pre_attn_scalar| None (head_dim)  | None             | None         | 256 / 144        | 256 / 168      |
-| attn / final softcap | None             | None             | None         | 50 / 30          | None           |
-| layer_types          | all global       | all global       | all global   | sliding, global  | 5 sliding : 1  |
+| field           | LLaMA-2  | LLaMA-3.x    | Gemma 1     | Gemma 2         | Gemma 3 text  |
+|-----------------|----------|--------------|-------------|-----------------|---------------|
+| num_kv_heads    | = heads  | < heads      | 1 (2B: MQA) | < heads         | < heads       |
+| rope_type       | default  | llama3       | default     | default         | default/linear|
+| rope_local_theta| -        | -            | -           | -               | 10000         |
+| hidden_act      | silu     | silu         | gelu_tanh   | gelu_tanh       | gelu_tanh     |
+| norm_plus_one   | no       | no           | yes (1 + w) | yes             | yes           |
+| scale_embeddings| no       | no           | sqrt(width) | sqrt(width)     | sqrt(width)   |
+| tie_embeddings  | no       | no (3.2: yes)| yes         | yes             | yes           |
+| post_norms      | no       | no           | no          | yes             | yes           |
+| qk_norm         | no       | no           | no          | no              | yes           |
+| query_pre_attn_ | None:    | None         | None        | 256 / 144       | 256 / 168     |
+|   scalar        | head_dim |              |             |                 |               |
+| softcap (attn / | -        | -            | -           | 50 / 30         | -             |
+|   final logits) |          |              |             |                 |               |
+| layer_types     | global   | global       | global      | sliding, global | 5 sliding : 1 |
 """
 
 from __future__ import annotations
