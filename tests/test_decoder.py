@@ -379,3 +379,25 @@ def test_attention_mask_padding_causality_window_and_prefix():
     expected_prefix[0, 1:3] = True  # (the pad query is irrelevant: its output is unused)
     np.testing.assert_array_equal(prefix[1:], expected_prefix[1:])
     assert prefix[3].tolist() == expected[3].tolist()  # after the prefix: causal
+
+
+@pytest.mark.parametrize("tiny", ["gemma2"], indirect=True)
+def test_bidirectional_prefix_reaches_the_decoder(tiny):
+    """A one-token prefix is plain causal attention; a longer one lets the first token see
+    the rest of its prefix, and nothing past the prefix."""
+    _, _, _, module, params, forward = tiny
+    ids, mask = padded_batch(seed=8)
+    variables = {"params": params}
+    causal = np.asarray(forward(variables, ids, mask))
+    one = np.asarray(forward(variables, ids, mask, prefix_length=jnp.ones(3, jnp.int32)))
+    valid = mask.astype(bool)  # (pad queries' outputs are unused and may differ)
+    np.testing.assert_array_equal(one[valid], causal[valid])
+    prefix = jnp.asarray([4, 4, 4])
+    bidirectional = np.asarray(forward(variables, ids, mask, prefix_length=prefix))
+    assert np.abs(bidirectional[0, 0] - causal[0, 0]).max() > 1e-2  # saw tokens 1..3
+    # Changing a token after the prefix changes nothing before it.
+    changed = ids.copy()
+    changed[0, 6] = (changed[0, 6] + 1) % VOCAB
+    after = np.asarray(forward(variables, changed, mask, prefix_length=prefix))
+    np.testing.assert_array_equal(after[0, :6], bidirectional[0, :6])
+    assert np.abs(after[0, 6] - bidirectional[0, 6]).max() > 1e-2
