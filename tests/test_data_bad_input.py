@@ -189,6 +189,19 @@ def test_eval_split_turns_bad_records_into_padding_rows(bad_dataset, tokenizer):
     assert pipeline.skipped_records(iterator) == expected_counts(expected)
 
 
+def test_an_epoch_without_usable_records_raises_instead_of_spinning(bad_dataset, tokenizer):
+    folder, path, _ = bad_dataset
+    lines = path.read_text().splitlines()
+    only_bad = folder / "only_bad.jsonl"
+    only_bad.write_text("\n".join(lines[3:6]) + "\n")
+    config = config_for(folder, path, **{"files.train": str(only_bad)})
+    iterator = iter(pipeline.make_dataset(config, tokenizer, G, "train", process_index=0,
+                                          process_count=1))  # endless
+    with pytest.raises(DataError, match=r"epoch 0: 3 records skipped .*no usable record"):
+        next(iterator)
+    iterator.close()
+
+
 def test_on_error_must_be_known(bad_dataset, tokenizer):
     folder, path, _ = bad_dataset
     with pytest.raises(ValueError, match="on_error"):

@@ -11,6 +11,7 @@ from PIL import Image
 
 from data_helpers import data_config, vicuna_like
 from tokenpacker_jax.data import pipeline
+from tokenpacker_jax.data.errors import DataError
 from tokenpacker_jax.data.image import preprocess
 
 NUM = 6
@@ -110,6 +111,10 @@ def test_missing_feature_is_a_bad_record(prepared, tokenizer):
     config = config_for(prepared, **{"tfds.caption_key": "text"})
     iterator = iter(pipeline.make_dataset(config, tokenizer, 4, "val", process_index=0,
                                           process_count=1))
-    batches = list(iterator)
-    assert list(batches[0]["sample_id"]) == [-1, -1, -1]
-    assert pipeline.skipped_records(iterator) == {"bad_record": 2}
+    # Both records lack the feature: no usable record in the split is an error, not
+    # a split of padding rows.
+    with pytest.raises(DataError, match=r"data\[val\]: epoch 0: 2 records skipped "
+                                        r"\(bad_record: 2\): no usable record"):
+        next(iterator)
+    record = pipeline.make_source(config, "val")[0]
+    assert record.error_reason == "bad_record" and "['text']" in record.error

@@ -2,7 +2,7 @@
 
     source (LLaVA JSON/JSONL or TFDS)  MapDataset.source
       -> per-host shard                  [process_index::process_count]
-      -> seeded shuffle, epochs          .shuffle(seed).repeat(num_epochs)
+      -> seeded shuffle, endless epochs  .shuffle(seed).repeat()
       -> decode, preprocess, tokenize    .map(ExampleBuilder)   (example or Skipped)
       -> threads / worker processes      .to_iter_dataset(ReadOptions) [.mp_prefetch()]
       -> skip bad records, count them    SkipBadRecords (main process)
@@ -17,7 +17,8 @@ Bad records: a record that fails (``tokenpacker_jax.data.errors``) comes out of 
 a ``Skipped`` marker. In the training split the markers are filtered out before batching,
 so batches stay full (the next good records take their place) and shapes stay static; each
 is counted by reason, logged (the first few per reason) and summarised at the end of each
-epoch. In the evaluation splits (``val``, ``test``) a bad record becomes a padding row
+epoch; an epoch without a single usable record raises (the endless stream would otherwise
+spin). In the evaluation splits (``val``, ``test``) a bad record becomes a padding row
 instead, so every host yields the same number of batches. With ``on_error='raise'`` the
 first bad record raises its DataError, naming the record.
 
@@ -42,8 +43,10 @@ epoch's records, a few at most).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -55,7 +58,7 @@ from tokenpacker_jax.data.conversation import ConversationTokenizer, get_templat
     text_tokenizer
 from tokenpacker_jax.data.errors import DataError, SkipCounter
 from tokenpacker_jax.data.example import EXAMPLE_KEYS, ExampleBuilder, ImageSettings, Skipped
-from tokenpacker_jax.data.llava import LlavaSource, SourceRecord
+from tokenpacker_jax.data.llava import LlavaSource, SourceRecord, split_paths
 
 logger = errors.logger
 SPLITS = ("train", "val", "test")
@@ -105,6 +108,7 @@ class _SkipIterator(grain.DatasetIterator):
         self._consumed = 0  # elements taken from the parent (good and bad)
         self._total = SkipCounter()
         self._epoch = SkipCounter(max_logged=0)
+        self._good_in_epoch = 0
         self._finished = False
 
     def __next__(self):
@@ -123,11 +127,19 @@ class _SkipIterator(grain.DatasetIterator):
                     raise element.error
                 self._total.add(element.error)
                 self._epoch.add(element.error)
+            else:
+                self._good_in_epoch += 1
             length = dataset.epoch_length
             if length and self._consumed % length == 0:
                 epoch = self._consumed // length - 1
-                self._log_summary(f"{dataset.name}: epoch {epoch}", self._epoch)
+                what = f"{dataset.name}: epoch {epoch}"
+                self._log_summary(what, self._epoch)
+                if not self._good_in_epoch:  # an endless stream would spin here forever
+                    raise DataError(next(iter(self._epoch.counts)),
+                                    f"{self._epoch.summary(what)}: no usable record at "
+                                    f"all; the first messages are logged above")
                 self._epoch = SkipCounter(max_logged=0)
+                self._good_in_epoch = 0
             if not isinstance(element, Skipped):
                 return element
             if dataset.replacement is not None:
@@ -144,13 +156,15 @@ class _SkipIterator(grain.DatasetIterator):
 
     def get_state(self) -> dict[str, Any]:
         return {"parent": self._parent.get_state(), "consumed": self._consumed,
-                SKIP_STATE_KEY: self._total.as_dict(), "epoch_skipped": self._epoch.as_dict()}
+                SKIP_STATE_KEY: self._total.as_dict(), "epoch_skipped": self._epoch.as_dict(),
+                "epoch_good": self._good_in_epoch}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         self._parent.set_state(state["parent"])
         self._consumed = int(state["consumed"])
         self._total = SkipCounter(state[SKIP_STATE_KEY])
         self._epoch = SkipCounter(state["epoch_skipped"], max_logged=0)
+        self._good_in_epoch = int(state["epoch_good"])
         self._finished = False
 
 
@@ -223,16 +237,26 @@ class _BuildOrPad:
         return self.builder.padding_example() if record is None else self.builder(record)
 
 
+@functools.lru_cache(maxsize=4)
+def _llava_source(paths: tuple[str, ...], stamps: tuple) -> LlavaSource:
+    """Parsing a large annotation file takes seconds; the trainer asks for a split's source
+    more than once (its length, then its records). ``stamps`` (modification times) keys
+    the cache, so a rewritten file is read anew."""
+    del stamps
+    return LlavaSource(paths)
+
+
 def make_source(data_config: Any, split: str):
     """The random-access record source of ``split`` from ``config.data``."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if data_config.source == "llava":
-        paths = data_config.files[split]
+        paths = tuple(split_paths(data_config.files[split]))
         if not paths:
             raise ValueError(f"data.files.{split}: no annotation file given for the "
                              f"{split!r} split")
-        return LlavaSource(paths)
+        stamps = tuple(os.stat(p).st_mtime_ns if os.path.exists(p) else None for p in paths)
+        return _llava_source(paths, stamps)
     if data_config.source == "tfds":
         from tokenpacker_jax.data.tfds import TfdsCaptionSource  # noqa: PLC0415
 
