@@ -337,3 +337,27 @@ def test_llava_source_names_file_and_line(tmp_path):
     (tmp_path / "c.json").write_text("[{")
     with pytest.raises(ValueError, match="c.json: not valid JSON"):
         LlavaSource(str(tmp_path / "c.json"))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("data.on_error", "ignore", "data.on_error"),
+    ("data.template", "chatml", "data.template"),
+    ("data.source", "webdataset", "data.source"),
+    ("data.batch_size", 6, "data x fsdp"),
+    ("data.max_length", 30, "no room for text"),
+    ("data.max_length", 4096, "max_position_embeddings"),
+    ("data.num_epochs", 0, "data.num_epochs"),
+    ("data.worker_count", -1, "data.worker_count"),
+])
+def test_validate_data_names_the_field(field, value, message):
+    from configs import tiny
+    from tokenpacker_jax.configuration import ConfigError, validate
+
+    config = tiny.get_config()
+    config.mesh.update(dict(data=2, fsdp=4, tensor=1))
+    validate(config, num_devices=8)
+    section, name = field.split(".")
+    config[section][name] = value
+    with pytest.raises(ConfigError, match=message) as info:
+        validate(config, num_devices=8)
+    assert str(info.value).startswith(field)
