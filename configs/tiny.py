@@ -1,13 +1,24 @@
 """A tiny model for the CPU: the whole pipeline at toy scale in minutes.
 
-``--config=configs/tiny.py`` (no variants yet).
+``--config=configs/tiny.py:stage=1,data=DIR`` where DIR was written by
+``python -m tokenpacker_jax.data.synthetic --out DIR --num N --seed S --tokenizer-vocab 512``
+(images, LLaVA JSON per split, and a sentencepiece tokenizer in DIR/tokenizer).
+
+Stage 1 trains the projector on captions (``plain``); stage 2 the projector and the LLM on
+questions (``vicuna_v1``), starting from ``train.init_from``. With no pretrained CLIP to be
+had offline, the tiny tower is random, so stage 2 trains it too (``model.train_vision``);
+the paper's configs keep it frozen.
 """
+
+import os
 
 from configs import common
 
+VARIANTS = dict(stage=1, data="")
+
 
 def get_config(arg: str | None = None):
-    common.parse_variant(arg, {})
+    variant = common.parse_variant(arg, VARIANTS)
     config = common.base_config()
     config.model.vision.update(dict(
         image_size=48, patch_size=4, width=64, mlp_dim=128, num_layers=4, num_heads=4))
@@ -20,4 +31,31 @@ def get_config(arg: str | None = None):
     config.data.image.image_size = 48
     config.data.update(dict(max_length=256, batch_size=16, read_threads=2, prefetch_buffer=32))
     config.data.hd.update(dict(comma_id=-1, newline_id=-1))
+    config.mesh.update(dict(data=1, fsdp=-1, tensor=1))
+    config.train.update(dict(log_every=10, eval_every=0))
+    config.checkpoint.update(dict(every_steps=100, keep=2))
+
+    stage = variant["stage"]
+    if stage not in (1, 2):
+        raise ValueError(f"configs/tiny.py: stage must be 1 or 2, got {stage}")
+    config.train.stage = stage
+    if stage == 1:
+        config.train.trainable = ("projector",)
+        config.optim.update(dict(lr=1e-3, warmup_ratio=0.03))
+        config.data.template = "plain"
+        config.data.image.aspect_mode = "square"
+        kind = "caption"
+    else:
+        config.model.train_vision = True
+        config.train.trainable = ("vision_tower", "projector", "decoder")
+        config.optim.update(dict(lr=1e-3, warmup_ratio=0.03))
+        config.data.template = "vicuna_v1"
+        config.data.image.aspect_mode = "pad"
+        kind = "qa"
+    if variant["data"]:
+        root = variant["data"]
+        config.data.image_folder = root
+        config.data.files.update({split: os.path.join(root, f"{split}_{kind}.json")
+                                  for split in ("train", "val", "test")})
+        config.model.tokenizer = os.path.join(root, "tokenizer")
     return config

@@ -59,10 +59,31 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
 
 
 def restore_config(directory: str | os.PathLike, step: int | None = None) -> dict:
-    """The config saved with a checkpoint (the latest step by default)."""
+    """The config saved with a checkpoint (the latest step by default); ``directory`` is
+    the checkpoint directory itself (``run_directory(workdir)``)."""
     manager = make_manager(directory, asynchronous=False)
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{directory}: no checkpoint found")
     return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
         "config"]
+
+
+def run_directory(workdir: str | os.PathLike) -> str:
+    """Where a training run keeps its checkpoints."""
+    return os.path.join(workdir, "checkpoints")
+
+
+def restore_params(workdir: str | os.PathLike, abstract_params: Any, shardings: Any,
+                   step: int | None = None) -> dict:
+    """The parameters alone from a run's checkpoint (default: its newest), onto
+    ``shardings``: how stage 2 starts from stage 1 and how inference loads a model."""
+    manager = make_manager(run_directory(workdir), asynchronous=False)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{workdir}: no checkpoint in {run_directory(workdir)}")
+    target = {"params": abstract_like(abstract_params, shardings)}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True)))
+    return restored["state"]["params"]

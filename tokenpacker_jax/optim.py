@@ -46,9 +46,10 @@ def learning_rate_schedule(peak: float, total_steps: int, warmup_ratio: float,
             init_value=0.0, peak_value=peak, warmup_steps=warmup,
             decay_steps=max(total_steps, warmup + 1), end_value=0.0)
     if schedule == "constant":
+        if warmup == 0:
+            return optax.constant_schedule(peak)
         return optax.join_schedules(
-            [optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak)],
-            [max(warmup, 1)])
+            [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup])
     raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {schedule!r}")
 
 

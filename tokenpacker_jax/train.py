@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
+from absl import logging
 import math
 import os
 import signal
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +26,9 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from tokenpacker_jax import checkpoint, configuration, flops, metrics, sharding
+from tokenpacker_jax import checkpoint, configuration, flops, loading, metrics, sharding
 from tokenpacker_jax import train_state as state_lib
+from tokenpacker_jax.data import pipeline
 from tokenpacker_jax.models import mllm
 from tokenpacker_jax.optim import make_optimizer, split_trainable
 
@@ -124,65 +124,8 @@ def make_eval_step(model: mllm.MultimodalLM):
 # -- pieces of the run --------------------------------------------------------------------------
 
 def global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    """Per-host numpy batch -> global arrays sharded over (data, fsdp) on the batch axis."""
-    out = {}
-    for key in BATCH_KEYS:
-        value = local[key]
-        spec = PartitionSpec(("data", "fsdp"), *[None] * (value.ndim - 1))
-        out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), value)
-    return out
-
-
-def build_model(config: ml_collections.ConfigDict) -> mllm.MultimodalLM:
-    """The MLLM; with checkpoints configured, the tower / LLM architecture comes from them."""
-    from tokenpacker_jax.convert import checkpoint_io, hf_decoder, hf_vision  # noqa: PLC0415
-
-    vision = decoder = None
-    numerics = config.model.vision
-    if config.model.vision_checkpoint:
-        vision = hf_vision.vision_config_from_hf(
-            checkpoint_io.read_config(config.model.vision_checkpoint), dtype=numerics.dtype,
-            param_dtype=numerics.param_dtype, remat_policy=numerics.remat_policy)
-    if config.model.decoder_checkpoint:
-        d = config.model.decoder
-        decoder = hf_decoder.decoder_config_from_hf(
-            checkpoint_io.read_config(config.model.decoder_checkpoint), dtype=d.dtype,
-            param_dtype=d.param_dtype, remat_policy=d.remat_policy,
-            attention_impl=d.get("attention_impl"))
-    return mllm.MultimodalLM(configuration.mllm_config(config, vision=vision,
-                                                       decoder=decoder))
-
-
-def load_pretrained(config, shardings) -> dict[str, Any]:
-    """Parameter groups read from checkpoints, each straight into its shards."""
-    from tokenpacker_jax.convert import hf  # noqa: PLC0415
-
-    loaded = {}
-    if config.model.vision_checkpoint:
-        _, loaded["vision_tower"] = hf.load_vision_tower(
-            config.model.vision_checkpoint, param_dtype=config.model.vision.param_dtype,
-            shardings=shardings["vision_tower"])
-    if config.model.decoder_checkpoint:
-        _, loaded["decoder"] = hf.load_decoder(
-            config.model.decoder_checkpoint, param_dtype=config.model.decoder.param_dtype,
-            shardings=shardings["decoder"])
-    return loaded
-
-
-def params_from_run(directory: str, abstract_params: Any, shardings: Any) -> dict:
-    """The parameters of another run's newest checkpoint (e.g. stage 1 for stage 2)."""
-    import orbax.checkpoint as ocp  # noqa: PLC0415
-
-    manager = checkpoint.make_manager(os.path.join(directory, "checkpoints"),
-                                      asynchronous=False)
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"train.init_from: no checkpoint in {directory}")
-    target = {"params": checkpoint.abstract_like(abstract_params, shardings)}
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, partial_restore=True)))
-    logging.info("initialised from %s step %d", directory, step)
-    return restored["state"]["params"]
+    """The model's inputs of a per-host batch as global arrays (batch axis sharded)."""
+    return pipeline.global_batch({key: local[key] for key in BATCH_KEYS}, mesh)
 
 
 def evaluate_loss(eval_step, params, batches: Iterator[dict], mesh,
@@ -198,12 +141,19 @@ def evaluate_loss(eval_step, params, batches: Iterator[dict], mesh,
 
 # -- the run ---------------------------------------------------------------------------------
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+StepHook = Callable[[int, dict[str, np.ndarray]], None]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        on_step: StepHook | None = None) -> dict[str, float]:
     """Trains per ``config`` in ``workdir`` (resuming if it has checkpoints).
 
-    Returns the last logged training metrics and the final evaluation, if any.
+    Args:
+      on_step: called after each step with (steps done, this host's batch), e.g. to watch
+        the data order from a notebook or a test.
+    Returns:
+      The last logged training metrics and the final evaluation, if any.
     """
-    from tokenpacker_jax.data import pipeline  # noqa: PLC0415
     from tokenpacker_jax.tokenizer import load_tokenizer  # noqa: PLC0415
 
     configuration.validate(config)
@@ -213,7 +163,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     mesh = sharding.make_mesh(config.mesh.to_dict())
     rules = config.sharding.rules
 
-    model = build_model(config)
+    model = loading.build_model(config)
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.decoder_checkpoint)
     if tokenizer.vocab_size > model.config.decoder.vocab_size:
         raise configuration.ConfigError(
@@ -236,7 +186,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         opt_state=jax.eval_shape(tx.init, split_trainable(abstract_params, trainable)[0]))
     shardings = state_lib.state_shardings(abstract_state, param_shardings, tx, trainable, mesh)
 
-    manager = checkpoint.make_manager(os.path.join(workdir, "checkpoints"),
+    manager = checkpoint.make_manager(checkpoint.run_directory(workdir),
                                       keep=config.checkpoint.keep,
                                       asynchronous=config.checkpoint.asynchronous)
     latest = manager.latest_step()
@@ -247,9 +197,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         logging.info("resumed from step %d", latest)
     else:
         if train_cfg.init_from:
-            loaded = params_from_run(train_cfg.init_from, abstract_params, param_shardings)
+            loaded = checkpoint.restore_params(train_cfg.init_from, abstract_params,
+                                               param_shardings)
         else:
-            loaded = load_pretrained(config, param_shardings)
+            loaded = loading.load_pretrained(config, param_shardings)
         params = state_lib.init_params(model, mesh, rules, jax.random.key(config.seed),
                                        loaded, param_shardings, tiles)
         state = state_lib.create_state(params, tx, trainable, param_shardings, mesh)
@@ -289,7 +240,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                     raise TrainingDiverged(
                         f"non-finite loss or gradient at step {step_done}; the last good "
                         f"checkpoint (step {last_good_step}) is kept in "
-                        f"{os.path.join(workdir, 'checkpoints')}")
+                        f"{checkpoint.run_directory(workdir)}")
             pending_finite.clear()
 
         def save(step: int, force: bool = False):
@@ -307,6 +258,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                              int(local["tile_mask"].sum()) * jax.process_count())
             done = step + 1
             progress.update(1)
+            if on_step is not None:
+                on_step(done, local)
             if done % train_cfg.log_every == 0 or done == total_steps:
                 check_finite()
                 host = {k: float(v) for k, v in step_metrics.items() if k != "finite"}
@@ -351,6 +304,9 @@ def main(argv):
     from absl import flags  # noqa: PLC0415
 
     config = flags.FLAGS.config
+    if not flags.FLAGS["verbosity"].present:
+        # Orbax and grain log every save and read at INFO; the progress bar says enough.
+        logging.set_verbosity(logging.WARNING)
     if config.distributed.initialize:
         jax.distributed.initialize(
             initialization_timeout=config.distributed.timeout_s)
