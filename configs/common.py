@@ -82,11 +82,17 @@ def base_config() -> ml_collections.ConfigDict:
         multi_layers=(12, 16, 22, 23),  # multi level, concatenated on channels
     ))
 
+    # tokenpacker | mlp2x_gelu | avgpool | pixel_shuffle | ldpv2 | c_abstractor | resampler
+    # (tokenpacker_jax/models/projectors.py); its output width is the decoder's.
     config.model.projector = ml_collections.ConfigDict(dict(
         name="tokenpacker",
-        scale_factor=2,  # grid / scale_factor squared tokens per image (24 -> 144)
+        scale_factor=2,  # (grid / scale_factor)^2 tokens per image (24 -> 144); 1 for mlp2x_gelu
+        num_queries=0,  # resampler only: its token count (0: as scale_factor gives)
         embed_dim=1024,
         num_heads=8,
+        depth=3,  # c_abstractor: ResNet blocks before and after pooling
+        dtype="float32",
+        param_dtype="float32",
     ))
 
     # The LLM (DecoderConfig fields; defaults: Vicuna-7B v1.5 = LLaMA-2 7B).

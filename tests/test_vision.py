@@ -161,7 +161,9 @@ def test_remat_policy_does_not_change_values_or_gradients():
     plain_value, plain_grads = value_and_grad("none")
     remat_value, remat_grads = value_and_grad("full")
     np.testing.assert_allclose(remat_value, plain_value, rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+    # Recomputation changes float32 summation order: compare at the gradients' scale.
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(plain_grads))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * scale),
                  remat_grads, plain_grads)
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from absl import logging
-import math
 import os
 import signal
 from collections.abc import Callable, Iterator
@@ -24,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from tokenpacker_jax import checkpoint, configuration, flops, loading, metrics, sharding
