@@ -121,3 +121,9 @@ def test_bad_files_name_the_file(tmp_path):
 def test_unknown_mode_is_rejected():
     with pytest.raises(ValueError, match="slice"):
         image_lib.preprocess(_rgb(8, 8), mode="slice")
+
+
+def test_hd_grid_selection_is_public_here():
+    # The public name; the implementation and its tests are in data/hd.py.
+    assert image_lib.select_hd_grid(480, 640, 9) == (2, 3)
+    assert image_lib.select_hd_grid(1000, 1000, 16) == (4, 4)

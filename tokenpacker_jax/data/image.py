@@ -6,7 +6,8 @@ Modes (``image_aspect_ratio`` in the reference):
   (what transformers' ``CLIPImageProcessor`` does; stage 1 of the reference).
 - ``pad``: first pad the image to a square canvas of the mean colour, image centred
   (the reference's ``expand2square``), then as ``square`` (stage 2).
-- ``slice``: TokenPacker-HD tiling, see ``tokenpacker_jax.data.hd``.
+- ``slice``: TokenPacker-HD tiling, see ``tokenpacker_jax.data.hd`` (``select_hd_grid`` is
+  re-exported here).
 
 Output pixels are float32 [H, W, 3] (NHWC once batched), normalised with the CLIP mean/std.
 """
@@ -18,6 +19,12 @@ from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from tokenpacker_jax.data.hd import select_hd_grid
+
+__all__ = ["ASPECT_MODES", "CLIP_MEAN", "CLIP_STD", "ImageError", "expand_to_square",
+           "load_image", "mean_colour", "normalize", "preprocess",
+           "resize_shortest_and_centre_crop", "select_hd_grid", "to_rgb"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
