@@ -126,14 +126,33 @@ def use_mesh(mesh: Mesh, rules: Sequence[Sequence[Any]] | None = None):
         yield
 
 
+def fit_to_shape(named: NamedSharding, shape: Sequence[int]) -> NamedSharding:
+    """Drops mesh axes from dimensions they do not divide, which then stay replicated along
+    them (e.g. the one KV head of a multi-query model under tensor=2)."""
+    spec = list(named.spec) + [None] * (len(shape) - len(named.spec))
+    fitted = []
+    for size, axes in zip(shape, spec):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        count = math.prod(named.mesh.shape[name] for name in names)
+        fitted.append(axes if size % count == 0 else None)
+    return NamedSharding(named.mesh, PartitionSpec(*fitted))
+
+
 def logical_shardings(abstract_tree: Any, mesh: Mesh,
                       rules: Sequence[Sequence[Any]] | None = None) -> Any:
     """NamedShardings for a tree of (possibly boxed) abstract values from ``jax.eval_shape``.
 
-    Leaves without logical names (plain arrays) are replicated.
+    Leaves without logical names (plain arrays) are replicated; a mesh axis that does not
+    divide its dimension is dropped there (``fit_to_shape``).
     """
     specs = nn.get_partition_spec(abstract_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules_from_config(rules))
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules_from_config(rules))
+    # The boxes' values, without the sharding constraint that nn.meta.unbox applies.
+    shapes = jax.tree.map(
+        lambda x: x.value.shape if isinstance(x, nn.meta.AxisMetadata) else x.shape,
+        abstract_tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+    return jax.tree.map(fit_to_shape, shardings, shapes,
+                        is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -30,19 +30,6 @@ class TrainState:
     opt_state: Any  # over the trainable groups only
 
 
-def _fit(named: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
-    """Drops mesh axes from dimensions they do not divide (they stay replicated there)."""
-    spec = list(named.spec) + [None] * (len(shape) - len(named.spec))
-    fitted = []
-    for size, axes in zip(shape, spec):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        count = 1
-        for name in names:
-            count *= named.mesh.shape[name]
-        fitted.append(axes if size % count == 0 else None)
-    return NamedSharding(named.mesh, PartitionSpec(*fitted))
-
-
 def param_shardings(model: mllm.MultimodalLM, mesh: Mesh, rules: Any,
                     tiles: int = 1) -> tuple[Any, Any]:
     """(abstract params, their NamedShardings) of the model, without allocating."""
@@ -50,9 +37,7 @@ def param_shardings(model: mllm.MultimodalLM, mesh: Mesh, rules: Any,
     with sharding.use_mesh(mesh, rules):
         boxed = jax.eval_shape(model.init, jax.random.key(0), **inputs)["params"]
         shardings = sharding.logical_shardings(boxed, mesh, rules)
-    abstract = nn.meta.unbox(boxed)
-    shardings = jax.tree.map(lambda s, a: _fit(s, a.shape), shardings, abstract)
-    return abstract, shardings
+    return nn.meta.unbox(boxed), shardings
 
 
 def init_params(model: mllm.MultimodalLM, mesh: Mesh, rules: Any, key: jax.Array,

@@ -28,7 +28,6 @@ import jax.numpy as jnp
 from tokenpacker_jax import sharding
 from tokenpacker_jax.convert import checkpoint_io, hf_decoder, hf_vision, mapping
 from tokenpacker_jax.models.decoder import Decoder, DecoderConfig
-from tokenpacker_jax.models.kv_cache import fit_shardings
 from tokenpacker_jax.models.vision import VisionConfig, VisionTransformer
 
 
@@ -95,7 +94,7 @@ def decoder_param_shardings(config: DecoderConfig, mesh: jax.sharding.Mesh,
     axis does not divide (one KV head of a multi-query model under tensor parallelism)
     stay replicated along that axis."""
     abstract = abstract_decoder_params(config)
-    return fit_shardings(sharding.logical_shardings(abstract, mesh, rules), abstract)
+    return sharding.logical_shardings(abstract, mesh, rules)
 
 
 def load_decoder(path: str | os.PathLike, *, dtype: str = "float32",
@@ -124,7 +123,7 @@ def load_decoder(path: str | os.PathLike, *, dtype: str = "float32",
         remat_policy=remat_policy, attention_impl=attention_impl)
     abstract = abstract_decoder_params(config)
     if shardings is None and mesh is not None:
-        shardings = fit_shardings(sharding.logical_shardings(abstract, mesh, rules), abstract)
+        shardings = sharding.logical_shardings(abstract, mesh, rules)
     state = hf_decoder.DecoderKeys(checkpoint_io.TensorReader(path), config)
     params = mapping.import_params(
         hf_decoder.decoder_table(config), state, abstract, num_layers=config.num_layers,

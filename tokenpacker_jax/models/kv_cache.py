@@ -80,28 +80,5 @@ def cache_shardings(config: DecoderConfig, batch: int, max_length: int, mesh: Me
         spec = jax.sharding.PartitionSpec(*[None] * leaf.ndim)
         if names:
             spec = nn.logical_to_mesh_axes(names, rules)
-        out.append(fit_sharding(jax.sharding.NamedSharding(mesh, spec), leaf.shape))
+        out.append(sharding.fit_to_shape(jax.sharding.NamedSharding(mesh, spec), leaf.shape))
     return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def fit_sharding(named: jax.sharding.NamedSharding,
-                 shape: tuple[int, ...]) -> jax.sharding.NamedSharding:
-    """Drops the mesh axes from dimensions they do not divide (e.g. one KV head of a
-    multi-query model under tensor=2), which then stay replicated along those axes."""
-    mesh = named.mesh
-    spec = list(named.spec) + [None] * (len(shape) - len(named.spec))
-    fitted = []
-    for size, axes in zip(shape, spec):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        count = 1
-        for name in names:
-            count *= mesh.shape[name]
-        fitted.append(axes if size % count == 0 else None)
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*fitted))
-
-
-def fit_shardings(shardings: Any, abstract: Any) -> Any:
-    """``fit_sharding`` over a tree of NamedShardings and a matching tree of shapes."""
-    abstract = nn.meta.unbox(abstract)
-    return jax.tree_util.tree_map(lambda s, a: fit_sharding(s, a.shape), shardings, abstract,
-                                  is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
