@@ -24,8 +24,6 @@ converters, every behaviour is an explicit field:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
 
 from tokenpacker_jax.models import layers
 
@@ -36,7 +34,7 @@ ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
-class DecoderConfig:
+class DecoderConfig(layers.FromDict):
     """A decoder-only transformer; defaults are LLaMA-2 7B (Vicuna-7B v1.5)."""
 
     family: str = "llama"
@@ -133,10 +131,3 @@ class DecoderConfig:
         base = self.head_dim if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar
         return float(base) ** -0.5
 
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "DecoderConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - names
-        if unknown:
-            raise ValueError(f"decoder config: unknown fields {sorted(unknown)}")
-        return cls(**dict(values))

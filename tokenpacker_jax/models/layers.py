@@ -7,8 +7,9 @@ by the converters, never here.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -17,6 +18,19 @@ import jax.numpy as jnp
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
+
+
+class FromDict:
+    """``from_dict`` for the frozen config dataclasses: unknown fields are an error that
+    names them (a typo in a config must not silently fall back to a default)."""
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+        return cls(**dict(values))
 
 
 def gelu_exact(x: jax.Array) -> jax.Array:

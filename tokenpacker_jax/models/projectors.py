@@ -22,13 +22,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 import flax.linen as nn
 
+from tokenpacker_jax.models import layers
 from tokenpacker_jax.models.baselines import (
-    AvgPoolMLP, CAbstractor, LDPv2, MLP2xGelu, PixelShuffleMLP, Resampler)
+    AvgPoolMLP,
+    CAbstractor,
+    LDPv2,
+    MLP2xGelu,
+    PixelShuffleMLP,
+    Resampler,
+)
 from tokenpacker_jax.models.tokenpacker import TokenPacker, check_scale
 
 __all__ = ["PROJECTORS", "ProjectorConfig", "TokenPacker", "build_projector",
@@ -36,7 +42,7 @@ __all__ = ["PROJECTORS", "ProjectorConfig", "TokenPacker", "build_projector",
 
 
 @dataclasses.dataclass(frozen=True)
-class ProjectorConfig:
+class ProjectorConfig(layers.FromDict):
     """Which projector and its sizes; defaults are the paper's TokenPacker (144 tokens, 7B)."""
 
     name: str = "tokenpacker"  # one of PROJECTORS
@@ -70,13 +76,6 @@ class ProjectorConfig:
         if self.depth < 0:
             raise ValueError(f"projector.depth must be >= 0, got {self.depth}")
 
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "ProjectorConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - names
-        if unknown:
-            raise ValueError(f"projector config: unknown fields {sorted(unknown)}")
-        return cls(**dict(values))
 
 
 def num_output_tokens(config: ProjectorConfig, grid: int) -> int:

@@ -13,7 +13,7 @@ not grow with depth.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -26,7 +26,7 @@ VISION_FAMILIES = ("clip", "siglip")
 
 
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(layers.FromDict):
     """Architecture of a ViT tower; defaults are CLIP ViT-L/14 at 336 px."""
 
     family: str = "clip"  # "clip" (class token, pre-LN, quick_gelu) or "siglip"
@@ -72,13 +72,6 @@ class VisionConfig:
     def num_positions(self) -> int:
         return self.num_patches + int(self.has_class_token)
 
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "VisionConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - names
-        if unknown:
-            raise ValueError(f"vision config: unknown fields {sorted(unknown)}")
-        return cls(**dict(values))
 
 
 class Attention(nn.Module):
