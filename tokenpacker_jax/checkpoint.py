@@ -5,7 +5,8 @@ Each step directory holds three items:
 - ``state``: the TrainState (step, params, optimizer state), restored onto whatever mesh
   the abstract target's shardings describe (so 8-device checkpoints load on 1 device);
 - ``data``: the data iterator's state (grain), so a resumed run sees exactly the samples an
-  uninterrupted one would;
+  uninterrupted one would (absent from checkpoints imported from PyTorch, see
+  ``tokenpacker_jax.convert``);
 - ``config``: the run's config as JSON, for tools that start from a checkpoint.
 
 Saves are asynchronous; ``wait`` blocks until the last one is durable.
@@ -32,13 +33,17 @@ def make_manager(directory: str | os.PathLike, *, keep: int = 3,
                                  item_names=ITEMS)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any | None,
          config_json: str, *, force: bool = False) -> bool:
-    """Starts an (async) save of ``state`` at ``step``; True when a save was started."""
-    return manager.save(step, force=force, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
-        config=ocp.args.JsonSave(json.loads(config_json))))
+    """Starts an (async) save of ``state`` at ``step``; True when a save was started.
+
+    ``data_iterator`` None (a checkpoint imported from PyTorch has no data position) saves
+    no ``data`` item."""
+    items = dict(state=ocp.args.StandardSave(state),
+                 config=ocp.args.JsonSave(json.loads(config_json)))
+    if data_iterator is not None:
+        items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    return manager.save(step, force=force, args=ocp.args.Composite(**items))
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:
