@@ -1,16 +1,119 @@
-"""The paper's TokenPacker models (LLaVA-1.5 setting, SPEC §5).
+"""The paper's TokenPacker models (LLaVA-1.5 setting, SPEC §5), and a Gemma-2-2B variant.
 
-``--config=configs/tokenpacker.py:scale=2`` (scale 2, 3, 4 -> 144, 64, 36 tokens per image).
+``--config=configs/tokenpacker.py:llm=vicuna7b,scale=2,stage=2[,hd=true,patch_num=9]``
+
+| key          | values                         | default  |
+|--------------|--------------------------------|----------|
+| llm          | vicuna7b, vicuna13b, gemma2_2b | vicuna7b |
+| scale        | 2, 3, 4 (144, 64, 36 tokens)   | 2        |
+| stage        | 1 (projector), 2 (+ LLM)       | 2        |
+| hd           | TokenPacker-HD (slice tiling)  | false    |
+| patch_num    | 9, 16 (HD tile budget)         | 9        |
+| microbatches | gradient accumulation; 0: 16 sequences each | 0 |
+| data         | LLaVA-1.5 data root (blip_laion_cc_sbu_558k, mix665k) | "" |
+
+Recipe (SPEC §5): stage 1 trains the projector, lr 1e-3, global batch 256, ``plain``
+captions; stage 2 the projector and the LLM, lr 2e-5, batch 128, the LLM's chat template.
+Both: AdamW, cosine with 3% warmup, weight decay 0, one epoch, max length 2048, bfloat16
+compute on float32 master weights, every decoder layer rematerialised. The vision tower
+stays frozen. Mesh: FSDP over all chips (13B: FSDP x 2-way tensor parallelism), so that 7B
+stage 2 fits v5e-16 and 13B stage 2 fits v5e-32 (16 GiB chips) with one sequence per
+data-parallel shard per microbatch; ``python -m tokenpacker_jax.aot`` checks a slice before
+you pay for it (BENCHMARKS.md "TPU fit").
 """
 
-from configs import common
+import ml_collections
 
-VARIANTS = dict(scale=2)
+from configs import common
+from tokenpacker_jax.data import hd as hd_lib
+
+VARIANTS = dict(llm="vicuna7b", scale=2, stage=2, hd=False, patch_num=9, microbatches=0,
+                data="")
+LLMS = ("vicuna7b", "vicuna13b", "gemma2_2b")
+# Sequences per microbatch by default: one per data-parallel shard on v5e-16 (7B: 16-way
+# FSDP) and v5e-32 (13B: 16-way FSDP x 2-way tensor).
+SEQUENCES_PER_MICROBATCH = 16
+
+
+def vicuna_13b() -> ml_collections.ConfigDict:
+    """LLaMA-2 13B / Vicuna-13B v1.5."""
+    config = common.vicuna_7b()
+    config.update(dict(width=5120, mlp_dim=13824, num_layers=40, num_heads=40,
+                       num_kv_heads=40))
+    return config
+
+
+def gemma2_2b() -> ml_collections.ConfigDict:
+    """google/gemma-2-2b (its config.json): sliding-window layers first, then global."""
+    layers = 26
+    return ml_collections.ConfigDict(dict(
+        family="gemma2", vocab_size=256000, width=2304, mlp_dim=9216, num_layers=layers,
+        num_heads=8, num_kv_heads=4, head_dim=256, hidden_act="gelu_pytorch_tanh",
+        norm_eps=1e-6, norm_plus_one=True, post_norms=True, scale_embeddings=True,
+        tie_embeddings=True, rope_theta=10000.0, max_position_embeddings=8192,
+        query_pre_attn_scalar=256.0, attn_logit_softcap=50.0, final_logit_softcap=30.0,
+        sliding_window=4096,
+        layer_types=tuple("full_attention" if i % 2 else "sliding_attention"
+                          for i in range(layers)),
+        bos_token_id=2, eos_token_id=(1,), pad_token_id=0, dtype="float32",
+        param_dtype="float32", remat_policy="none"))
 
 
 def get_config(arg: str | None = None):
     variant = common.parse_variant(arg, VARIANTS)
+    llm, stage = variant["llm"], variant["stage"]
+    if llm not in LLMS:
+        raise ValueError(f"configs/tokenpacker.py: llm must be one of {LLMS}, got {llm!r}")
+    if stage not in (1, 2):
+        raise ValueError(f"configs/tokenpacker.py: stage must be 1 or 2, got {stage}")
+    if variant["scale"] not in (2, 3, 4):
+        raise ValueError(f"configs/tokenpacker.py: scale must be 2, 3 or 4, got "
+                         f"{variant['scale']}")
+
     config = common.base_config()
     config.model.vision_checkpoint = ""  # set to a local openai/clip-vit-large-patch14-336
     config.model.projector.scale_factor = variant["scale"]
+    config.model.decoder = {"vicuna7b": common.vicuna_7b, "vicuna13b": vicuna_13b,
+                            "gemma2_2b": gemma2_2b}[llm]()
+    for part in (config.model.vision, config.model.projector, config.model.decoder):
+        part.update(dict(dtype="bfloat16", param_dtype="float32"))
+    config.model.decoder.remat_policy = "full"
+
+    config.train.stage = stage
+    config.train.trainable = ("projector",) if stage == 1 else ("projector", "decoder")
+    config.optim.update(dict(lr=1e-3 if stage == 1 else 2e-5, schedule="cosine",
+                             warmup_ratio=0.03, weight_decay=0.0))
+    config.data.batch_size = 256 if stage == 1 else 128
+    config.data.max_length = 2048
+    chat = "gemma" if llm.startswith("gemma") else "vicuna_v1"
+    config.data.template = "plain" if stage == 1 else chat
+    # LLaVA-1.5's scripts: square images in pretraining, padded to square in finetuning.
+    config.data.image.aspect_mode = "square" if stage == 1 else "pad"
+    config.train.microbatches = variant["microbatches"] or max(
+        1, config.data.batch_size // SEQUENCES_PER_MICROBATCH)
+    if llm == "vicuna13b":
+        # Halves the all-gathered layer weights and activations per chip: 13.5 instead of
+        # 15.6 GiB of 16 on v5e-32 (BENCHMARKS.md "TPU fit").
+        config.mesh.update(dict(fsdp=-1, tensor=2))
+
+    if llm.startswith("gemma"):
+        config.data.hd.update(dict(comma_id=-1, newline_id=-1))  # looked up in its tokenizer
+    if variant["hd"]:
+        config.data.image.aspect_mode = "slice"
+        config.data.hd.patch_num = variant["patch_num"]
+        # The largest tiling's positions (16 tiles at 144 tokens: 2,465) need room for text.
+        vision = config.model.vision
+        tokens = (vision.image_size // vision.patch_size // variant["scale"]) ** 2
+        if variant["patch_num"] in hd_lib.HD_CANDIDATES:  # others: validate() says so
+            longest = hd_lib.max_hd_num_tokens(variant["patch_num"], tokens)
+            if longest + 512 > config.data.max_length:
+                config.data.max_length = 4096
+    if variant["data"]:
+        root = variant["data"].rstrip("/")
+        if stage == 1:
+            config.data.files.train = f"{root}/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json"
+            config.data.image_folder = f"{root}/LLaVA-Pretrain/images"
+        else:
+            config.data.files.train = f"{root}/llava_v1_5_mix665k.json"
+            config.data.image_folder = root
     return config

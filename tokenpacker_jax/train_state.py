@@ -34,8 +34,11 @@ def param_shardings(model: mllm.MultimodalLM, mesh: Mesh, rules: Any,
                     tiles: int = 1) -> tuple[Any, Any]:
     """(abstract params, their NamedShardings) of the model, without allocating."""
     inputs = mllm.init_inputs(model.config, 1, 8, tiles)
+    # Made before the mesh is current: an eager op under a mesh of compile-only devices (a
+    # TPU slice described on another machine, see aot.py) would try to run there.
+    key = jax.random.key(0)
     with sharding.use_mesh(mesh, rules):
-        boxed = jax.eval_shape(model.init, jax.random.key(0), **inputs)["params"]
+        boxed = jax.eval_shape(model.init, key, **inputs)["params"]
         shardings = sharding.logical_shardings(boxed, mesh, rules)
     return nn.meta.unbox(boxed), shardings
 
