@@ -21,10 +21,14 @@ LENGTH = 96
 @pytest.fixture(scope="module")
 def model_and_params():
     config = configuration.mllm_config(tiny.get_config())
+    # configs/tiny.py with fewer layers, to keep compiles short.
     config = dataclasses.replace(
-        config, decoder=dataclasses.replace(config.decoder, vocab_size=64))
+        config, multi_layers=(1, 2, 1, 2),
+        vision=dataclasses.replace(config.vision, num_layers=2),
+        decoder=dataclasses.replace(config.decoder, vocab_size=64, num_layers=1))
     model = mllm.MultimodalLM(config)
-    params = model.init(jax.random.key(0), **mllm.init_inputs(config, 2, LENGTH, tiles=3))
+    params = jax.jit(model.init)(jax.random.key(0),
+                                 **mllm.init_inputs(config, 2, LENGTH, tiles=3))
     return model, params["params"]
 
 
@@ -64,7 +68,8 @@ def test_logits_equal_hand_assembled_sequence(model_and_params):
     attention_mask = np.ones((2, LENGTH), np.int32)
     attention_mask[1, 70:] = 0
 
-    ours = model.apply({"params": params}, input_ids, image_mask, pixel_values, attention_mask)
+    ours = jax.jit(model.apply)({"params": params}, input_ids, image_mask, pixel_values,
+                                attention_mask)
     expected = _by_hand(config, params, input_ids, pixel_values,
                         [[(0, first), (1, second)], []], attention_mask)
     assert ours.shape == (2, LENGTH, 64)
@@ -93,7 +98,7 @@ def test_frozen_tower_gets_no_gradient(model_and_params):
         logits = model.apply({"params": p}, **inputs)
         return mllm.loss_and_metrics(logits, targets, jnp.ones((1, LENGTH)))[0]
 
-    grads = jax.grad(loss)(params)
+    grads = jax.jit(jax.grad(loss))(params)
     tower_norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads["vision_tower"]))
     projector_norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads["projector"]))
     assert tower_norm == 0.0 and projector_norm > 0.0
