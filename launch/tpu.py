@@ -12,7 +12,9 @@ copies this checkout's committed HEAD (``git archive``; or clones ``--git-url``)
 worker and installs requirements.txt, ``jax[tpu]`` and the package. ``run`` starts the same
 training command on all workers (``jax.distributed.initialize`` finds the pod's hosts) in
 the background, logging to ~/tokenpacker-run.log; rerunning it resumes from the workdir's
-newest checkpoint. A ``gs://`` workdir is written by Orbax directly.
+newest checkpoint. With a ``gs://`` workdir the checkpoints go to Cloud Storage through
+Orbax; data and pretrained checkpoints must be readable on every worker (a local copy or a
+gcsfuse mount).
 """
 
 from __future__ import annotations
