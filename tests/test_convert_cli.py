@@ -21,9 +21,9 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from data_helpers import corpus
-from test_convert_reference import TorchTokenPacker
 from tokenpacker_jax import checkpoint, configuration
 from tokenpacker_jax.convert import checkpoint_io, cli, reference
+from tokenpacker_jax.convert.torch_tokenpacker import TorchTokenPacker
 from tokenpacker_jax.data.conversation import VICUNA_SYSTEM
 from tokenpacker_jax.data.pipeline import example_builder
 from tokenpacker_jax.data.synthetic import train_tokenizer

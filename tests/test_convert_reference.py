@@ -1,6 +1,7 @@
-"""The projector in the reference PyTorch layout: a PyTorch TokenPacker written here from
-SPEC §2 (torch's own nn.MultiheadAttention and F.interpolate) loaded with our exported
-weights, export -> import round trips, the SPEC key/shape table, and the file formats."""
+"""The projector in the reference PyTorch layout: a PyTorch TokenPacker written from SPEC §2
+(``convert/torch_tokenpacker.py``: torch's own nn.MultiheadAttention and F.interpolate)
+loaded with our exported weights, export -> import round trips, the SPEC key/shape table,
+and the file formats."""
 
 import math
 
@@ -10,55 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from flax import traverse_util
 
 from tokenpacker_jax.convert import reference
+from tokenpacker_jax.convert.torch_tokenpacker import TorchTokenPacker
 from tokenpacker_jax.models.baselines import MLP2xGelu
 from tokenpacker_jax.models.tokenpacker import TokenPacker
 
 WIDTH, LEVELS, DIM, HEADS, OUT, GRID, SCALE = 16, 4, 32, 4, 40, 8, 2
-
-
-class TorchTokenPacker(torch.nn.Module):
-    """SPEC §2 in PyTorch, sizes as arguments (the reference hard-codes CLIP-L/14-336)."""
-
-    def __init__(self, width, levels, dim, heads, out_dim, scale):
-        super().__init__()
-        self.scale = scale
-        self.q_proj_1 = torch.nn.Linear(width, dim, bias=False)
-        self.k_proj_1 = torch.nn.Sequential(torch.nn.Linear(width * levels, dim),
-                                            torch.nn.GELU(), torch.nn.Linear(dim, dim))
-        self.v_proj_1 = torch.nn.Sequential(torch.nn.Linear(width * levels, dim),
-                                            torch.nn.GELU(), torch.nn.Linear(dim, dim))
-        self.ln_q_1 = torch.nn.LayerNorm(dim, eps=1e-6)
-        self.ln_k_1 = torch.nn.LayerNorm(dim, eps=1e-6)
-        self.ln_v_1 = torch.nn.LayerNorm(dim, eps=1e-6)
-        self.clip_attn = torch.nn.MultiheadAttention(dim, heads)
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, out_dim), torch.nn.GELU(),
-                                       torch.nn.Linear(out_dim, out_dim))
-
-    def forward(self, x, x_multi):
-        batch, num_tokens, width = x.shape
-        grid = math.isqrt(num_tokens)
-        s, out = self.scale, grid // self.scale
-        keys = self.ln_k_1(self.k_proj_1(x_multi))
-        values = self.ln_v_1(self.v_proj_1(x_multi))
-        image = x.reshape(batch, grid, grid, width).permute(0, 3, 1, 2)
-        points = F.interpolate(image, size=(out, out), mode="bilinear", align_corners=False)
-        points = points.permute(0, 2, 3, 1).reshape(batch, out * out, width)
-        query = self.ln_q_1(self.q_proj_1(points))
-
-        def regions(t):  # [B, N, D] -> [s*s, B*M, D], slot ki*s + kj, sequence first
-            t = t.reshape(batch, out, s, out, s, -1).permute(2, 4, 0, 1, 3, 5)
-            return t.reshape(s * s, batch * out * out, -1)
-
-        attended, weights = self.clip_attn(query.reshape(1, batch * out * out, -1),
-                                           regions(keys), regions(values),
-                                           average_attn_weights=False)
-        attended = attended.reshape(batch, out * out, -1)
-        heads = weights.shape[1]
-        return self.mlp(attended), weights.reshape(batch, out * out, heads, s * s)
 
 
 def random_params(module, *inputs, seed=0):
