@@ -4,7 +4,8 @@ A directory holds ``config.json`` and its weights as one of:
 ``model.safetensors``; ``model.safetensors.index.json`` + shards; ``pytorch_model.bin``;
 ``pytorch_model.bin.index.json`` + shards. Safetensors are read lazily (one tensor at a time,
 no torch needed); ``.bin`` files need torch and are opened with ``weights_only=True`` so an
-untrusted file cannot run code.
+untrusted file cannot run code, memory-mapped (``mmap=True``) so that a shard is read from
+disk only as its tensors are used.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -45,17 +47,34 @@ def torch_to_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
-def load_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """A ``.bin`` / ``.pt`` state dict, loaded without running code (weights_only=True)."""
+def load_torch_state(path: str | os.PathLike) -> Mapping[str, Any]:
+    """A ``.bin`` / ``.pt`` state dict of torch tensors, loaded without running code
+    (``weights_only=True``) and memory-mapped: tensors stay in the file until read.
+
+    Files in PyTorch's legacy (pre-1.6, non-zip) format cannot be mapped and are read whole.
+    """
     import torch  # noqa: PLC0415 (optional: only .bin checkpoints need torch)
 
+    def load(mmap: bool):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = load(mmap=True)
+        except RuntimeError as err:
+            if "_use_new_zipfile_serialization" not in str(err):
+                raise
+            state = load(mmap=False)
     except Exception as err:
         raise ValueError(f"{path}: cannot read as a PyTorch state dict ({err})") from err
     if not isinstance(state, Mapping):
         raise ValueError(f"{path}: expected a state dict (mapping), got {type(state).__name__}")
-    return {str(k): torch_to_numpy(v) for k, v in state.items()}
+    return {str(k): v for k, v in state.items()}
+
+
+def load_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A ``.bin`` / ``.pt`` state dict as NumPy arrays (see ``load_torch_state``)."""
+    return {k: torch_to_numpy(v) for k, v in load_torch_state(path).items()}
 
 
 class TensorReader(Mapping):
@@ -64,7 +83,8 @@ class TensorReader(Mapping):
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._file_of: dict[str, Path] = {}
-        self._torch_cache: dict[Path, dict[str, np.ndarray]] = {}
+        # .bin shards, memory-mapped, each loaded once (lookups may go back and forth).
+        self._torch_cache: dict[Path, Mapping[str, Any]] = {}
         if (self.path / SAFETENSORS_SINGLE).is_file():
             self._index_safetensors([self.path / SAFETENSORS_SINGLE])
         elif (self.path / SAFETENSORS_INDEX).is_file():
@@ -98,10 +118,9 @@ class TensorReader(Mapping):
                 raise FileNotFoundError(f"{index_path}: shard {file} of {name} is missing")
             self._file_of[name] = shard
 
-    def _torch_state(self, file: Path) -> dict[str, np.ndarray]:
+    def _torch_state(self, file: Path) -> Mapping[str, Any]:
         if file not in self._torch_cache:
-            # One .bin shard at a time in memory: sharded .bin checkpoints stream shard by shard.
-            self._torch_cache = {file: load_torch_file(file)}
+            self._torch_cache[file] = load_torch_state(file)
         return self._torch_cache[file]
 
     def __getitem__(self, name: str) -> np.ndarray:
@@ -111,7 +130,7 @@ class TensorReader(Mapping):
 
             with safe_open(file, framework="numpy") as handle:
                 return handle.get_tensor(name)
-        return self._torch_state(file)[name]
+        return torch_to_numpy(self._torch_state(file)[name])
 
     def shape(self, name: str) -> tuple[int, ...]:
         file = self._file_of[name]
