@@ -102,6 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Tokenizer directory (tokenizer.json or a sentencepiece model); default: the decoder's.
     config.model.tokenizer = ""
     config.model.train_vision = False
+    # {group: factor}: multiplies the dense kernels of freshly initialised groups (narrow toy
+    # models, whose fixed-std inits are far below 1/sqrt(fan_in)); {} keeps every init.
+    config.model.init_kernel_scale = {}
 
     config.data = ml_collections.ConfigDict()
     config.data.image = ml_collections.ConfigDict(dict(

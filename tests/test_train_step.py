@@ -167,3 +167,33 @@ def test_checkpoint_restores_onto_other_meshes(stage2_run, tmp_path):
         assert leaf.sharding.mesh.devices.size == mesh.devices.size
         assert next(fresh_iterator) == 1  # the data position came back too
     assert checkpoint.restore_config(tmp_path) == {"a": 1}
+
+
+def test_init_kernel_scale_multiplies_fresh_kernels_only(model, mesh8):
+    rules = sharding.DEFAULT_RULES
+    _, shardings = state_lib.param_shardings(model, mesh8, rules)
+    key = jax.random.key(3)
+    plain = state_lib.init_params(model, mesh8, rules, key, {}, shardings)
+    loaded = {"decoder": plain["decoder"]}
+    scaled = state_lib.init_params(model, mesh8, rules, key, loaded, shardings,
+                                   kernel_scale={"projector": 3.0, "decoder": 5.0})
+    checked = 0
+    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(plain),
+                                 jax.tree_util.tree_leaves_with_path(scaled)):
+        name = jax.tree_util.keystr(path)
+        a, b = np.asarray(a), np.asarray(b)
+        if name.startswith("['projector']") and name.endswith("['kernel']"):
+            np.testing.assert_allclose(b, 3.0 * a, rtol=1e-6, err_msg=name)
+            checked += 1
+        else:  # biases, norms, the tower, and the loaded decoder keep their values
+            np.testing.assert_array_equal(b, a, err_msg=name)
+    assert checked >= 4
+
+
+@pytest.mark.parametrize("scale, message", [({"llm": 2.0}, "not a parameter group"),
+                                            ({"projector": 0.0}, "must be > 0")])
+def test_init_kernel_scale_is_validated(scale, message):
+    config = tiny.get_config()
+    config.model.init_kernel_scale = scale
+    with pytest.raises(configuration.ConfigError, match="model.init_kernel_scale.*" + message):
+        configuration.validate(config, num_devices=1)

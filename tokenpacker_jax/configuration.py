@@ -10,6 +10,7 @@ import ml_collections
 from tokenpacker_jax import sharding
 from tokenpacker_jax.data.image import ASPECT_MODES
 from tokenpacker_jax.models.decoder_config import DecoderConfig
+from tokenpacker_jax.models.mllm import PARAM_GROUPS
 from tokenpacker_jax.models.projectors import ProjectorConfig
 from tokenpacker_jax.models.vision import VisionConfig
 
@@ -104,6 +105,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                f"(valid: {[s for s in range(1, grid + 1) if grid % s == 0]})")
         _check(vision.num_heads % mesh["tensor"] == 0, "mesh.tensor",
                f"{mesh['tensor']} does not divide the tower's {vision.num_heads} heads")
+
+    for group, factor in dict(config.model.get("init_kernel_scale") or {}).items():
+        _check(group in PARAM_GROUPS, "model.init_kernel_scale",
+               f"{group!r} is not a parameter group (valid: {PARAM_GROUPS})")
+        _check(factor > 0, "model.init_kernel_scale", f"{group}: factor {factor} must be > 0")
 
     image = config.data.image
     _check(image.aspect_mode in ASPECT_MODES, "data.image.aspect_mode",

@@ -201,7 +201,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         else:
             loaded = loading.load_pretrained(config, param_shardings)
         params = state_lib.init_params(model, mesh, rules, jax.random.key(config.seed),
-                                       loaded, param_shardings, tiles)
+                                       loaded, param_shardings, tiles,
+                                       kernel_scale=config.model.get("init_kernel_scale"))
         state = state_lib.create_state(params, tx, trainable, param_shardings, mesh)
     start_step = int(state.step)
 

@@ -8,7 +8,7 @@ is created sharded like the parameters it tracks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -43,16 +43,34 @@ def param_shardings(model: mllm.MultimodalLM, mesh: Mesh, rules: Any,
     return nn.meta.unbox(boxed), shardings
 
 
+def scale_kernels(params: Any, factor: float) -> Any:
+    """``params`` with every dense kernel (a leaf named ``kernel``) multiplied by ``factor``."""
+
+    def scale(path, leaf):
+        name = getattr(path[-1], "key", None)
+        return leaf * jnp.asarray(factor, leaf.dtype) if name == "kernel" else leaf
+
+    return jax.tree_util.tree_map_with_path(scale, params)
+
+
 def init_params(model: mllm.MultimodalLM, mesh: Mesh, rules: Any, key: jax.Array,
-                loaded: dict[str, Any], shardings: Any, tiles: int = 1) -> dict:
+                loaded: dict[str, Any], shardings: Any, tiles: int = 1,
+                kernel_scale: Mapping[str, float] | None = None) -> dict:
     """All parameter groups: ``loaded`` ones as given, the others freshly initialised
-    straight into their shards (XLA drops the init of groups that are not returned)."""
+    straight into their shards (XLA drops the init of groups that are not returned).
+
+    ``kernel_scale`` ({group: factor}, ``config.model.init_kernel_scale``) multiplies the
+    dense kernels of freshly initialised groups; loaded groups are never rescaled.
+    """
     missing = [group for group in mllm.PARAM_GROUPS if group not in loaded]
     inputs = mllm.init_inputs(model.config, 1, 8, tiles)
+    kernel_scale = dict(kernel_scale or {})
 
     def init_missing(key):
         params = nn.meta.unbox(model.init(key, **inputs)["params"])
-        return {group: params[group] for group in missing}
+        return {group: scale_kernels(params[group], kernel_scale[group])
+                if kernel_scale.get(group, 1.0) != 1.0 else params[group]
+                for group in missing}
 
     fresh = {}
     if missing:
