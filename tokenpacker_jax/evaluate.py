@@ -1,12 +1,20 @@
 """Answers a LLaVA question file with a trained run and scores it.
 
     python -m tokenpacker_jax.evaluate --checkpoint=WORKDIR --questions=FILE.jsonl \
-        --image_folder=DIR --answers=OUT.jsonl [--suffix=short|choice|none]
+        --image_folder=DIR --answers=OUT.jsonl [--suffix=short|choice|none] \
+        [--benchmark=vqav2|gqa|pope --annotations=FILE]
+    python -m tokenpacker_jax.evaluate score --benchmark=vqav2|gqa|pope \
+        --answers=ANSWERS.jsonl --annotations=FILE
 
 Question file (jsonl): ``question_id``, ``image`` (relative to ``--image_folder``), ``text``,
 and optionally ``answer`` (then answers are scored by exact match, per ``category`` too).
 Answer file (jsonl), as the reference's ``model_vqa_loader`` writes it: ``question_id``,
 ``prompt``, ``text``, ``answer_id``, ``model_id``, ``metadata``.
+
+``--benchmark`` scores the answer file against local annotation files as the reference's
+evaluation does (VQAv2 accuracy, GQA accuracy, POPE accuracy / precision / recall / F1 /
+yes ratio; see ``tokenpacker_jax/benchmarks.py``); ``score`` does only that, for an answer
+file written earlier (by this module or by the reference).
 """
 
 from __future__ import annotations
@@ -17,6 +25,11 @@ import os
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
+
+from tokenpacker_jax.benchmarks import BENCHMARKS, format_scores, score_benchmark
+
+__all__ = ["BENCHMARKS", "SUFFIXES", "answer_questions", "format_scores", "normalise",
+           "read_questions", "score", "score_benchmark"]
 
 # The reference's evaluation suffixes (LLaVA-1.5 scripts), appended after a newline.
 SUFFIXES = {
@@ -104,13 +117,34 @@ def answer_questions(trained, questions: Sequence[dict[str, Any]], image_folder:
     return records
 
 
+def _score_file(benchmark: str, answers: str, annotations: str) -> None:
+    for line in format_scores(benchmark, score_benchmark(benchmark, answers, annotations)):
+        print(line)
+
+
 def main(argv):
-    del argv
-    from absl import flags  # noqa: PLC0415
+    from absl import app, flags  # noqa: PLC0415
+
+    f = flags.FLAGS
+    command = argv[1:]
+    if command not in ([], ["score"]):
+        raise app.UsageError(f"unknown command {' '.join(command)!r} (the only command is "
+                             f"'score'; without one, questions are answered)")
+    if (f.benchmark is None) != (not f.annotations):
+        raise app.UsageError("--benchmark and --annotations go together")
+    if command == ["score"]:
+        if not (f.benchmark and f.answers):
+            raise app.UsageError("score needs --benchmark, --answers and --annotations")
+        _score_file(f.benchmark, f.answers, f.annotations)
+        return
+    if not (f.checkpoint and f.questions):
+        raise app.UsageError("--checkpoint and --questions are required to answer questions "
+                             "(or use the 'score' command)")
+    if f.benchmark and not f.answers:
+        raise app.UsageError("--benchmark scores the answer file: give --answers")
 
     from tokenpacker_jax.loading import load_trained  # noqa: PLC0415
 
-    f = flags.FLAGS
     trained = load_trained(f.checkpoint)
     questions = read_questions(f.questions)
     if f.limit:
@@ -129,6 +163,8 @@ def main(argv):
             print(f"  {category}: {result['accuracy']:.3f} (n={result['n']})")
     if "all" in scores:
         print(f"held-out accuracy: {scores['all']['accuracy']:.3f} (n={scores['all']['n']})")
+    if f.benchmark:
+        _score_file(f.benchmark, f.answers, f.annotations)
 
 
 if __name__ == "__main__":
@@ -138,10 +174,14 @@ if __name__ == "__main__":
     flags.DEFINE_string("questions", None, "Question file (jsonl).")
     flags.DEFINE_string("image_folder", "", "Images are relative to this (default: the "
                                             "question file's folder).")
-    flags.DEFINE_string("answers", "", "Where to write the answer file (jsonl).")
+    flags.DEFINE_string("answers", "", "Where to write the answer file (jsonl); with "
+                                       "'score', the answer file to score.")
     flags.DEFINE_enum("suffix", "none", list(SUFFIXES), "Prompt suffix of the reference.")
     flags.DEFINE_integer("batch_size", 16, "Questions per generation batch.")
     flags.DEFINE_integer("max_new_tokens", 16, "Answer length limit.")
     flags.DEFINE_integer("limit", 0, "Answer only the first N questions (0: all).")
-    flags.mark_flags_as_required(["checkpoint", "questions"])
+    flags.DEFINE_enum("benchmark", None, list(BENCHMARKS),
+                      "Score the answer file as this benchmark's evaluation does.")
+    flags.DEFINE_string("annotations", "", "The benchmark's annotation file: VQAv2 "
+                                           "annotations, GQA questions, POPE labels.")
     app.run(main)
