@@ -1,0 +1,158 @@
+"""The benchmark scripts (``tokenpacker_jax/bench``) at toy sizes: each table's code runs and
+makes a well-formed Markdown table, and the PyTorch projector it times computes what ours
+does. No timing is checked here: benchmarks are scripts (BENCHMARKS.md)."""
+
+import dataclasses
+
+import jax
+import pytest
+import torch
+
+from tokenpacker_jax.bench import __main__ as cli
+from tokenpacker_jax.bench import (
+    common,
+    llava_torch,
+    paper_table,
+    projector,
+    token_budget,
+    training,
+)
+
+
+def quiet(_):
+    pass
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # Two torch threads on a busy 2-core runner wait on each other for whole time slices.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    """The cells of the first Markdown table in ``markdown`` (header row first), checking
+    that every row has the header's number of cells."""
+    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert len(lines) >= 3, markdown
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    assert set(rows[1]) == {"---"}
+    assert all(len(row) == len(rows[0]) for row in rows), markdown
+    return [rows[0]] + rows[2:]
+
+
+def column(rows: list[list[str]], name: str) -> list[str]:
+    index = rows[0].index(name)
+    return [row[index] for row in rows[1:]]
+
+
+def test_projector_flops_match_the_paper():
+    assert projector.analytic_gflop(projector.SIZES["full"], 2) == pytest.approx(21.44,
+                                                                                  abs=0.01)
+
+
+def test_projector_table_against_torch():
+    sizes = dataclasses.replace(projector.SIZES["tiny"], scales=(3,), batches=(2,))
+    section = projector.run(sizes=sizes, log=quiet)
+    rows = table_rows(section.body)
+    assert len(rows) == 2 and column(rows, "tokens") == ["16"]
+    # The PyTorch side computes SPEC §2 with our weights: the comparison is like for like.
+    assert float(column(rows, "max rel diff")[0]) < 1e-5
+    assert "Machine: " in section.body and "met**" in section.body
+
+
+def test_token_budget_and_torch_llava_tables():
+    sizes = token_budget.SIZES["tiny"]
+    rows = table_rows(token_budget.run(sizes=sizes, log=quiet).body)
+    assert column(rows, "projector") == ["mlp2x_gelu", "tokenpacker"]
+    assert column(rows, "visual tokens") == ["144", "36"]
+    assert column(rows, "prompt length") == ["152", "44"]
+    section = llava_torch.run(sizes=sizes, log=quiet)  # reuses the 144-token row
+    rows = table_rows(section.body)
+    assert [row[1] for row in rows[1:]] == ["144", "144"]
+    assert all(float(v) > 0 for v in column(rows, "decode tokens/s"))
+    assert "Target (issue 8): our decode" in section.body
+
+
+def test_training_table():
+    # One device: partitioning the step for the 8 simulated ones only costs compile time.
+    section = training.run("tiny", log=quiet, projectors=("tokenpacker",),
+                           devices=jax.devices()[:1])
+    rows = table_rows(section.body)
+    assert column(rows, "visual tokens") == ["36"]
+    assert float(column(rows, "tokens/s")[0]) > 0
+
+
+def test_paper_table_trains_and_scores(tmp_path):
+    section = paper_table.run(workdir=str(tmp_path), seeds=1, projectors=("tokenpacker",),
+                              budgets=(2,), stage1_steps=0, stage2_steps=2, num=8,
+                              num_eval=2, adjust=training.shrink, log=quiet)
+    rows = table_rows(section.body)
+    assert column(rows, "projector") == ["tokenpacker", "(chance)"]
+    assert rows[1][1] == "36"
+    assert 0 <= float(rows[1][3].split(" ± ")[0]) <= 1
+    # A finished run is read back, not trained again.
+    (result,) = tmp_path.glob("tokenpacker_s2_seed0_*/result.json")
+    result.write_text(result.read_text().replace('"accuracy": ', '"accuracy": 0.5, "x": '))
+    again = paper_table.run(workdir=str(tmp_path), seeds=1, projectors=("tokenpacker",),
+                            budgets=(2,), stage1_steps=0, stage2_steps=2, num=8,
+                            num_eval=2, adjust=training.shrink, log=quiet)
+    assert "0.500 ± 0.000" in again.body
+
+
+def test_paper_summary_and_comparison():
+    def result(projector, tokens, accuracy, seed):
+        return {"projector": projector, "tokens": tokens, "seed": seed, "n": 10,
+                "accuracy": accuracy, "categories": {"colour": accuracy, "digit": 0.1}}
+
+    results = [result("mlp2x_gelu", 144, 0.5, 0), result("mlp2x_gelu", 144, 0.7, 1),
+               result("tokenpacker", 36, 0.6, 0), result("tokenpacker", 36, 0.62, 1),
+               result("avgpool", 36, 0.4, 0), result("avgpool", 36, 0.45, 1),
+               result("resampler", 36, 0.61, 0), result("resampler", 36, 0.7, 1)]
+    summaries = paper_table.summarise(results)
+    assert [(s.projector, s.tokens) for s in summaries] == [
+        ("mlp2x_gelu", 144), ("tokenpacker", 36), ("avgpool", 36), ("resampler", 36)]
+    assert summaries[0].mean == pytest.approx(0.6) and summaries[0].std == pytest.approx(
+        0.1414, abs=1e-4)
+    rows = table_rows(paper_table.markdown(summaries))
+    assert rows[0][-2:] == ["colour", "digit"]
+    assert rows[1][3] == "0.600 ± 0.141" and rows[1][4] == "0.500-0.700"
+    assert rows[-1][0] == "(chance)" and rows[-1][-1] == "0.100"
+    lines = paper_table.comparisons(summaries)
+    assert lines == [
+        "- 36 tokens: TokenPacker 0.610 vs avgpool 0.425: higher by 0.185; the seeds' "
+        "ranges do not overlap",
+        "- 36 tokens: TokenPacker 0.610 vs resampler 0.655: lower by 0.045; the seeds' "
+        "ranges overlap"]
+
+
+def test_paper_entries():
+    names = [e.name for e in paper_table.entries()]
+    assert names[0] == "mlp2x_gelu_s1" and len(names) == 1 + 2 * len(paper_table.PACKING)
+    assert paper_table.entries(("tokenpacker",), (2, 3))[1].name == "tokenpacker_s3"
+
+
+def test_sections_replace_their_markers_and_keep_the_prose(tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\nProse.\n")
+    common.update_section(str(path), common.Section("projector", "Projector", "| a |\n|---|"))
+    common.update_section(str(path), common.Section("training", "Training", "first"))
+    text = path.read_text()
+    assert text.startswith("# Benchmarks\n\nProse.\n\n## Projector\n\n<!-- bench:projector -->")
+    path.write_text(text.replace("<!-- /bench:training -->",
+                                 "<!-- /bench:training -->\n\nWhat it means."))
+    common.update_section(str(path), common.Section("training", "Training", "second"))
+    text = path.read_text()
+    assert "first" not in text and "second\n<!-- /bench:training -->\n\nWhat it means." in text
+    assert text.count("## Training") == 1
+
+
+def test_command_line():
+    args = cli.parse(["1", "training", "paper", "--sizes=tiny", "--runs=2"])
+    assert args.which == ["projector", "training", "paper"]
+    assert cli.parse([]).which == list(cli.DEFAULT)
+    for bad in (["7"], ["nonsense"], ["--runs=3"], ["--sizes=tiny", "--write"]):
+        with pytest.raises(SystemExit):
+            cli.parse(bad)

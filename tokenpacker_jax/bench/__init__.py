@@ -1,0 +1,18 @@
+"""The tables of BENCHMARKS.md (issue 8), as scripts: ``python -m tokenpacker_jax.bench``.
+
+=====  ==============  ===========================================================  ==========
+table  name            what                                                         module
+=====  ==============  ===========================================================  ==========
+1      projector       TokenPacker forward, ours (jit) vs PyTorch eager, % of the   projector
+                       matmul peak measured in the same run
+2      token_budget    one LLM with 576 (MLP) / 144 / 64 / 36 (TokenPacker) visual  token_budget
+                       tokens: LLM prefill, first token, decode, memory
+3      llava_torch     transformers' PyTorch LlavaForConditionalGeneration vs ours  llava_torch
+4      training        tiny-config training step per projector: tokens/s, images/s  training
+5      tpu_fit         ``python -m tokenpacker_jax.aot --table`` (compiles for TPUs) (aot.py)
+6      paper           the paper's projector table in miniature (trains 39 runs)    paper_table
+=====  ==============  ===========================================================  ==========
+
+``python -m tokenpacker_jax.bench`` runs tables 1-4; ``tpu_fit`` and ``paper`` are asked for
+by name (they take far longer). See ``__main__.py`` for the flags.
+"""

@@ -1,0 +1,151 @@
+"""Regenerates the tables of BENCHMARKS.md.
+
+    python -m tokenpacker_jax.bench [which ...] [--sizes=full|tiny] [--runs=5] [--write[=FILE]]
+
+``which``: table names or numbers (``tokenpacker_jax/bench/__init__.py``); default: tables
+1-4 (``projector token_budget llava_torch training``). ``tpu_fit`` (table 5) runs
+``python -m tokenpacker_jax.aot --table``; ``paper`` (table 6) trains the projector
+comparison and has its own flags (``--seeds``, ``--stage1_steps``, ...; see
+``paper_table.py``).
+
+Without ``--write`` the sections are printed (Markdown, for pasting); with it each replaces
+the text between its markers in BENCHMARKS.md (``<!-- bench:NAME -->`` ...
+``<!-- /bench:NAME -->``; a section without markers is appended), leaving the prose around
+them alone. ``--sizes=tiny`` runs every table on toy sizes in seconds (what the tests do);
+it never writes. Timings are polluted by other jobs: run on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from tokenpacker_jax.bench import common
+
+TABLES = ("projector", "token_budget", "llava_torch", "training", "tpu_fit", "paper")
+DEFAULT = TABLES[:4]
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "BENCHMARKS.md")
+
+
+def tpu_fit(jobs: int, log=print) -> common.Section:
+    """Table 5: runs ``python -m tokenpacker_jax.aot --table`` (its own process: libtpu's
+    compile-only devices stay out of this one) and keeps its Markdown table."""
+    command = [sys.executable, "-m", "tokenpacker_jax.aot", "--table", f"--jobs={jobs}"]
+    log(" ".join(command))
+    process = subprocess.run(command, capture_output=True, text=True, check=False)
+    if process.returncode:
+        raise RuntimeError(f"aot --table failed ({process.returncode}):\n"
+                           f"{process.stderr[-3000:]}")
+    lines = process.stdout.splitlines()
+    table = [line for line in lines if line.startswith("|")]
+    for line in lines:
+        if not line.startswith("|"):
+            log(line)
+    body = "\n".join([f"`python -m tokenpacker_jax.aot --table --jobs={jobs}` (via "
+                      f"`python -m tokenpacker_jax.bench tpu_fit`). Machine: "
+                      f"{common.cpu_model()}, {common.usable_cores()} cores.", "", *table])
+    return common.Section("tpu_fit", "TPU fit table", body)
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tokenpacker_jax.bench",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("which", nargs="*", default=list(DEFAULT),
+                        help=f"tables by name or number 1-6: {', '.join(TABLES)}")
+    parser.add_argument("--sizes", choices=("full", "tiny"), default="full")
+    parser.add_argument("--runs", type=int, default=common.MIN_RUNS,
+                        help="timed calls per figure (median; at least 5)")
+    parser.add_argument("--write", nargs="?", const=BENCHMARKS, default=None, metavar="FILE",
+                        help=f"update the sections in FILE (default {BENCHMARKS})")
+    parser.add_argument("--torch_threads", type=int, default=0,
+                        help="torch.set_num_threads (0: torch's default, one per core)")
+    parser.add_argument("--jobs", type=int, default=1, help="tpu_fit: parallel compiles")
+    paper = parser.add_argument_group("paper (table 6); unset: quickstart's defaults")
+    paper.add_argument("--workdir", default="/tmp/tokenpacker_bench_paper")
+    paper.add_argument("--seeds", type=int, default=3)
+    paper.add_argument("--stage1_steps", type=int, default=None)
+    paper.add_argument("--stage2_steps", type=int, default=None)
+    paper.add_argument("--num", type=int, default=None, help="training images")
+    paper.add_argument("--num_eval", type=int, default=None, help="val / test images each")
+    paper.add_argument("--projectors", default=",".join(_paper().PROJECTORS),
+                       help="projectors compared (mlp2x_gelu: at all tokens; the others at "
+                            "each budget)")
+    paper.add_argument("--budgets", default="2,3", help="scale factors (2: 36 tokens, 3: 16)")
+    args = parser.parse_args(argv)
+    names = []
+    for item in args.which:
+        name = TABLES[int(item) - 1] if item.isdigit() and 1 <= int(item) <= 6 else item
+        if name not in TABLES:
+            parser.error(f"unknown table {item!r}; known: {', '.join(TABLES)} or 1-6")
+        names.append(name)
+    args.which = names
+    if args.runs < common.MIN_RUNS and args.sizes == "full":
+        parser.error(f"--runs must be at least {common.MIN_RUNS} (medians of 5 runs)")
+    if args.write and args.sizes != "full":
+        parser.error("--write records full-size figures only (drop --sizes=tiny)")
+    return args
+
+
+def _paper():
+    from tokenpacker_jax.bench import paper_table  # noqa: PLC0415
+
+    return paper_table
+
+
+def run_table(name: str, args: argparse.Namespace) -> common.Section:
+    if name == "projector":
+        from tokenpacker_jax.bench import projector  # noqa: PLC0415
+
+        return projector.run(args.sizes, args.runs)
+    if name == "token_budget":
+        from tokenpacker_jax.bench import token_budget  # noqa: PLC0415
+
+        return token_budget.run(args.sizes, args.runs)
+    if name == "llava_torch":
+        from tokenpacker_jax.bench import llava_torch  # noqa: PLC0415
+
+        return llava_torch.run(args.sizes, args.runs)
+    if name == "training":
+        from tokenpacker_jax.bench import training  # noqa: PLC0415
+
+        return training.run(args.sizes, args.runs)
+    if name == "tpu_fit":
+        return tpu_fit(args.jobs)
+    from tokenpacker_jax.bench import training  # noqa: PLC0415
+
+    sizes = dict(stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
+                 num=args.num, num_eval=args.num_eval)
+    if args.sizes == "tiny":  # unset sizes: a few steps on a few images
+        tiny = dict(stage1_steps=1, stage2_steps=2, num=16, num_eval=2)
+        sizes = {k: tiny[k] if v is None else v for k, v in sizes.items()}
+    return _paper().run(
+        workdir=args.workdir, seeds=args.seeds,
+        projectors=[p for p in args.projectors.split(",") if p],
+        budgets=[int(b) for b in args.budgets.split(",") if b],
+        adjust=training.shrink if args.sizes == "tiny" else None, **sizes)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    if args.torch_threads:
+        import torch  # noqa: PLC0415
+
+        torch.set_num_threads(args.torch_threads)
+    for name in args.which:
+        start = time.perf_counter()
+        section = run_table(name, args)
+        print(f"[{name}: {time.perf_counter() - start:.0f} s]", file=sys.stderr)
+        if args.write:
+            common.update_section(args.write, section)
+            print(f"updated section {section.name!r} of {args.write}", file=sys.stderr)
+        else:
+            print(section.markdown(), flush=True)
+
+
+if __name__ == "__main__":
+    main()

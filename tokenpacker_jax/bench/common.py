@@ -1,0 +1,178 @@
+"""What every benchmark table shares: timing, the machine, Markdown, BENCHMARKS.md sections.
+
+Timing rule (issue 8): a figure is the median of at least ``runs`` (5) calls after
+``warmup`` calls; compilation is done beforehand (``compile_jit``: ``lower().compile()``) and
+reported apart; every call ends in ``block_until_ready``, so asynchronous dispatch does not
+hide work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MIN_RUNS = 5
+MiB = 1024**2
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Seconds of the timed calls (compilation and warm-up excluded)."""
+
+    seconds: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def ms(self) -> float:
+        return 1e3 * self.median
+
+
+def compile_jit(fn: Callable, *args, **jit_kwargs) -> tuple[Any, float]:
+    """(compiled program, compile seconds) of ``jax.jit(fn, **jit_kwargs)`` for ``args``."""
+    start = time.perf_counter()
+    compiled = jax.jit(fn, **jit_kwargs).lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def time_calls(call: Callable[[], Any], *, runs: int = MIN_RUNS, warmup: int = 1) -> Timing:
+    """Median-ready timings of ``call()`` (JAX results are waited for; torch runs eagerly)."""
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    for _ in range(warmup):
+        jax.block_until_ready(call())
+    seconds = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        seconds.append(time.perf_counter() - start)
+    return Timing(tuple(seconds))
+
+
+def random_params(module: Any, *args, seed: int = 0, **kwargs) -> Any:
+    """Parameters of ``module`` for ``module.init(key, *args, **kwargs)``'s shapes, drawn with
+    NumPy: N(0, 0.02) (the models' own init scale), LayerNorm / RMSNorm scales 1, biases 0.
+
+    Speed does not depend on the values; drawing them on the host skips compiling the init
+    (seconds for each model on a CPU, more than the timed work at small sizes).
+    """
+    import flax.linen as nn  # noqa: PLC0415
+
+    abstract = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), *args,
+                                            **kwargs))["params"]
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name == "scale":
+            value = np.ones(leaf.shape, np.float32)
+        elif name == "bias":
+            value = np.zeros(leaf.shape, np.float32)
+        else:
+            value = 0.02 * rng.standard_normal(leaf.shape, np.float32)
+        return jnp.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+def program_bytes(compiled: Any) -> int:
+    """Peak bytes XLA plans for one compiled program: arguments + outputs not aliasing an
+    argument + temporaries (+ generated code)."""
+    memory = compiled.memory_analysis()
+    return (memory.argument_size_in_bytes + memory.output_size_in_bytes
+            - memory.alias_size_in_bytes + memory.temp_size_in_bytes
+            + memory.generated_code_size_in_bytes)
+
+
+# -- the machine ---------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, else ``platform``)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as file:
+            for line in file:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def machine(torch_threads: bool = False) -> str:
+    """One line naming where the figures were taken: CPU, cores, JAX device, versions, load."""
+    device = jax.devices()[0]
+    parts = [f"{cpu_model()}, {usable_cores()} cores",
+             f"JAX {jax.__version__} on {device.platform} ({device.device_kind}, "
+             f"{jax.device_count()} device{'s' if jax.device_count() > 1 else ''})"]
+    if torch_threads:
+        import torch  # noqa: PLC0415
+
+        parts.append(f"PyTorch {torch.__version__} ({torch.get_num_threads()} threads)")
+    if hasattr(os, "getloadavg"):
+        parts.append(f"load average {os.getloadavg()[0]:.1f} at the start")
+    return "; ".join(parts)
+
+
+# -- Markdown ------------------------------------------------------------------------------------
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows:
+        if len(row) != len(headers):
+            raise ValueError(f"row {row} has {len(row)} cells for {len(headers)} headers")
+        lines.append("| " + " | ".join(str(cell) for cell in row) + " |")
+    return "\n".join(lines)
+
+
+def verdict(met: bool) -> str:
+    return "**met**" if met else "**not met**"
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """One generated part of BENCHMARKS.md: ``body`` goes between its markers."""
+
+    name: str  # marker key: <!-- bench:NAME --> ... <!-- /bench:NAME -->
+    title: str  # heading used when the section is added the first time
+    body: str  # Markdown
+
+    def markdown(self) -> str:
+        return f"## {self.title}\n\n{self.body}\n"
+
+
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+
+
+def update_section(path: str, section: Section) -> None:
+    """Replaces the text between the section's markers in ``path`` (the prose around them is
+    kept), or appends the section with its heading and markers if the file has none."""
+    start, end = _markers(section.name)
+    text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+    block = f"{start}\n{section.body.strip()}\n{end}"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text, count=1)
+    else:
+        text = text.rstrip("\n") + f"\n\n## {section.title}\n\n{block}\n"
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(text)

@@ -1,0 +1,249 @@
+"""Table 6: the paper's projector comparison (its Table 3) in miniature, on the synthetic
+fine-detail task.
+
+Every projector trains the tiny model (``configs/tiny.py``: stage 1 on captions, then stage 2
+on questions, as ``quickstart`` does) at the same token budgets, 4x and 9x fewer tokens than
+the 12 x 12 patch grid (36 and 16 tokens: scale 2 and 3), beside the LLaVA-1.5 MLP at all
+144; ``seeds`` runs each (the seed sets initialisation and data order; the data set is the
+same). Each run answers every held-out question (``data/synthetic.py``'s test split, greedy,
+exact match, as ``quickstart`` scores it); the table gives the accuracy's mean and spread
+per projector and per question category.
+
+Steps and data sizes default to ``quickstart``'s flags (``--stage1_steps``,
+``--stage2_steps``, ``--num``, ``--num_eval``), so the comparison follows the tiny recipe
+when it is retuned. Runs resume: a finished run's ``result.json`` is kept and read back,
+an unfinished one continues from its checkpoints (``train.run``).
+
+    python -m tokenpacker_jax.bench paper [--seeds 3] [--stage1_steps N] [--stage2_steps N]
+        [--num N] [--num_eval N] [--projectors a,b] [--budgets 2,3] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import statistics
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ml_collections
+
+from tokenpacker_jax.bench import common
+
+PACKING = ("tokenpacker", "avgpool", "pixel_shuffle", "resampler", "c_abstractor", "ldpv2")
+PROJECTORS = ("mlp2x_gelu", *PACKING)  # the MLP keeps all patches (scale 1)
+BUDGETS = (2, 3)  # scale factors: 36 and 16 tokens on the 12 x 12 grid
+BASELINES = ("avgpool", "pixel_shuffle", "resampler")  # the paper's claim to check
+EVAL_BATCH = 50
+
+
+def quickstart_defaults() -> dict[str, int]:
+    """The tiny recipe's data and step counts: ``tokenpacker_jax.quickstart``'s flag
+    defaults (num, num_eval, stage1_steps, stage2_steps)."""
+    from absl import flags  # noqa: PLC0415
+
+    from tokenpacker_jax import quickstart  # noqa: F401, PLC0415 (defines the flags)
+
+    return {name: flags.FLAGS[name].default
+            for name in ("num", "num_eval", "stage1_steps", "stage2_steps")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One cell of the comparison: a projector at a scale factor (1: all patches)."""
+
+    projector: str
+    scale: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.projector}_s{self.scale}"
+
+
+def entries(projectors: Sequence[str] = PROJECTORS, budgets: Sequence[int] = BUDGETS
+            ) -> list[Entry]:
+    """The MLP at all patches (if among ``projectors``), then every other projector at every
+    budget."""
+    out = [Entry("mlp2x_gelu", 1)] if "mlp2x_gelu" in projectors else []
+    return out + [Entry(p, s) for s in budgets for p in projectors if p != "mlp2x_gelu"]
+
+
+def stage_config(entry: Entry, stage: int, data: str, seed: int, steps: int,
+                 adjust: Callable[[ml_collections.ConfigDict], None] | None = None
+                 ) -> ml_collections.ConfigDict:
+    """``configs/tiny.py:stage=S,data=DIR`` with the entry's projector, seed and steps."""
+    from configs import tiny  # noqa: PLC0415
+
+    config = tiny.get_config(f"stage={stage},data={data}")
+    config.model.projector.name = entry.projector
+    config.model.projector.scale_factor = entry.scale
+    config.seed = seed
+    config.train.num_steps = steps
+    if adjust is not None:
+        adjust(config)
+    return config
+
+
+def train_and_score(entry: Entry, seed: int, *, data: str, workdir: str, stage1_steps: int,
+                    stage2_steps: int, adjust=None, log=print) -> dict[str, Any]:
+    """Trains one run (stage 1 if ``stage1_steps`` > 0, then stage 2) and scores it on the
+    held-out questions; the result is kept in ``workdir/ENTRY_seedN_RECIPE/result.json``
+    (RECIPE: a hash of the stage configs) and read back when the run is asked again."""
+    from tokenpacker_jax import evaluate, train  # noqa: PLC0415
+    from tokenpacker_jax.loading import load_trained  # noqa: PLC0415
+    from tokenpacker_jax.models.projectors import num_output_tokens  # noqa: PLC0415
+
+    configs = [(stage, stage_config(entry, stage, data, seed, steps, adjust))
+               for stage, steps in ((1, stage1_steps), (2, stage2_steps)) if steps > 0]
+    if not configs:
+        raise ValueError("no training steps: give --stage2_steps > 0")
+    # The run directory is named by what was trained, so a retuned recipe starts afresh.
+    recipe = hashlib.sha256("".join(c.to_json() for _, c in configs).encode()).hexdigest()
+    run_dir = os.path.join(workdir, f"{entry.name}_seed{seed}_{recipe[:10]}")
+    result_path = os.path.join(run_dir, "result.json")
+    if os.path.exists(result_path):
+        with open(result_path, encoding="utf-8") as file:
+            return json.load(file)
+    stages, summary = [], {}
+    for stage, config in configs:
+        if stages:
+            config.train.init_from = stages[-1]
+        stage_dir = os.path.join(run_dir, f"stage{stage}")
+        summary = train.run(config, stage_dir)
+        stages.append(stage_dir)
+    trained = load_trained(stages[-1])
+    questions = evaluate.read_questions(os.path.join(data, "test_questions.jsonl"))
+    records = evaluate.answer_questions(trained, questions, data, batch_size=EVAL_BATCH)
+    scores = evaluate.score(records)
+    model = trained.model.config
+    result = {
+        "projector": entry.projector, "scale": entry.scale, "seed": seed,
+        "tokens": num_output_tokens(model.projector, model.vision.grid_size),
+        "accuracy": scores["all"]["accuracy"], "n": scores["all"]["n"],
+        "categories": {k: v["accuracy"] for k, v in scores.items() if k != "all"},
+        "train_loss": summary.get("train/loss"), "run_dir": run_dir}
+    with open(result_path, "w", encoding="utf-8") as file:
+        json.dump(result, file, indent=1)
+    log(f"{entry.name} seed {seed}: held-out accuracy {result['accuracy']:.3f}")
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """Accuracy over the seeds of one entry."""
+
+    projector: str
+    tokens: int
+    accuracies: tuple[float, ...]
+    categories: dict[str, float]  # mean per question category
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.accuracies)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.accuracies) if len(self.accuracies) > 1 else 0.0
+
+
+def summarise(results: Sequence[dict[str, Any]]) -> list[Summary]:
+    """Per (projector, tokens), in first-seen order: accuracies and category means."""
+    grouped: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for result in results:
+        grouped.setdefault((result["projector"], result["tokens"]), []).append(result)
+    out = []
+    for (projector, tokens), runs in grouped.items():
+        categories = sorted({c for r in runs for c in r["categories"]})
+        out.append(Summary(
+            projector, tokens, tuple(r["accuracy"] for r in runs),
+            {c: statistics.fmean(r["categories"][c] for r in runs if c in r["categories"])
+             for c in categories}))
+    return out
+
+
+def comparisons(summaries: Sequence[Summary]) -> list[str]:
+    """TokenPacker against the paper's baselines at each budget, in words."""
+    lines = []
+    by_key = {(s.projector, s.tokens): s for s in summaries}
+    for tokens in sorted({s.tokens for s in summaries if s.projector == "tokenpacker"},
+                         reverse=True):
+        ours = by_key[("tokenpacker", tokens)]
+        for name in BASELINES:
+            other = by_key.get((name, tokens))
+            if other is None:
+                continue
+            difference = ours.mean - other.mean
+            apart = (min(ours.accuracies) > max(other.accuracies)
+                     or max(ours.accuracies) < min(other.accuracies))
+            word = "higher" if difference > 0 else "lower" if difference < 0 else "equal"
+            lines.append(
+                f"- {tokens} tokens: TokenPacker {ours.mean:.3f} vs {name} {other.mean:.3f}: "
+                f"{word} by {abs(difference):.3f}; the seeds' ranges "
+                f"{'do not overlap' if apart else 'overlap'}")
+    return lines
+
+
+def markdown(summaries: Sequence[Summary]) -> str:
+    """The table: accuracy mean ± standard deviation over seeds, range, per category."""
+    from tokenpacker_jax.data import synthetic  # noqa: PLC0415
+
+    categories = [c for c in synthetic.CATEGORIES
+                  if any(c in s.categories for s in summaries)]
+    chance = {c: 1 / len(synthetic.ANSWERS[c]) for c in categories}
+    rows = [[s.projector, s.tokens, len(s.accuracies), f"{s.mean:.3f} ± {s.std:.3f}",
+             f"{min(s.accuracies):.3f}-{max(s.accuracies):.3f}",
+             *[f"{s.categories[c]:.3f}" if c in s.categories else "-" for c in categories]]
+            for s in summaries]
+    rows.append(["(chance)", "", "", "", "", *[f"{chance[c]:.3f}" for c in categories]])
+    return common.markdown_table(
+        ["projector", "tokens", "seeds", "accuracy (mean ± std)", "range",
+         *categories], rows)
+
+
+def run(*, workdir: str = "/tmp/tokenpacker_bench_paper", seeds: int = 3,
+        projectors: Sequence[str] = PROJECTORS, budgets: Sequence[int] = BUDGETS,
+        stage1_steps: int | None = None, stage2_steps: int | None = None,
+        num: int | None = None, num_eval: int | None = None, data_seed: int = 0,
+        adjust: Callable[[ml_collections.ConfigDict], None] | None = None,
+        log=print) -> common.Section:
+    """Trains and scores every (entry, seed); returns the BENCHMARKS.md section. ``None``
+    sizes take quickstart's defaults; ``adjust`` edits each stage's config (tests)."""
+    from tokenpacker_jax.data import synthetic  # noqa: PLC0415
+
+    defaults = quickstart_defaults()
+    num = defaults["num"] if num is None else num
+    num_eval = defaults["num_eval"] if num_eval is None else num_eval
+    stage1_steps = defaults["stage1_steps"] if stage1_steps is None else stage1_steps
+    stage2_steps = defaults["stage2_steps"] if stage2_steps is None else stage2_steps
+    header = common.machine()
+    data = os.path.join(workdir, f"data_{num}_{num_eval}_seed{data_seed}")
+    if not os.path.exists(os.path.join(data, "meta.json")):
+        synthetic.generate(data, num, data_seed, num_eval=num_eval, size=48,
+                           tokenizer_vocab=512)
+    results = [train_and_score(entry, seed, data=data, workdir=workdir,
+                               stage1_steps=stage1_steps, stage2_steps=stage2_steps,
+                               adjust=adjust, log=log)
+               for entry in entries(projectors, budgets) for seed in range(seeds)]
+    summaries = summarise(results)
+    questions = results[0]["n"]
+    body = "\n".join([
+        "`python -m tokenpacker_jax.bench paper` "
+        f"(`--seeds={seeds} --stage1_steps={stage1_steps} --stage2_steps={stage2_steps} "
+        f"--num={num} --num_eval={num_eval}`). Machine: {header}.",
+        "",
+        f"`configs/tiny.py` (48 px, 12 x 12 patches), stage 1 ({stage1_steps} steps, "
+        f"captions) then stage 2 ({stage2_steps} steps, questions), as `quickstart` trains; "
+        f"{num} training images; held-out accuracy (exact match, greedy) on the {questions} "
+        f"questions about {num_eval} test images; {seeds} seed(s) per row (initialisation and "
+        "data order; same data). Mean ± sample standard deviation over seeds; per category: "
+        "the mean.",
+        "",
+        markdown(summaries),
+        "",
+        "TokenPacker against average pooling, pixel-shuffle and the resampler at equal "
+        "tokens (the paper's claim):",
+        *(comparisons(summaries) or ["- (not measured: a projector is missing)"]),
+    ])
+    return common.Section("paper", "The paper's projector table in miniature", body)

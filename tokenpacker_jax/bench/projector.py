@@ -1,0 +1,191 @@
+"""Table 1: the TokenPacker forward pass, ours (jitted) against PyTorch eager, and against
+the machine's matmul peak measured in the same run.
+
+Inputs at the paper's sizes: x_last [B, 576, 1024], x_multi [B, 576, 4096] -> tokens
+[B, M, 4096], M = 144 / 64 / 36 for scale 2 / 3 / 4, batch 1 and 8, float32. The PyTorch
+side is SPEC §2 in torch (``convert/torch_tokenpacker.py``: ``nn.MultiheadAttention``,
+``F.interpolate``) holding the same weights, fed the same inputs; the largest difference of
+the two outputs is reported (relative to the largest output), so the two compute the same
+thing.
+
+GFLOP are counted analytically (``flops.projector_forward_flops``: matmuls, 2 per
+multiply-add; about 21.4 per image at scale 2). The peak is the faster of a large square
+float32 matmul in JAX and in PyTorch, timed like the projector.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tokenpacker_jax import flops
+from tokenpacker_jax.bench import common
+from tokenpacker_jax.models.decoder_config import DecoderConfig
+from tokenpacker_jax.models.mllm import MLLMConfig
+from tokenpacker_jax.models.projectors import ProjectorConfig
+from tokenpacker_jax.models.tokenpacker import TokenPacker
+from tokenpacker_jax.models.vision import VisionConfig
+
+TARGET_SPEEDUP = 1.0  # at the largest batch: at least as fast as PyTorch
+TARGET_PEAK = 0.70  # at the largest batch: at least 70% of the measured matmul peak
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    width: int  # W, one feature level
+    levels: int  # L, x_multi has W * L channels
+    dim: int  # D, TokenPacker's internal width
+    heads: int
+    out_dim: int  # H, the LLM width
+    grid: int  # patches per side
+    scales: tuple[int, ...]
+    batches: tuple[int, ...]
+    peak_n: int  # the peak matmul is [n, n] @ [n, n]
+
+
+SIZES = {
+    "full": Sizes(width=1024, levels=4, dim=1024, heads=8, out_dim=4096, grid=24,
+                  scales=(2, 3, 4), batches=(1, 8), peak_n=4096),
+    "tiny": Sizes(width=16, levels=4, dim=32, heads=4, out_dim=48, grid=12,
+                  scales=(2, 3, 4), batches=(1, 2), peak_n=128),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    scale: int
+    tokens: int
+    batch: int
+    gflop: float  # analytic, the whole batch
+    jax_ms: float
+    torch_ms: float
+    compile_s: float
+    max_rel_diff: float  # max |ours - torch| / max |torch|
+
+    @property
+    def speedup(self) -> float:
+        """PyTorch time / our time (> 1: ours is faster)."""
+        return self.torch_ms / self.jax_ms
+
+    def gflops(self, ms: float) -> float:
+        return self.gflop / (ms / 1e3)
+
+
+def analytic_gflop(sizes: Sizes, scale: int) -> float:
+    """GFLOP of one image through the projector (``flops.py``'s count, from SPEC §2)."""
+    patch = 14
+    config = MLLMConfig(
+        vision=VisionConfig(image_size=sizes.grid * patch, patch_size=patch,
+                            width=sizes.width, num_heads=1),
+        projector=ProjectorConfig(scale_factor=scale, out_dim=sizes.out_dim,
+                                  embed_dim=sizes.dim, num_heads=sizes.heads),
+        decoder=DecoderConfig(width=sizes.out_dim),
+        multi_layers=tuple(range(1, sizes.levels + 1)))
+    return flops.projector_forward_flops(config) / 1e9
+
+
+def matmul_peaks(n: int, runs: int) -> tuple[float, float]:
+    """(JAX, PyTorch) GFLOP/s of a float32 [n, n] @ [n, n]."""
+    import torch  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n), np.float32) for _ in range(2))
+    matmul, _ = common.compile_jit(jnp.matmul, jnp.asarray(a), jnp.asarray(b))
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    jax_time = common.time_calls(lambda: matmul(ja, jb), runs=runs)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    with torch.inference_mode():
+        torch_time = common.time_calls(lambda: torch.matmul(ta, tb), runs=runs, warmup=2)
+    gflop = 2 * n**3 / 1e9
+    return gflop / jax_time.median, gflop / torch_time.median
+
+
+def measure(sizes: Sizes, scale: int, batch: int, runs: int, seed: int = 0) -> Row:
+    """Ours and PyTorch's forward at one (scale, batch), same weights and inputs."""
+    import torch  # noqa: PLC0415
+
+    from tokenpacker_jax.convert import torch_tokenpacker  # noqa: PLC0415
+
+    rng = np.random.default_rng(seed)
+    patches = sizes.grid * sizes.grid
+    x = rng.standard_normal((batch, patches, sizes.width), np.float32)
+    x_multi = rng.standard_normal((batch, patches, sizes.width * sizes.levels), np.float32)
+    module = TokenPacker(scale_factor=scale, out_dim=sizes.out_dim, embed_dim=sizes.dim,
+                         num_heads=sizes.heads)
+    jx, jx_multi = jnp.asarray(x), jnp.asarray(x_multi)
+    params = common.random_params(module, jx[:1], jx_multi[:1], seed=seed)
+    forward, compile_s = common.compile_jit(
+        lambda p, a, b: module.apply({"params": p}, a, b), params, jx, jx_multi)
+    jax_time = common.time_calls(lambda: forward(params, jx, jx_multi), runs=runs)
+    ours = np.asarray(forward(params, jx, jx_multi))
+
+    reference = torch_tokenpacker.from_params(jax.device_get(params), num_heads=sizes.heads,
+                                              scale=scale, levels=sizes.levels)
+    tx, tx_multi = torch.from_numpy(x), torch.from_numpy(x_multi)
+    with torch.inference_mode():
+        # (two warm-up calls: torch's allocator and thread pool settle in the first ones)
+        torch_time = common.time_calls(lambda: reference(tx, tx_multi), runs=runs, warmup=2)
+        theirs = reference(tx, tx_multi)[0].numpy()
+    return Row(scale=scale, tokens=(sizes.grid // scale) ** 2, batch=batch,
+               gflop=batch * analytic_gflop(sizes, scale), jax_ms=jax_time.ms,
+               torch_ms=torch_time.ms, compile_s=compile_s,
+               max_rel_diff=float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs))))
+
+
+def run(size: str = "full", runs: int = common.MIN_RUNS, log=print, *,
+        sizes: Sizes | None = None) -> common.Section:
+    """Measures every (scale, batch) of ``SIZES[size]`` (or ``sizes``); returns the
+    BENCHMARKS.md section."""
+    sizes = sizes or SIZES[size]
+    header = common.machine(torch_threads=True)
+    jax_peak, torch_peak = matmul_peaks(sizes.peak_n, runs)
+    peak = max(jax_peak, torch_peak)
+    log(f"matmul peak: JAX {jax_peak:.1f} GFLOP/s, PyTorch {torch_peak:.1f} GFLOP/s")
+    rows = []
+    for scale in sizes.scales:
+        for batch in sizes.batches:
+            row = measure(sizes, scale, batch, runs)
+            log(f"scale {scale} batch {batch}: JAX {row.jax_ms:.1f} ms, "
+                f"PyTorch {row.torch_ms:.1f} ms")
+            rows.append(row)
+
+    table = common.markdown_table(
+        ["scale", "tokens", "batch", "GFLOP", "JAX ms", "PyTorch ms", "PyTorch / JAX",
+         "JAX GFLOP/s", "JAX % of peak", "PyTorch GFLOP/s", "PyTorch % of peak",
+         "JAX compile s", "max rel diff"],
+        [[r.scale, r.tokens, r.batch, f"{r.gflop:.3g}", f"{r.jax_ms:.1f}",
+          f"{r.torch_ms:.1f}", f"{r.speedup:.2f}x", f"{r.gflops(r.jax_ms):.0f}",
+          f"{100 * r.gflops(r.jax_ms) / peak:.0f}%", f"{r.gflops(r.torch_ms):.0f}",
+          f"{100 * r.gflops(r.torch_ms) / peak:.0f}%", f"{r.compile_s:.1f}",
+          f"{r.max_rel_diff:.1e}"] for r in rows])
+    largest = max(sizes.batches)
+    targets = []
+    for r in (r for r in rows if r.batch == largest):
+        fraction = r.gflops(r.jax_ms) / peak
+        targets.append(
+            f"- scale {r.scale}, batch {largest}: at least as fast as PyTorch "
+            f"({r.speedup:.2f}x): {common.verdict(r.speedup >= TARGET_SPEEDUP)}; at least "
+            f"{TARGET_PEAK:.0%} of the peak ({fraction:.0%}): "
+            f"{common.verdict(fraction >= TARGET_PEAK)}")
+    body = "\n".join([
+        f"`python -m tokenpacker_jax.bench projector` (`--sizes={size}`). Machine: {header}.",
+        "",
+        f"x_last [B, {sizes.grid ** 2}, {sizes.width}], x_multi [B, {sizes.grid ** 2}, "
+        f"{sizes.width * sizes.levels}] -> [B, M, {sizes.out_dim}], float32. Median of "
+        f"{runs} runs after a warm-up; JAX compiled beforehand (compile time apart). PyTorch: "
+        "SPEC §2 in eager torch (`convert/torch_tokenpacker.py`) with the same weights and "
+        "inputs (max rel diff: the largest difference of the two outputs over the largest "
+        "output). GFLOP: analytic "
+        f"(`flops.py`, matmuls). Peak: the faster of a float32 [{sizes.peak_n}, "
+        f"{sizes.peak_n}] matmul in JAX ({jax_peak:.0f} GFLOP/s) and in PyTorch "
+        f"({torch_peak:.0f} GFLOP/s), measured in the same run: {peak:.0f} GFLOP/s.",
+        "",
+        table,
+        "",
+        "Targets (issue 8):",
+        *targets,
+    ])
+    return common.Section("projector", "Projector forward: JAX against PyTorch", body)
