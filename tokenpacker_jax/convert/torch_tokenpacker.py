@@ -73,7 +73,7 @@ def from_params(params: Mapping[str, Any], *, num_heads: int, scale: int, levels
                 dtype: torch.dtype = torch.float32) -> TorchTokenPacker:
     """A TorchTokenPacker (eval mode) holding our TokenPacker ``params`` (plain tree, without
     the ``{"params": ...}`` wrapper), via the reference export; sizes read from the weights."""
-    state = {key.removeprefix(reference.PREFIX): torch.from_numpy(np.asarray(value))
+    state = {key.removeprefix(reference.PREFIX): torch.from_numpy(np.array(value))
              for key, value in reference.projector_params_to_reference(
                  params, name="tokenpacker").items()}
     dim, width = state["q_proj_1.weight"].shape
