@@ -46,10 +46,8 @@ def tpu_fit(jobs: int, log=print) -> common.Section:
     for line in lines:
         if not line.startswith("|"):
             log(line)
-    body = "\n".join([f"`python -m tokenpacker_jax.aot --table --jobs={jobs}` (via "
-                      f"`python -m tokenpacker_jax.bench tpu_fit`). Machine: "
-                      f"{common.cpu_model()}, {common.usable_cores()} cores.", "", *table])
-    return common.Section("tpu_fit", "TPU fit table", body)
+    # The table alone: BENCHMARKS.md's "TPU fit" prose around its markers says the rest.
+    return common.Section("tpu_fit", "TPU fit table", "\n".join(table))
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:

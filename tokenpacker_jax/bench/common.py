@@ -126,7 +126,8 @@ def machine(torch_threads: bool = False) -> str:
     if torch_threads:
         import torch  # noqa: PLC0415
 
-        parts.append(f"PyTorch {torch.__version__} ({torch.get_num_threads()} threads)")
+        threads = torch.get_num_threads()
+        parts.append(f"PyTorch {torch.__version__} ({threads} thread{'s' * (threads != 1)})")
     if hasattr(os, "getloadavg"):
         parts.append(f"load average {os.getloadavg()[0]:.1f} at the start")
     return "; ".join(parts)
