@@ -177,11 +177,11 @@ def comparisons(summaries: Sequence[Summary]) -> list[str]:
             difference = ours.mean - other.mean
             apart = (min(ours.accuracies) > max(other.accuracies)
                      or max(ours.accuracies) < min(other.accuracies))
-            word = "higher" if difference > 0 else "lower" if difference < 0 else "equal"
+            word = (f"higher by {difference:.3f}" if difference > 0 else
+                    f"lower by {-difference:.3f}" if difference < 0 else "equal")
             lines.append(
                 f"- {tokens} tokens: TokenPacker {ours.mean:.3f} vs {name} {other.mean:.3f}: "
-                f"{word} by {abs(difference):.3f}; the seeds' ranges "
-                f"{'do not overlap' if apart else 'overlap'}")
+                f"{word}; the seeds' ranges {'do not overlap' if apart else 'overlap'}")
     return lines
 
 
@@ -219,26 +219,32 @@ def run(*, workdir: str = "/tmp/tokenpacker_bench_paper", seeds: int = 3,
     stage2_steps = defaults["stage2_steps"] if stage2_steps is None else stage2_steps
     header = common.machine()
     data = os.path.join(workdir, f"data_{num}_{num_eval}_seed{data_seed}")
+    probe = stage_config(Entry("mlp2x_gelu", 1), 2, data, 0, 1, adjust)
     if not os.path.exists(os.path.join(data, "meta.json")):
-        synthetic.generate(data, num, data_seed, num_eval=num_eval, size=48,
-                           tokenizer_vocab=512)
+        synthetic.generate(data, num, data_seed, num_eval=num_eval,
+                           size=probe.data.image.image_size,
+                           tokenizer_vocab=probe.model.decoder.vocab_size)
     results = [train_and_score(entry, seed, data=data, workdir=workdir,
                                stage1_steps=stage1_steps, stage2_steps=stage2_steps,
                                adjust=adjust, log=log)
                for entry in entries(projectors, budgets) for seed in range(seeds)]
     summaries = summarise(results)
     questions = results[0]["n"]
+    vision = probe.model.vision
+    grid = vision.image_size // vision.patch_size
+    budget_text = ", ".join(f"{(grid // s) ** 2} tokens ({s * s}x fewer)" for s in budgets)
     body = "\n".join([
         "`python -m tokenpacker_jax.bench paper` "
         f"(`--seeds={seeds} --stage1_steps={stage1_steps} --stage2_steps={stage2_steps} "
         f"--num={num} --num_eval={num_eval}`). Machine: {header}.",
         "",
-        f"`configs/tiny.py` (48 px, 12 x 12 patches), stage 1 ({stage1_steps} steps, "
-        f"captions) then stage 2 ({stage2_steps} steps, questions), as `quickstart` trains; "
-        f"{num} training images; held-out accuracy (exact match, greedy) on the {questions} "
-        f"questions about {num_eval} test images; {seeds} seed(s) per row (initialisation and "
-        "data order; same data). Mean ± sample standard deviation over seeds; per category: "
-        "the mean.",
+        f"`configs/tiny.py` ({vision.image_size} px, {grid} x {grid} patches; the MLP keeps "
+        f"all {grid * grid}, the others pack them to {budget_text}), stage 1 "
+        f"({stage1_steps} steps, captions) then stage 2 ({stage2_steps} steps, questions), "
+        f"as `quickstart` trains; {num} training images; held-out accuracy (exact match, "
+        f"greedy) on the {questions} questions about {num_eval} test images; {seeds} seed(s) "
+        "per row (initialisation and data order; same data). Mean ± sample standard "
+        "deviation over seeds; per category: the mean.",
         "",
         markdown(summaries),
         "",

@@ -27,9 +27,11 @@ from tokenpacker_jax.models import mllm
 from tokenpacker_jax.models.projectors import PROJECTORS, num_output_tokens
 from tokenpacker_jax.optim import make_optimizer, split_trainable
 
-PROJECTOR_ORDER = ("tokenpacker", "mlp2x_gelu", "avgpool", "pixel_shuffle", "resampler",
+PREFERRED_ORDER = ("tokenpacker", "mlp2x_gelu", "avgpool", "pixel_shuffle", "resampler",
                    "c_abstractor", "ldpv2")
-assert set(PROJECTOR_ORDER) == set(PROJECTORS)
+# Every registered projector, new ones last.
+PROJECTOR_ORDER = tuple([p for p in PREFERRED_ORDER if p in PROJECTORS]
+                        + sorted(set(PROJECTORS) - set(PREFERRED_ORDER)))
 
 
 def shrink(config: ml_collections.ConfigDict) -> None:
