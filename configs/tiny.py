@@ -4,10 +4,16 @@
 ``python -m tokenpacker_jax.data.synthetic --out DIR --num N --seed S --tokenizer-vocab 512``
 (images, LLaVA JSON per split, and a sentencepiece tokenizer in DIR/tokenizer).
 
-Stage 1 trains the projector on captions (``plain``); stage 2 the projector and the LLM on
-questions (``vicuna_v1``), starting from ``train.init_from``. With no pretrained CLIP to be
-had offline, the tiny tower is random, so stage 2 trains it too (``model.train_vision``);
-the paper's configs keep it frozen.
+48 px images in 8 px patches: a 6 x 6 grid, packed 4x into 3 x 3 = 9 visual tokens, one per
+cell of the synthetic scenes. Stage 1 trains the projector on captions (``plain``); stage 2
+the projector and the LLM on questions and answers mixed with the captions (as LLaVA's
+stage-2 mix holds descriptions beside questions), in ``vicuna_v1`` without its system
+prompt, starting from ``train.init_from``. With no pretrained CLIP or LLM to be had offline,
+the tiny tower is random, so stage 2 trains it too (``model.train_vision``; the paper's
+configs keep it frozen), and the dense kernels of the decoder and projector start from
+1/sqrt(width)-sized weights rather than the big models' 0.02 (``model.init_kernel_scale``):
+at widths of 64-128 the 0.02 init leaves the visual tokens ~10x smaller than the text
+embeddings, and runs learned the answers' priors but not the images.
 """
 
 import os
@@ -21,7 +27,7 @@ def get_config(arg: str | None = None):
     variant = common.parse_variant(arg, VARIANTS)
     config = common.base_config()
     config.model.vision.update(dict(
-        image_size=48, patch_size=4, width=64, mlp_dim=128, num_layers=4, num_heads=4))
+        image_size=48, patch_size=8, width=64, mlp_dim=128, num_layers=4, num_heads=4))
     config.model.features.select_layer = -2
     config.model.features.multi_layers = (1, 2, 3, 4)
     config.model.projector.update(dict(scale_factor=2, embed_dim=64, num_heads=4))
@@ -29,11 +35,14 @@ def get_config(arg: str | None = None):
         vocab_size=512, width=128, mlp_dim=256, num_layers=2, num_heads=4, num_kv_heads=4,
         head_dim=32, max_position_embeddings=512))
     config.data.image.image_size = 48
-    config.data.update(dict(max_length=256, batch_size=16, read_threads=2, prefetch_buffer=32))
+    config.data.update(dict(max_length=96, batch_size=16, read_threads=2, prefetch_buffer=32,
+                            system_prompt=""))
     config.data.hd.update(dict(comma_id=-1, newline_id=-1))
     config.mesh.update(dict(data=1, fsdp=-1, tensor=1))
     config.train.update(dict(log_every=10, eval_every=0))
-    config.checkpoint.update(dict(every_steps=100, keep=2))
+    config.checkpoint.update(dict(every_steps=500, keep=2))
+    # Decoder kernels of std 1/sqrt(width) (0.02 x 4.4); the projector's 5x the reference's.
+    config.model.init_kernel_scale = {"decoder": 128**-0.5 / 0.02, "projector": 5.0}
 
     stage = variant["stage"]
     if stage not in (1, 2):
@@ -57,5 +66,8 @@ def get_config(arg: str | None = None):
         config.data.image_folder = root
         config.data.files.update({split: os.path.join(root, f"{split}_{kind}.json")
                                   for split in ("train", "val", "test")})
+        if stage == 2:
+            config.data.files.train = ",".join(os.path.join(root, f"train_{k}.json")
+                                               for k in ("qa", "caption"))
         config.model.tokenizer = os.path.join(root, "tokenizer")
     return config

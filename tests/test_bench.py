@@ -81,7 +81,7 @@ def test_training_table():
     section = training.run("tiny", log=quiet, projectors=("tokenpacker",),
                            devices=jax.devices()[:1])
     rows = table_rows(section.body)
-    assert column(rows, "visual tokens") == ["36"]
+    assert column(rows, "visual tokens") == ["9"]
     assert float(column(rows, "tokens/s")[0]) > 0
 
 
@@ -91,7 +91,7 @@ def test_paper_table_trains_and_scores(tmp_path):
                               num_eval=2, adjust=training.shrink, log=quiet)
     rows = table_rows(section.body)
     assert column(rows, "projector") == ["tokenpacker", "(chance)"]
-    assert rows[1][1] == "36"
+    assert rows[1][1] == "9"
     assert 0 <= float(rows[1][3].split(" ± ")[0]) <= 1
     # A finished run is read back, not trained again.
     (result,) = tmp_path.glob("tokenpacker_s2_seed0_*/result.json")

@@ -12,7 +12,7 @@ from configs import tiny
 from tokenpacker_jax import configuration, evaluate
 from tokenpacker_jax.data import synthetic
 from tokenpacker_jax.data.image import load_image
-from tokenpacker_jax.data.pipeline import example_builder
+from tokenpacker_jax.data.pipeline import example_builder, tokens_per_tile
 from tokenpacker_jax.generate import Generator, SamplingConfig, build_prompt, left_pad
 from tokenpacker_jax.models import mllm
 from tokenpacker_jax.tokenizer import load_tokenizer
@@ -23,6 +23,7 @@ def setup(tmp_path_factory):
     data = tmp_path_factory.mktemp("gen_data")
     synthetic.generate(str(data), 4, seed=1, num_eval=4, size=48, tokenizer_vocab=400)
     config = tiny.get_config(f"stage=2,data={data}")
+    config.data.system_prompt = None  # vicuna_v1's own, as the reference has it (tiny drops it)
     tokenizer = load_tokenizer(config.model.tokenizer)
     model_config = configuration.mllm_config(config)
     model_config = dataclasses.replace(
@@ -34,7 +35,7 @@ def setup(tmp_path_factory):
     params = model.init(jax.random.key(3), **mllm.init_inputs(model_config, 1, 64))["params"]
     # Larger weights than the init, so that greedy choices are well separated.
     params = jax.tree.map(lambda p: p * 4.0 if p.ndim >= 2 else p, params)
-    builder = example_builder(config.data, tokenizer, 36)
+    builder = example_builder(config.data, tokenizer, tokens_per_tile(model_config))
     return data, model, params, tokenizer, builder
 
 
@@ -42,7 +43,7 @@ def test_prompt_ends_where_the_answer_begins(setup):
     data, _, _, tokenizer, builder = setup
     prompt = build_prompt(builder, "What digit is shown?",
                           load_image(data / "images/test/00000.png"))
-    assert prompt.image_mask.sum() == 36 and prompt.tile_mask.tolist() == [True]
+    assert prompt.image_mask.sum() == 9 and prompt.tile_mask.tolist() == [True]
     text = tokenizer.decode(prompt.ids[~prompt.image_mask].tolist(),
                             skip_special_tokens=False)
     # (the text after the image is tokenised on its own, as the reference does, so it

@@ -73,7 +73,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     paper.add_argument("--projectors", default=",".join(_paper().PROJECTORS),
                        help="projectors compared (mlp2x_gelu: at all tokens; the others at "
                             "each budget)")
-    paper.add_argument("--budgets", default="2,3", help="scale factors (2: 36 tokens, 3: 16)")
+    paper.add_argument("--budgets", default="2,3", help="scale factors (2: 9 tokens, 3: 4)")
     args = parser.parse_args(argv)
     names = []
     for item in args.which:

@@ -3,8 +3,8 @@ fine-detail task.
 
 Every projector trains the tiny model (``configs/tiny.py``: stage 1 on captions, then stage 2
 on questions, as ``quickstart`` does) at the same token budgets, 4x and 9x fewer tokens than
-the 12 x 12 patch grid (36 and 16 tokens: scale 2 and 3), beside the LLaVA-1.5 MLP at all
-144; ``seeds`` runs each (the seed sets initialisation and data order; the data set is the
+the 6 x 6 patch grid (9 and 4 tokens: scale 2 and 3), beside the LLaVA-1.5 MLP at all
+36; ``seeds`` runs each (the seed sets initialisation and data order; the data set is the
 same). Each run answers every held-out question (``data/synthetic.py``'s test split, greedy,
 exact match, as ``quickstart`` scores it); the table gives the accuracy's mean and spread
 per projector and per question category.
@@ -34,7 +34,7 @@ from tokenpacker_jax.bench import common
 
 PACKING = ("tokenpacker", "avgpool", "pixel_shuffle", "resampler", "c_abstractor", "ldpv2")
 PROJECTORS = ("mlp2x_gelu", *PACKING)  # the MLP keeps all patches (scale 1)
-BUDGETS = (2, 3)  # scale factors: 36 and 16 tokens on the 12 x 12 grid
+BUDGETS = (2, 3)  # scale factors: 9 and 4 tokens on the 6 x 6 grid
 BASELINES = ("avgpool", "pixel_shuffle", "resampler")  # the paper's claim to check
 EVAL_BATCH = 50
 

@@ -5,8 +5,8 @@ shardings and the donated state as ``train.run`` does; the mesh of the config ov
 devices): the tower, projector and LLM all train, AdamW. Batches are generated arrays of the
 data pipeline's shapes (``data.batch_size`` x ``data.max_length``, one image each, no
 padding), so the figure is the step's alone, not the input pipeline's (BENCHMARKS.md "Data
-pipeline" has that). Projectors keep their tiny-config budget: the 12 x 12 patch grid packed
-to 36 tokens (scale 2), or all 144 for ``mlp2x_gelu``.
+pipeline" has that). Projectors keep their tiny-config budget: the 6 x 6 patch grid packed
+to 9 tokens (scale 2), or all 36 for ``mlp2x_gelu``.
 """
 
 from __future__ import annotations
