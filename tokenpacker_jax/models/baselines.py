@@ -86,12 +86,27 @@ def sincos_2d(dim: int, height: int, width: int) -> np.ndarray:
     return np.concatenate([one_axis(cols), one_axis(rows)], axis=1).astype(np.float32)
 
 
-class MLP2xGelu(nn.Module):
-    """LLaVA-1.5 ``mlp2x_gelu``: Linear -> GELU -> Linear on every patch; keeps all N tokens."""
+class Projector(nn.Module, kw_only=True):
+    """The fields every projector here shares: the LLM width and the compute / parameter
+    dtypes (the keyword arguments ``projectors.build_projector`` passes to all of them).
+
+    Keyword-only: inherited fields come first in dataclass order, so a positional
+    ``AvgPoolMLP(2, 4096)`` would no longer mean (scale_factor, out_dim).
+    """
 
     out_dim: int = 4096
     dtype: str = "float32"
     param_dtype: str = "float32"
+
+
+class PooledProjector(Projector, kw_only=True):
+    """A projector that shrinks the patch grid by ``scale_factor`` on each side."""
+
+    scale_factor: int = 2
+
+
+class MLP2xGelu(Projector, kw_only=True):
+    """LLaVA-1.5 ``mlp2x_gelu``: Linear -> GELU -> Linear on every patch; keeps all N tokens."""
 
     @nn.compact
     def __call__(self, x_last: jax.Array, x_multi: jax.Array | None = None) -> jax.Array:
@@ -100,13 +115,8 @@ class MLP2xGelu(nn.Module):
         return mlp2x(x, self.out_dim, self.out_dim, layers.gelu_exact, kw=_kw(self))
 
 
-class AvgPoolMLP(nn.Module):
+class AvgPoolMLP(PooledProjector, kw_only=True):
     """Average pooling: the mean of each s x s patch block, then LLaVA's 2-layer GELU MLP."""
-
-    scale_factor: int = 2
-    out_dim: int = 4096
-    dtype: str = "float32"
-    param_dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x_last: jax.Array, x_multi: jax.Array | None = None) -> jax.Array:
@@ -115,14 +125,9 @@ class AvgPoolMLP(nn.Module):
         return mlp2x(x, self.out_dim, self.out_dim, layers.gelu_exact, kw=_kw(self))
 
 
-class PixelShuffleMLP(nn.Module):
+class PixelShuffleMLP(PooledProjector, kw_only=True):
     """Pixel shuffle: each s x s block's features concatenated on channels (space-to-depth,
     s*s*W wide), then a 2-layer GELU MLP."""
-
-    scale_factor: int = 2
-    out_dim: int = 4096
-    dtype: str = "float32"
-    param_dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x_last: jax.Array, x_multi: jax.Array | None = None) -> jax.Array:
@@ -130,14 +135,9 @@ class PixelShuffleMLP(nn.Module):
         return mlp2x(x, self.out_dim, self.out_dim, layers.gelu_exact, kw=_kw(self))
 
 
-class LDPv2(nn.Module):
+class LDPv2(PooledProjector, kw_only=True):
     """LDP-v2 (MobileVLM V2): 2-layer GELU MLP per patch, s x s average pooling, then a
     positional 3x3 depthwise convolution added back (PEG, with residual)."""
-
-    scale_factor: int = 2
-    out_dim: int = 4096
-    dtype: str = "float32"
-    param_dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x_last: jax.Array, x_multi: jax.Array | None = None) -> jax.Array:
@@ -183,16 +183,12 @@ class RegNetBottleneck(nn.Module):
         return layers.constrain(nn.silu(h + shortcut), GRID_AXES)
 
 
-class CAbstractor(nn.Module):
+class CAbstractor(PooledProjector, kw_only=True):
     """C-Abstractor (Honeybee): learned positions, ``depth`` ResNet blocks, s x s average
     pooling, ``depth`` more blocks, then a 2-layer SiLU MLP to the LLM width."""
 
-    scale_factor: int = 2
-    out_dim: int = 4096
     embed_dim: int = 1024
     depth: int = 3
-    dtype: str = "float32"
-    param_dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x_last: jax.Array, x_multi: jax.Array | None = None) -> jax.Array:
@@ -212,20 +208,16 @@ class CAbstractor(nn.Module):
                      prefix="readout")
 
 
-class Resampler(nn.Module):
+class Resampler(PooledProjector, kw_only=True):
     """Perceiver resampler (Qwen-VL): learned queries with 2D sin-cos positions
     cross-attend to the patches (keys with their own 2D sin-cos positions), then LayerNorm
     and a linear map to the LLM width. ``num_queries`` (a square) queries, or
     (grid / scale_factor)^2 when it is 0."""
 
     num_queries: int = 0
-    scale_factor: int = 2
-    out_dim: int = 4096
     embed_dim: int = 1024
     num_heads: int = 8
     eps: float = 1e-6
-    dtype: str = "float32"
-    param_dtype: str = "float32"
 
     @nn.compact
     def __call__(self, x_last: jax.Array, x_multi: jax.Array | None = None) -> jax.Array:
