@@ -1,4 +1,5 @@
-"""What the launch scripts share: running (or, with --dry-run, printing) commands.
+"""What the launch scripts share: their command line (steps, --dry-run, --config.* overrides)
+and running (or, with --dry-run, printing) commands.
 
 A dry run prints each command exactly as it would run it, one per line (``shlex.join``
 quoting, so the output can be pasted into a shell); lines starting with ``#`` say what a
@@ -61,6 +62,26 @@ class Runner:
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="Print the commands instead of running them.")
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str]
+                         ) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, except that ``--config.a.b=value`` flags are passed on
+    to training as ``args.overrides``; any other unknown flag is an error."""
+    args, extra = parser.parse_known_args(argv)
+    args.overrides = extra
+    bad = [e for e in extra if not e.startswith("--config.")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    return args
+
+
+def main(steps: dict[str, Callable[[argparse.Namespace, Runner], None]],
+         parse_args: Callable[[list[str]], argparse.Namespace],
+         argv: list[str] | None = None) -> None:
+    """Runs the step ``argv`` (default: the command line) names, for real or as a dry run."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    steps[args.step](args, Runner(args.dry_run))
 
 
 def train_command(config: str, workdir: str, overrides: Sequence[str],

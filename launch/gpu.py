@@ -118,19 +118,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--script", default="", help="slurm: where the batch script goes "
                         "(default: JOB_NAME.sbatch here).")
     common.add_common_flags(parser)
-    args, extra = parser.parse_known_args(argv)
-    args.overrides = extra
-    bad = [e for e in extra if not e.startswith("--config.")]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args = common.parse_with_overrides(parser, argv)
     if args.nodes < 1 or args.gpus_per_node < 1:
         parser.error("--nodes and --gpus-per-node must be positive")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    STEPS[args.step](args, common.Runner(args.dry_run))
+    common.main(STEPS, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -165,17 +165,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--lines", type=int, default=100)
     parser.add_argument("--no-follow", dest="follow", action="store_false")
     common.add_common_flags(parser)
-    args, extra = parser.parse_known_args(argv)
-    args.overrides = extra
-    bad = [e for e in extra if not e.startswith("--config.")]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)}")
-    return args
+    return common.parse_with_overrides(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    STEPS[args.step](args, common.Runner(args.dry_run))
+    common.main(STEPS, parse_args, argv)
 
 
 if __name__ == "__main__":
