@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from tokenpacker_jax.convert.mapping import FLAT, IDENTITY, LINEAR, LINEAR_IN2, Rule
+from tokenpacker_jax.convert.mapping import (
+    FLAT, IDENTITY, LINEAR, LINEAR_IN2, RenamedKeys, Rule)
 from tokenpacker_jax.models.decoder_config import DecoderConfig
 
 # model_type -> family. ``llava_llama`` is the reference LLaVA / TokenPacker checkpoint: a
@@ -321,7 +322,7 @@ _HEAD_KEYS = ("lm_head.weight", "language_model.lm_head.weight")
 _BODY_PARTS = ("embed_tokens.", "layers.", "norm.")
 
 
-class DecoderKeys(Mapping):
+class DecoderKeys(RenamedKeys):
     """View of a checkpoint under the ``*ForCausalLM`` key names of the table.
 
     Keeps only the LLM's keys: multimodal checkpoints (reference LLaVA / TokenPacker) also
@@ -330,27 +331,18 @@ class DecoderKeys(Mapping):
     """
 
     def __init__(self, state: Mapping, config: DecoderConfig):
-        self._state = state
         prefix = next((p for p in _BODY_PREFIXES if f"{p}embed_tokens.weight" in state), None)
         if prefix is None:
             raise ValueError("checkpoint has no token embedding (looked for "
                              f"{[p + 'embed_tokens.weight' for p in _BODY_PREFIXES]})")
-        self._keys: dict[str, str] = {}
+        names: dict[str, str] = {}
         for key in state:
             if key.endswith("rotary_emb.inv_freq"):
                 continue
             if key in _HEAD_KEYS:
                 if not config.tie_embeddings:
-                    self._keys["lm_head.weight"] = key
+                    names["lm_head.weight"] = key
                 continue
             if key.startswith(prefix) and key[len(prefix):].startswith(_BODY_PARTS):
-                self._keys["model." + key[len(prefix):]] = key
-
-    def __getitem__(self, name: str):
-        return self._state[self._keys[name]]
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
+                names["model." + key[len(prefix):]] = key
+        super().__init__(state, names)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from tokenpacker_jax.convert.mapping import CONV, FLAT, IDENTITY, LINEAR, LINEAR_IN2, Rule
+from tokenpacker_jax.convert.mapping import (
+    CONV, FLAT, IDENTITY, LINEAR, LINEAR_IN2, RenamedKeys, Rule)
 from tokenpacker_jax.models.vision import VisionConfig
 
 # model_type of a vision-only config / of the full (image + text) model -> our family.
@@ -123,7 +124,7 @@ def vision_table(config: VisionConfig) -> list[Rule]:
     return table
 
 
-class VisionKeys(Mapping):
+class VisionKeys(RenamedKeys):
     """View of a checkpoint's tower keys without the ``vision_model.`` prefix.
 
     Full CLIP / SigLIP checkpoints carry text-model keys; those (everything outside the
@@ -132,23 +133,14 @@ class VisionKeys(Mapping):
     """
 
     def __init__(self, state: Mapping):
-        self._state = state
         has_prefix = any(key.startswith(VISION_PREFIX) for key in state)
         prefix = VISION_PREFIX if has_prefix else ""
-        self._keys = {}
+        names = {}
         for key in state:
             if not key.startswith(prefix):
                 continue
             short = key[len(prefix):]
             if short.startswith(IGNORED_VISION_KEYS) or short.endswith("position_ids"):
                 continue
-            self._keys[short] = key
-
-    def __getitem__(self, short: str):
-        return self._state[self._keys[short]]
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
+            names[short] = key
+        super().__init__(state, names)

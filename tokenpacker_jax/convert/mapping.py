@@ -62,6 +62,25 @@ class Rule:
         return "{i}" in self.torch_key
 
 
+class RenamedKeys(Mapping):
+    """Read-only view of a checkpoint ``state`` under other key names: ``names`` maps each
+    name shown to the key of ``state`` it reads. Tensors are read on access, so a lazy
+    ``TensorReader`` stays lazy; keys left out of ``names`` are hidden."""
+
+    def __init__(self, state: Mapping, names: Mapping[str, str]):
+        self._state = state
+        self._keys = dict(names)
+
+    def __getitem__(self, name: str):
+        return self._state[self._keys[name]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 def _unbox(tree: Any) -> Any:
     import flax.linen as nn  # noqa: PLC0415
 
