@@ -39,7 +39,7 @@ def get_config(arg: str | None = None):
                             system_prompt=""))
     config.data.hd.update(dict(comma_id=-1, newline_id=-1))
     config.mesh.update(dict(data=1, fsdp=-1, tensor=1))
-    config.train.update(dict(log_every=10, eval_every=0))
+    config.train.update(dict(log_every=50, eval_every=0))
     config.checkpoint.update(dict(every_steps=500, keep=2))
     # Decoder kernels of std 1/sqrt(width) (0.02 x 4.4); the projector's 5x the reference's.
     config.model.init_kernel_scale = {"decoder": 128**-0.5 / 0.02, "projector": 5.0}
