@@ -98,10 +98,12 @@ def gemma_like(directory: str):
 
 
 def data_config(**overrides):
-    """``configs/tiny.py``'s data section with overrides (dotted keys allowed)."""
+    """``configs/tiny.py``'s data section with overrides (dotted keys allowed), with the
+    templates' own system prompts (the reference's; tiny drops vicuna_v1's)."""
     from configs import tiny
 
     config = tiny.get_config().data
+    config.system_prompt = None
     for key, value in overrides.items():
         target = config
         *path, last = key.split(".")

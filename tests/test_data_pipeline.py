@@ -344,7 +344,7 @@ def test_llava_source_names_file_and_line(tmp_path):
     ("data.template", "chatml", "data.template"),
     ("data.source", "webdataset", "data.source"),
     ("data.batch_size", 6, "data x fsdp"),
-    ("data.max_length", 30, "no room for text"),
+    ("data.max_length", 9, "no room for text"),
     ("data.max_length", 4096, "max_position_embeddings"),
     ("data.num_epochs", 0, "data.num_epochs"),
     ("data.worker_count", -1, "data.worker_count"),
