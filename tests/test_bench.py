@@ -20,7 +20,7 @@ from tokenpacker_jax.bench import (
 
 
 def quiet(_):
-    pass
+    """A log function that prints nothing."""
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -100,13 +100,11 @@ def program_bytes(compiled: Any) -> int:
 
 def cpu_model() -> str:
     """The CPU's model name (/proc/cpuinfo on Linux, else ``platform``)."""
-    try:
+    if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo", encoding="utf-8") as file:
             for line in file:
                 if line.startswith("model name"):
                     return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or platform.machine()
 
 
