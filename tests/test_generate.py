@@ -52,7 +52,10 @@ def test_prompt_ends_where_the_answer_begins(setup):
     assert text.startswith("<s> A chat between")
 
 
-def test_cached_greedy_decoding_equals_full_forward_passes(setup):
+@pytest.mark.parametrize("unstack_layers", [False, True])
+def test_cached_greedy_decoding_equals_full_forward_passes(setup, unstack_layers):
+    """Decoding over the scanned layer stack and over per-layer weights (the CPU default)
+    both equal full forward passes of the scanned model."""
     data, model, params, tokenizer, builder = setup
     questions = [("What digit is shown?", load_image(data / "images/test/00001.png")),
                  ("Where is the red circle? Answer briefly.",
@@ -62,7 +65,9 @@ def test_cached_greedy_decoding_equals_full_forward_passes(setup):
     batch = left_pad(prompts, tokenizer.pad_id)
     steps = 6
     generator = Generator(model, params, stop_ids=[], pad_id=tokenizer.pad_id,
-                          sampling=SamplingConfig(max_new_tokens=steps))
+                          sampling=SamplingConfig(max_new_tokens=steps),
+                          unstack_layers=unstack_layers)
+    assert generator.model.config.decoder.scan_layers is not unstack_layers
     cached = generator(batch)["tokens"]
 
     # Reference: no cache; append the argmax and run the whole sequence again (one fixed

@@ -26,6 +26,7 @@ import numpy as np
 from tokenpacker_jax.data.conversation import IMAGE_PLACEHOLDER, ImageSlot, Turn
 from tokenpacker_jax.data.example import ExampleBuilder
 from tokenpacker_jax.models import mllm
+from tokenpacker_jax.models.decoder import unstack_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,12 +113,30 @@ def _choose(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def unscanned(model: mllm.MultimodalLM, params: Any) -> tuple[mllm.MultimodalLM, Any]:
+    """The same model with ``decoder.scan_layers=False`` and its parameters in that layout
+    (the decoder's layer stack split per layer; nothing else changes)."""
+    config = model.config
+    decoder = dataclasses.replace(config.decoder, scan_layers=False)
+    params = {**params, "decoder": unstack_layers(params["decoder"], decoder.num_layers)}
+    return mllm.MultimodalLM(dataclasses.replace(config, decoder=decoder)), params
+
+
 class Generator:
     """Compiled prefill + decode loop for one model; one compile per (batch, length) bucket,
     done before timing so the reported latencies are those of the compiled programs."""
 
     def __init__(self, model: mllm.MultimodalLM, params: Any, stop_ids: Sequence[int],
-                 pad_id: int, sampling: SamplingConfig = SamplingConfig()):
+                 pad_id: int, sampling: SamplingConfig = SamplingConfig(),
+                 unstack_layers: bool | None = None):
+        """``unstack_layers``: run the decoder's layers as separate modules over per-layer
+        weights (split once here, a copy of the decoder's weights) rather than scanned over
+        the stack; default: on the CPU, where XLA copies each scanned layer's weight slice
+        at every decoding step (BENCHMARKS.md, "Against transformers' PyTorch LLaVA")."""
+        if unstack_layers is None:
+            unstack_layers = jax.default_backend() == "cpu"
+        if unstack_layers and model.config.decoder.scan_layers:
+            model, params = unscanned(model, params)
         self.model, self.params = model, params
         self.stop_ids = jnp.asarray(sorted(set(stop_ids)), jnp.int32)
         self.pad_id = pad_id

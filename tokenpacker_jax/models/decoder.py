@@ -129,13 +129,16 @@ class DecoderLayer(nn.Module):
         return (x, cache), None
 
 
+def _layer_class(cfg: DecoderConfig) -> type[nn.Module]:
+    if cfg.remat_policy == "none":
+        return DecoderLayer
+    return nn.remat(DecoderLayer, policy=layers.remat_policy(cfg.remat_policy),
+                    prevent_cse=False)
+
+
 def _scanned_layers(cfg: DecoderConfig) -> nn.Module:
-    block = DecoderLayer
-    if cfg.remat_policy != "none":
-        block = nn.remat(block, policy=layers.remat_policy(cfg.remat_policy),
-                         prevent_cse=False)
     return nn.scan(
-        block,
+        _layer_class(cfg),
         variable_axes={"params": 0},
         split_rngs={"params": True},
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
@@ -158,7 +161,10 @@ class Decoder(nn.Module):
     def setup(self):
         cfg = self.config
         self.embedder = Embedder(cfg)
-        self.layers = _scanned_layers(cfg)
+        if cfg.scan_layers:
+            self.layers = _scanned_layers(cfg)
+        else:  # named layers_0 .. layers_{L-1}
+            self.layers = [_layer_class(cfg)(cfg) for _ in range(cfg.num_layers)]
         self.final_norm = _norm(cfg)
         if not cfg.tie_embeddings:
             self.lm_head = layers.dense(cfg.vocab_size, axes=("embed", "vocab"),
@@ -247,9 +253,9 @@ class Decoder(nn.Module):
         global_mask, local_mask = self._masks(slot[None], q_positions,
                                               jnp.arange(cache.max_length), key_positions,
                                               prefix_length=None)
-        (x, (keys, values)), _ = self.layers((x, (cache.keys, cache.values)),
-                                             self._per_layer(), self._rope(q_positions),
-                                             global_mask, local_mask, slot)
+        x, (keys, values) = self._run_layers((x, (cache.keys, cache.values)),
+                                             self._rope(q_positions), global_mask,
+                                             local_mask, slot)
         new_cache = KVCache(keys=keys, values=values, positions=key_positions, index=slot + 1,
                             next_position=cache.next_position + 1)
         return self.logits(self.final_norm(x[:, 0])), new_cache
@@ -285,9 +291,20 @@ class Decoder(nn.Module):
         key_positions = jnp.where(mask, positions, -1)
         global_mask, local_mask = self._masks(slots, positions, slots, key_positions,
                                               prefix_length)
-        (x, cache), _ = self.layers((x, cache), self._per_layer(), self._rope(positions),
-                                    global_mask, local_mask, cache_index)
-        return x, cache
+        return self._run_layers((x, cache), self._rope(positions), global_mask, local_mask,
+                                cache_index)
+
+    def _run_layers(self, carry, rope, global_mask, local_mask, cache_index):
+        """(x, cache) through every layer, scanned or one module after another."""
+        if self.config.scan_layers:
+            carry, _ = self.layers(carry, self._per_layer(), rope, global_mask, local_mask,
+                                   cache_index)
+            return carry
+        sliding, index = self._per_layer()
+        for i, layer in enumerate(self.layers):
+            carry, _ = layer(carry, (sliding[i], index[i]), rope, global_mask, local_mask,
+                             cache_index)
+        return carry
 
     def _rope(self, positions):
         """(cos, sin) of the global layers, and of the sliding ones where they differ."""
@@ -298,3 +315,12 @@ class Decoder(nn.Module):
     def _per_layer(self):
         cfg = self.config
         return (jnp.asarray(cfg.sliding_layers), jnp.arange(cfg.num_layers, dtype=jnp.int32))
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+    """Decoder parameters with the scanned ``layers`` stack [L, ...] split into
+    ``layers_0`` .. ``layers_{L-1}``: the layout of ``scan_layers=False``."""
+    unstacked = {name: value for name, value in params.items() if name != "layers"}
+    for i in range(num_layers):
+        unstacked[f"layers_{i}"] = jax.tree.map(lambda stack, i=i: stack[i], params["layers"])
+    return unstacked

@@ -77,6 +77,10 @@ class DecoderConfig(layers.FromDict):
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat_policy: str = "none"
+    # True: the layers run under nn.scan with weights stacked on a leading "layers" axis
+    # (one compiled body; training). False: one module per layer ("layers_0", ...), for
+    # decoding on XLA:CPU, which copies each scanned layer's weight slice before using it.
+    scan_layers: bool = True
     attention_impl: str | None = None  # jax.nn.dot_product_attention implementation
 
     def __post_init__(self):
