@@ -51,11 +51,15 @@ def test_answer_sets_are_small_and_closed(generated):
     assert len(questions) == 10 * len(synthetic.CATEGORIES)
     for question in questions:
         assert question["answer"] in meta["answers"][question["category"]]
+    by_image = {}
+    for question in questions:
+        by_image.setdefault(question["image"], []).append(question["category"])
+    assert all(sorted(c) == sorted(synthetic.CATEGORIES) for c in by_image.values())
     conversations = json.loads((generated / "train_qa.json").read_text())
     for record in conversations:
         turns = record["conversations"]
-        assert turns[0]["value"].startswith("<image>\n") and len(turns) == 10
-        assert [t["from"] for t in turns] == ["human", "gpt"] * 5
+        assert turns[0]["value"].startswith("<image>\n") and 6 <= len(turns) <= 10
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
     captions = json.loads((generated / "train_caption.json").read_text())
     assert captions[0]["conversations"][1]["value"].endswith(".")
 
@@ -73,6 +77,22 @@ def colour_mask(pixels, name):
     return (np.abs(pixels.astype(int) - target).max(axis=-1) <= 14)
 
 
+def check_object(pixels, size, colour, shape=None, position=None):
+    """The object of ``colour`` is drawn (only in ``position``'s cell if given) and fills its
+    box as ``shape`` would if given."""
+    everywhere = colour_mask(pixels, colour).sum()
+    assert everywhere >= (size // 3) ** 2 * 0.25
+    if position is not None:
+        assert colour_mask(cell_pixels(pixels, position, size), colour).sum() == everywhere
+    fill = everywhere / round(size // 3 * 0.75) ** 2
+    if shape == "square":
+        assert fill > 0.95
+    elif shape == "circle":
+        assert 0.7 < fill < 0.9
+    elif shape is not None:
+        assert fill < 0.7
+
+
 @pytest.mark.parametrize("size", [48, 336])
 def test_answers_match_the_pixels(size, tmp_path):
     out = tmp_path / str(size)
@@ -88,26 +108,19 @@ def test_answers_match_the_pixels(size, tmp_path):
             answers[question["value"].replace("<image>\n", "")] = answer["value"]
         count_answer = answers.pop("How many shapes are there?")
         digit = answers.pop("What digit is shown?")
-        shape_question = next(q for q in answers if q.startswith("What shape"))
-        colour = shape_question.split("the ")[1].split(" object")[0]
-        shape = answers[shape_question]
-        assert answers[f"What colour is the {shape}?"] == colour
-        position = answers[f"Where is the {colour} {shape}?"]
-        # The asked object's colour fills part of the named cell, and appears nowhere else.
-        inside = colour_mask(cell_pixels(pixels, position, size), colour).sum()
-        assert inside >= (size // 3) ** 2 * 0.25
-        assert colour_mask(pixels, colour).sum() == inside
-        fill = inside / round(size // 3 * 0.75) ** 2
-        if shape == "square":
-            assert fill > 0.95
-        elif shape == "circle":
-            assert 0.7 < fill < 0.9
-        else:
-            assert fill < 0.7
-        # As many colours as the count says.
+        # As many colours as the count says, and as many attribute questions (up to three).
         present = [name for name in synthetic.COLOURS
                    if colour_mask(pixels, name).sum() >= (size // 3) ** 2 * 0.2]
         assert synthetic.COUNTS[len(present) - 1] == count_answer
+        assert len(answers) == min(3, len(present))
+        for question, answer in answers.items():
+            words = question.rstrip("?").split()
+            if question.startswith("What colour"):  # What colour is the {shape}?
+                check_object(pixels, size, answer, shape=words[-1])
+            elif question.startswith("What shape"):  # What shape is the {colour} object?
+                check_object(pixels, size, words[-2], shape=answer)
+            else:  # Where is the {colour} {shape}?
+                check_object(pixels, size, words[-2], shape=words[-1], position=answer)
         # The dark pixels are exactly the digit's bitmap, scaled.
         dark = (pixels.max(axis=-1) < 60)
         rows, cols = np.nonzero(dark)
@@ -116,3 +129,21 @@ def test_answers_match_the_pixels(size, tmp_path):
         bitmap = np.array([[c == "1" for c in row] for row in synthetic._FONT[digit]])
         trimmed = bitmap[:, bitmap.any(axis=0)][bitmap.any(axis=1)]
         np.testing.assert_array_equal(glyph, np.kron(trimmed, np.ones((scale, scale), bool)))
+
+
+def test_no_question_names_another_turns_answer(generated):
+    """A conversation's answers must come from the image, not from its other turns: no
+    question names the colour or shape that another question answers."""
+    conversations = json.loads((generated / "train_qa.json").read_text())
+    names = set(synthetic.COLOURS) | set(synthetic.SHAPES)
+    attribute_questions = 0
+    for record in conversations:
+        turns = record["conversations"]
+        pairs = [(q["value"], a["value"]) for q, a in zip(turns[::2], turns[1::2])]
+        for i, (_, answer) in enumerate(pairs):
+            for j, (question, _) in enumerate(pairs):
+                named = set(question.rstrip("?").split()) & names
+                assert i == j or answer not in named, (record["id"], pairs)
+        attribute_questions += len(pairs) - 2
+    # Scenes hold 1-4 objects: 1-3 attribute questions each, and every kind of scene occurs.
+    assert len(conversations) < attribute_questions < 3 * len(conversations)

@@ -17,10 +17,16 @@ closed answer sets (chance = 1 / set size):
 Written to DIR (paths in the JSON are relative to DIR, the image folder):
 
     images/{split}/{index:05d}.png
-    {split}_caption.json     stage 1: ``<image>`` + a caption naming every item (plain)
-    {split}_qa.json          stage 2: all five question types, shuffled, one conversation
-    {split}_questions.jsonl  held-out evaluation: one question per line with
-                             question_id, image, text, answer, category
+    {split}_caption.json     stage 1: ``<image>`` + a caption naming every item in reading
+                             order (plain)
+    {split}_qa.json          stage 2: one conversation per image, the questions shuffled:
+                             count, digit and as many colour / shape / position
+                             questions as the image has objects (up to three), each
+                             about another object, so that no turn names another's
+                             answer and every answer must come from the image
+    {split}_questions.jsonl  held-out evaluation: one question of each category per
+                             image, one per line, with question_id, image, text,
+                             answer, category
     meta.json                answer sets and the generation settings
     tokenizer/               (``--tokenizer-vocab V``) a LLaMA-style sentencepiece
                              tokenizer (byte fallback) trained on this text
@@ -50,6 +56,7 @@ POSITIONS = ("top left", "top", "top right", "left", "centre", "right", "bottom 
 COUNTS = ("one", "two", "three", "four")
 DIGITS = tuple(str(d) for d in range(10))
 CATEGORIES = ("colour", "shape", "position", "count", "digit")
+ATTRIBUTE_CATEGORIES = ("colour", "shape", "position")  # questions about one object
 ANSWERS = {"colour": tuple(COLOURS), "shape": SHAPES, "position": POSITIONS,
            "count": COUNTS, "digit": DIGITS}
 SPLITS = {"train": 0, "val": 1, "test": 2}
@@ -136,24 +143,54 @@ def scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, dict[str, An
 
 
 def questions(info: dict[str, Any], rng: np.random.Generator) -> list[dict[str, str]]:
-    """One question of each category (in CATEGORIES order) with its answer."""
+    """The five questions about a scene, one per category, with their answers.
+
+    The colour, shape and position questions come first, in a random order, and ask about
+    different objects while the scene has enough (the k-th asks about object k mod count of a
+    random order of the objects); then count and digit. As colours and shapes are unique
+    within a scene, the first ``min(3, count)`` therefore never name one another's answers
+    (``conversation_questions`` relies on it).
+    """
     objects = info["objects"]
-    target = objects[int(rng.integers(len(objects)))]
-    return [
-        {"category": "colour", "text": f"What colour is the {target['shape']}?",
-         "answer": target["colour"]},
-        {"category": "shape", "text": f"What shape is the {target['colour']} object?",
-         "answer": target["shape"]},
-        {"category": "position", "text": f"Where is the {target['colour']} "
-                                         f"{target['shape']}?", "answer": target["position"]},
+    attributes = rng.permutation(len(ATTRIBUTE_CATEGORIES))
+    order = rng.permutation(len(objects))
+    asked = []
+    for rank, index in enumerate(attributes):
+        target = objects[int(order[rank % len(objects)])]
+        category = ATTRIBUTE_CATEGORIES[int(index)]
+        if category == "colour":
+            asked.append({"category": category, "text": f"What colour is the {target['shape']}?",
+                          "answer": target["colour"]})
+        elif category == "shape":
+            asked.append({"category": category,
+                          "text": f"What shape is the {target['colour']} object?",
+                          "answer": target["shape"]})
+        else:
+            asked.append({"category": category,
+                          "text": f"Where is the {target['colour']} {target['shape']}?",
+                          "answer": target["position"]})
+    return asked + [
         {"category": "count", "text": "How many shapes are there?",
          "answer": COUNTS[len(objects) - 1]},
         {"category": "digit", "text": "What digit is shown?", "answer": info["digit"]},
     ]
 
 
+def conversation_questions(info: dict[str, Any],
+                           asked: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """The questions of ``asked`` (from ``questions``) that one training conversation holds:
+    no question in it may name another's answer, or the model learns to copy the answer from
+    an earlier turn instead of reading the image (the held-out questions come one at a time).
+    Scenes with fewer than three objects therefore drop attribute questions."""
+    kept = min(len(ATTRIBUTE_CATEGORIES), len(info["objects"]))
+    return list(asked[:kept]) + list(asked[len(ATTRIBUTE_CATEGORIES):])
+
+
 def caption(info: dict[str, Any]) -> str:
-    items = [f"a {o['colour']} {o['shape']} at the {o['position']}" for o in info["objects"]]
+    """Every object in reading order (top left to bottom right), then the digit: a caption
+    fixed by the image, so that each of its words is read off the pixels."""
+    objects = sorted(info["objects"], key=lambda o: POSITIONS.index(o["position"]))
+    items = [f"a {o['colour']} {o['shape']} at the {o['position']}" for o in objects]
     listed = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
     return f"{listed}; the digit {info['digit']} at the {info['digit_position']}."
 
@@ -179,14 +216,15 @@ def generate_split(out: str, split: str, num: int, seed: int, size: int) -> dict
             {"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
             {"from": "gpt", "value": caption(info)}]})
         asked = questions(info, rng)
+        kept = conversation_questions(info, asked)
         turns = []
-        for turn, number in enumerate(rng.permutation(len(asked))):
-            question = asked[int(number)]
+        for turn, number in enumerate(rng.permutation(len(kept))):
+            question = kept[int(number)]
             prefix = "<image>\n" if turn == 0 else ""
             turns += [{"from": "human", "value": prefix + question["text"]},
                       {"from": "gpt", "value": question["answer"]}]
         conversations.append({"id": sample_id, "image": image, "conversations": turns})
-        for question in asked:
+        for question in sorted(asked, key=lambda q: CATEGORIES.index(q["category"])):
             evaluation.append({"question_id": f"{sample_id}-{question['category']}",
                                "image": image, "text": question["text"],
                                "answer": question["answer"],
