@@ -103,7 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.tokenizer = ""
     config.model.train_vision = False
     # {group: factor}: multiplies the dense kernels of freshly initialised groups (narrow toy
-    # models, whose fixed-std inits are far below 1/sqrt(fan_in)); {} keeps every init.
+    # models, whose fixed-std inits are far below 1/sqrt(fan_in)); a "group/name" key scales
+    # the group's leaves called name instead (e.g. "vision_tower/position_embedding");
+    # {} keeps every init.
     config.model.init_kernel_scale = {}
 
     config.data = ml_collections.ConfigDict()

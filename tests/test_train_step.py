@@ -177,8 +177,10 @@ def test_init_kernel_scale_multiplies_fresh_kernels_only(model, mesh8):
     key = jax.random.key(3)
     plain = state_lib.init_params(model, mesh8, rules, key, {}, shardings)
     loaded = {"decoder": plain["decoder"]}
-    scaled = state_lib.init_params(model, mesh8, rules, key, loaded, shardings,
-                                   kernel_scale={"projector": 3.0, "decoder": 5.0})
+    scaled = state_lib.init_params(
+        model, mesh8, rules, key, loaded, shardings,
+        kernel_scale={"projector": 3.0, "decoder": 5.0,
+                      "vision_tower/position_embedding": 7.0})
     checked = 0
     for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(plain),
                                  jax.tree_util.tree_leaves_with_path(scaled)):
@@ -187,12 +189,19 @@ def test_init_kernel_scale_multiplies_fresh_kernels_only(model, mesh8):
         if name.startswith("['projector']") and name.endswith("['kernel']"):
             np.testing.assert_allclose(b, 3.0 * a, rtol=1e-6, err_msg=name)
             checked += 1
-        else:  # biases, norms, the tower, and the loaded decoder keep their values
+        elif name.startswith("['vision_tower']") and name.endswith("['position_embedding']"):
+            np.testing.assert_allclose(b, 7.0 * a, rtol=1e-6, err_msg=name)
+            checked += 1
+        else:  # biases, norms, the tower's kernels, the loaded decoder keep their values
             np.testing.assert_array_equal(b, a, err_msg=name)
-    assert checked >= 4
+    assert checked >= 5
+    with pytest.raises(ValueError, match="'vision_tower/pos'.*no parameter called 'pos'"):
+        state_lib.init_params(model, mesh8, rules, key, {}, shardings,
+                              kernel_scale={"vision_tower/pos": 2.0})
 
 
 @pytest.mark.parametrize("scale, message", [({"llm": 2.0}, "not a parameter group"),
+                                            ({"llm/kernel": 2.0}, "not a parameter group"),
                                             ({"projector": 0.0}, "must be > 0")])
 def test_init_kernel_scale_is_validated(scale, message):
     config = tiny.get_config()

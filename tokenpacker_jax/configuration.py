@@ -106,10 +106,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         _check(vision.num_heads % mesh["tensor"] == 0, "mesh.tensor",
                f"{mesh['tensor']} does not divide the tower's {vision.num_heads} heads")
 
-    for group, factor in dict(config.model.get("init_kernel_scale") or {}).items():
+    for target, factor in dict(config.model.get("init_kernel_scale") or {}).items():
+        group = target.partition("/")[0]
         _check(group in PARAM_GROUPS, "model.init_kernel_scale",
-               f"{group!r} is not a parameter group (valid: {PARAM_GROUPS})")
-        _check(factor > 0, "model.init_kernel_scale", f"{group}: factor {factor} must be > 0")
+               f"{target!r}: {group!r} is not a parameter group (valid: {PARAM_GROUPS})")
+        _check(factor > 0, "model.init_kernel_scale", f"{target}: factor {factor} must be > 0")
 
     image = config.data.image
     _check(image.aspect_mode in ASPECT_MODES, "data.image.aspect_mode",

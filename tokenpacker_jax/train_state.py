@@ -43,14 +43,21 @@ def param_shardings(model: mllm.MultimodalLM, mesh: Mesh, rules: Any,
     return nn.meta.unbox(boxed), shardings
 
 
-def scale_kernels(params: Any, factor: float) -> Any:
-    """``params`` with every dense kernel (a leaf named ``kernel``) multiplied by ``factor``."""
+def scale_leaves(params: Any, factor: float, name: str = "kernel") -> Any:
+    """``params`` with every leaf called ``name`` (default: the dense kernels) multiplied by
+    ``factor``. Raises ValueError when no leaf has that name."""
+    found = []
 
     def scale(path, leaf):
-        name = getattr(path[-1], "key", None)
-        return leaf * jnp.asarray(factor, leaf.dtype) if name == "kernel" else leaf
+        if getattr(path[-1], "key", None) != name:
+            return leaf
+        found.append(path)
+        return leaf * jnp.asarray(factor, leaf.dtype)
 
-    return jax.tree_util.tree_map_with_path(scale, params)
+    scaled = jax.tree_util.tree_map_with_path(scale, params)
+    if not found:
+        raise ValueError(f"no parameter called {name!r} to scale")
+    return scaled
 
 
 def init_params(model: mllm.MultimodalLM, mesh: Mesh, rules: Any, key: jax.Array,
@@ -59,8 +66,10 @@ def init_params(model: mllm.MultimodalLM, mesh: Mesh, rules: Any, key: jax.Array
     """All parameter groups: ``loaded`` ones as given, the others freshly initialised
     straight into their shards (XLA drops the init of groups that are not returned).
 
-    ``kernel_scale`` ({group: factor}, ``config.model.init_kernel_scale``) multiplies the
-    dense kernels of freshly initialised groups; loaded groups are never rescaled.
+    ``kernel_scale`` (``config.model.init_kernel_scale``) multiplies parameters of freshly
+    initialised groups; loaded groups are never rescaled. A key ``group`` scales the
+    group's dense kernels, ``group/name`` its leaves called ``name`` (e.g.
+    ``vision_tower/position_embedding``).
     """
     missing = [group for group in mllm.PARAM_GROUPS if group not in loaded]
     inputs = mllm.init_inputs(model.config, 1, 8, tiles)
@@ -68,9 +77,16 @@ def init_params(model: mllm.MultimodalLM, mesh: Mesh, rules: Any, key: jax.Array
 
     def init_missing(key):
         params = nn.meta.unbox(model.init(key, **inputs)["params"])
-        return {group: scale_kernels(params[group], kernel_scale[group])
-                if kernel_scale.get(group, 1.0) != 1.0 else params[group]
-                for group in missing}
+        fresh = {group: params[group] for group in missing}
+        for target, factor in kernel_scale.items():
+            group, _, name = target.partition("/")
+            if group in fresh and factor != 1.0:
+                try:
+                    fresh[group] = scale_leaves(fresh[group], factor, name or "kernel")
+                except ValueError as error:
+                    raise ValueError(f"model.init_kernel_scale[{target!r}]: {error} in "
+                                     f"{group}") from error
+        return fresh
 
     fresh = {}
     if missing:
