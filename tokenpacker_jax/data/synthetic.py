@@ -57,6 +57,9 @@ COUNTS = ("one", "two", "three", "four")
 DIGITS = tuple(str(d) for d in range(10))
 CATEGORIES = ("colour", "shape", "position", "count", "digit")
 ATTRIBUTE_CATEGORIES = ("colour", "shape", "position")  # questions about one object
+_ATTRIBUTE_QUESTIONS = {"colour": "What colour is the {shape}?",
+                        "shape": "What shape is the {colour} object?",
+                        "position": "Where is the {colour} {shape}?"}
 ANSWERS = {"colour": tuple(COLOURS), "shape": SHAPES, "position": POSITIONS,
            "count": COUNTS, "digit": DIGITS}
 SPLITS = {"train": 0, "val": 1, "test": 2}
@@ -158,17 +161,8 @@ def questions(info: dict[str, Any], rng: np.random.Generator) -> list[dict[str, 
     for rank, index in enumerate(attributes):
         target = objects[int(order[rank % len(objects)])]
         category = ATTRIBUTE_CATEGORIES[int(index)]
-        if category == "colour":
-            asked.append({"category": category, "text": f"What colour is the {target['shape']}?",
-                          "answer": target["colour"]})
-        elif category == "shape":
-            asked.append({"category": category,
-                          "text": f"What shape is the {target['colour']} object?",
-                          "answer": target["shape"]})
-        else:
-            asked.append({"category": category,
-                          "text": f"Where is the {target['colour']} {target['shape']}?",
-                          "answer": target["position"]})
+        asked.append({"category": category, "text": _ATTRIBUTE_QUESTIONS[category].format(**target),
+                      "answer": target[category]})
     return asked + [
         {"category": "count", "text": "How many shapes are there?",
          "answer": COUNTS[len(objects) - 1]},
