@@ -147,3 +147,38 @@ def test_no_question_names_another_turns_answer(generated):
         attribute_questions += len(pairs) - 2
     # Scenes hold 1-4 objects: 1-3 attribute questions each, and every kind of scene occurs.
     assert len(conversations) < attribute_questions < 3 * len(conversations)
+
+
+def item_offsets(pixels, info, size):
+    """Each shape's and the digit's (row, col) offset inside its cell."""
+    cell = size // 3
+    offsets = []
+    masks = [(colour_mask(pixels, o["colour"]), o["position"]) for o in info["objects"]]
+    masks.append((pixels.max(axis=-1) < 60, info["digit_position"]))
+    for mask, position in masks:
+        row, col = divmod(synthetic.POSITIONS.index(position), 3)
+        rows, cols = np.nonzero(mask)
+        offsets.append([rows.min() - row * cell, cols.min() - col * cell])
+    # The digit's glyph may start after blank rows / columns of its bitmap.
+    bitmap = np.array([[c == "1" for c in row] for row in synthetic._FONT[info["digit"]]])
+    scale = max(1, cell // 8)
+    offsets[-1][0] -= bitmap.any(axis=1).argmax() * scale
+    offsets[-1][1] -= bitmap.any(axis=0).argmax() * scale
+    return [tuple(int(v) for v in offset) for offset in offsets]
+
+
+def test_jitter_bounds_how_far_items_sit_off_their_cells_centre():
+    size = 48  # 16 px cells: shapes of 12 px (slack 4), digits of 10 x 14 px (slack 6 x 2)
+    seen = {None: set(), 0: set(), 1: set()}
+    for jitter, offsets_seen in seen.items():
+        for seed in range(25):
+            pixels, info = synthetic.scene(np.random.default_rng(seed), size, jitter)
+            offsets = item_offsets(pixels, info, size)
+            offsets_seen.update(offsets)
+            if jitter is not None:
+                for (row, col), centre in zip(offsets, [(2, 2)] * len(info["objects"]) + [(1, 3)]):
+                    assert abs(row - centre[0]) <= jitter and abs(col - centre[1]) <= jitter
+    assert seen[0] == {(2, 2), (1, 3)}
+    assert len(seen[1]) > 2 and len(seen[None]) > len(seen[1])
+    with pytest.raises(ValueError, match="--jitter -1"):
+        synthetic.generate("/nonexistent", 1, 0, jitter=-1)

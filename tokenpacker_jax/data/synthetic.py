@@ -1,12 +1,14 @@
 """Synthetic images with questions that need fine detail, for toy-scale runs and tests.
 
-``python -m tokenpacker_jax.data.synthetic --out DIR --num N --seed S [--size 48]``
+``python -m tokenpacker_jax.data.synthetic --out DIR --num N --seed S [--size 48] [--jitter PX]``
 
 Each image (``--size`` px square, 48 by default for ``configs/tiny.py``, 336 for the paper's
 tower) is a 3 x 3 grid of cells on a lightly noisy grey background. One to four cells hold a
 coloured shape (distinct colours and shapes within an image), one more holds a dark digit
-drawn from a 5 x 7 bitmap font; positions inside a cell are jittered. Questions have small
-closed answer sets (chance = 1 / set size):
+drawn from a 5 x 7 bitmap font; each item sits anywhere in its cell, or with ``--jitter PX``
+at most PX px off the cell's centre (0: always centred, so that every item falls on the
+same pixels of its cell's patches). Questions have small closed answer sets (chance = 1 /
+set size):
 
     colour    "What colour is the {shape}?"            red green blue yellow purple   (1/5)
     shape     "What shape is the {colour} object?"     circle square triangle cross   (1/4)
@@ -105,8 +107,18 @@ def _draw_digit(pixels: np.ndarray, digit: str, top: int, left: int, scale: int)
     region[mask] = _DIGIT_COLOUR
 
 
-def scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, dict[str, Any]]:
-    """One image (uint8 [size, size, 3]) and what is in it."""
+def _place(rng: np.random.Generator, slack: int, jitter: int | None) -> int:
+    """An item's offset in its cell, 0..slack: anywhere (``jitter`` None) or at most
+    ``jitter`` px off the centred offset."""
+    if jitter is None:
+        return int(rng.integers(0, slack + 1))
+    return int(np.clip(slack // 2 + rng.integers(-jitter, jitter + 1), 0, slack))
+
+
+def scene(rng: np.random.Generator, size: int, jitter: int | None = None
+          ) -> tuple[np.ndarray, dict[str, Any]]:
+    """One image (uint8 [size, size, 3]) and what is in it. Each shape and the digit sit
+    anywhere in their cells, or with ``jitter`` at most that many px off the cell's centre."""
     cell = size // 3
     count = int(rng.integers(1, 5))
     cells = rng.permutation(9)[:count + 1]
@@ -125,11 +137,11 @@ def scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, dict[str, An
     for slot, colour_index, shape_index in zip(cells[:count], colours, shapes):
         row, col = divmod(int(slot), 3)
         slack = cell - extent
-        top = offset + row * cell + int(rng.integers(0, slack + 1))
-        left = offset + col * cell + int(rng.integers(0, slack + 1))
+        top = offset + row * cell + _place(rng, slack, jitter)
+        left = offset + col * cell + _place(rng, slack, jitter)
         colour_name = list(COLOURS)[int(colour_index)]
-        jitter = rng.integers(-12, 13, 3)
-        colour = tuple(int(v) for v in np.clip(np.array(COLOURS[colour_name]) + jitter, 0, 255))
+        tint = rng.integers(-12, 13, 3)
+        colour = tuple(int(v) for v in np.clip(np.array(COLOURS[colour_name]) + tint, 0, 255))
         shape = SHAPES[int(shape_index)]
         _draw_shape(draw, shape, (left, top, left + extent - 1, top + extent - 1), colour)
         objects.append({"shape": shape, "colour": colour_name, "position": POSITIONS[slot]})
@@ -138,8 +150,8 @@ def scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, dict[str, An
     scale = max(1, cell // 8)
     height, width = 7 * scale, 5 * scale
     row, col = divmod(int(cells[count]), 3)
-    top = offset + row * cell + int(rng.integers(0, max(cell - height, 0) + 1))
-    left = offset + col * cell + int(rng.integers(0, max(cell - width, 0) + 1))
+    top = offset + row * cell + _place(rng, max(cell - height, 0), jitter)
+    left = offset + col * cell + _place(rng, max(cell - width, 0), jitter)
     _draw_digit(pixels, digit, top, left, scale)
     return pixels, {"objects": objects, "digit": digit,
                     "digit_position": POSITIONS[int(cells[count])]}
@@ -195,13 +207,14 @@ def _png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def generate_split(out: str, split: str, num: int, seed: int, size: int) -> dict[str, list]:
+def generate_split(out: str, split: str, num: int, seed: int, size: int,
+                   jitter: int | None = None) -> dict[str, list]:
     """Writes one split's images; returns its caption / qa / question records."""
     os.makedirs(os.path.join(out, "images", split), exist_ok=True)
     captions, conversations, evaluation = [], [], []
     for index in range(num):
         rng = np.random.default_rng([seed, SPLITS[split], index])
-        pixels, info = scene(rng, size)
+        pixels, info = scene(rng, size, jitter)
         image = f"images/{split}/{index:05d}.png"
         with open(os.path.join(out, image), "wb") as file:
             file.write(_png(pixels))
@@ -255,15 +268,17 @@ def train_tokenizer(texts: Sequence[str], out_dir: str, vocab_size: int) -> None
 
 
 def generate(out: str, num: int, seed: int, *, num_eval: int | None = None, size: int = 48,
-             tokenizer_vocab: int = 0) -> dict[str, Any]:
+             jitter: int | None = None, tokenizer_vocab: int = 0) -> dict[str, Any]:
     """Writes the dataset (see the module docstring); returns meta.json's content."""
     if size < 24:
         raise ValueError(f"--size {size}: images below 24 px cannot hold the scenes")
+    if jitter is not None and jitter < 0:
+        raise ValueError(f"--jitter {jitter}: must be >= 0 (or left out: anywhere in the cell)")
     num_eval = max(20, num // 10) if num_eval is None else num_eval
     os.makedirs(out, exist_ok=True)
     texts = []
     for split, count in (("train", num), ("val", num_eval), ("test", num_eval)):
-        records = generate_split(out, split, count, seed, size)
+        records = generate_split(out, split, count, seed, size, jitter)
         _write_json(os.path.join(out, f"{split}_caption.json"), records["caption"])
         _write_json(os.path.join(out, f"{split}_qa.json"), records["qa"])
         with open(os.path.join(out, f"{split}_questions.jsonl"), "w", encoding="utf-8") as file:
@@ -272,7 +287,7 @@ def generate(out: str, num: int, seed: int, *, num_eval: int | None = None, size
         if split == "train":
             texts += [t["value"] for r in records["caption"] + records["qa"]
                       for t in r["conversations"]]
-    meta = {"seed": seed, "size": size, "num": {"train": num, "val": num_eval,
+    meta = {"seed": seed, "size": size, "jitter": jitter, "num": {"train": num, "val": num_eval,
                                                 "test": num_eval},
             "answers": {k: list(v) for k, v in ANSWERS.items()},
             "chance": {k: 1 / len(v) for k, v in ANSWERS.items()}}
@@ -294,11 +309,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num-eval", type=int, default=None,
                         help="images in val and in test (default max(20, num / 10))")
     parser.add_argument("--size", type=int, default=48, help="image side in pixels")
+    parser.add_argument("--jitter", type=int, default=None,
+                        help="items at most this many px off their cell's centre (default: "
+                             "anywhere in the cell)")
     parser.add_argument("--tokenizer-vocab", type=int, default=0,
                         help="also train a sentencepiece tokenizer of this size (0: none)")
     args = parser.parse_args(argv)
     meta = generate(args.out, args.num, args.seed, num_eval=args.num_eval, size=args.size,
-                    tokenizer_vocab=args.tokenizer_vocab)
+                    jitter=args.jitter, tokenizer_vocab=args.tokenizer_vocab)
     print(f"wrote {meta['num']} images of {args.size} px to {args.out}")
 
 
