@@ -1,8 +1,9 @@
 """A tiny model for the CPU: the whole pipeline at toy scale in minutes.
 
 ``--config=configs/tiny.py:stage=1,data=DIR`` where DIR was written by
-``python -m tokenpacker_jax.data.synthetic --out DIR --num N --seed S --tokenizer-vocab 512``
-(images, LLaVA JSON per split, and a sentencepiece tokenizer in DIR/tokenizer).
+``python -m tokenpacker_jax.data.synthetic --out DIR --num N --seed S --jitter 0
+--tokenizer-vocab 512`` (images, LLaVA JSON per split, and a sentencepiece tokenizer in
+DIR/tokenizer; ``--jitter 0`` centres the items in their cells, as the main job does).
 
 48 px images in 8 px patches: a 6 x 6 grid, packed 4x into 3 x 3 = 9 visual tokens, one per
 cell of the synthetic scenes. Stage 1 trains the projector on captions (``plain``); stage 2
