@@ -287,8 +287,8 @@ def generate(out: str, num: int, seed: int, *, num_eval: int | None = None, size
         if split == "train":
             texts += [t["value"] for r in records["caption"] + records["qa"]
                       for t in r["conversations"]]
-    meta = {"seed": seed, "size": size, "jitter": jitter, "num": {"train": num, "val": num_eval,
-                                                "test": num_eval},
+    meta = {"seed": seed, "size": size, "jitter": jitter,
+            "num": {"train": num, "val": num_eval, "test": num_eval},
             "answers": {k: list(v) for k, v in ANSWERS.items()},
             "chance": {k: 1 / len(v) for k, v in ANSWERS.items()}}
     _write_json(os.path.join(out, "meta.json"), meta)
