@@ -84,7 +84,7 @@ def test_cli_compiles_the_tiny_step_for_v5e_2x2():
     assert "config: configs/tiny.py:stage=2 --config.train.microbatches=2" in text
     assert "topology: v5e:2x2 (v5e-4, 4 chips, TPU v5 lite); mesh data=1 fsdp=4 tensor=1" \
         in text
-    assert "global batch 16 x 96 tokens in 2 microbatch(es) of 8 (2 per data-parallel " \
+    assert "global batch 16 x 88 tokens in 2 microbatch(es) of 8 (2 per data-parallel " \
         "shard)" in text
 
     def size(field):

@@ -6,7 +6,7 @@
    in their cells unless ``--jitter``) and a tokenizer trained on its text;
 2. trains ``configs/tiny.py`` stage 1 (projector, captions), then stage 2 (from stage 1;
    questions and answers);
-3. answers one held-out question about one image;
+3. answers the held-out questions about one image (one per category);
 4. answers every held-out question and scores exact match; the last line is
    ``held-out accuracy: X (n=N)``.
 
@@ -61,16 +61,21 @@ def main(argv):
         run_dir = os.path.join(workdir, f"stage{stage}")
         summary = train.run(config, run_dir)
         stages.append(run_dir)
-        print(f"[{time.perf_counter() - start:5.0f}s] stage {stage}: {steps} steps, "
-              f"loss {summary.get('train/loss', float('nan')):.3f}, "
-              f"token accuracy {summary.get('train/accuracy', float('nan')):.3f}")
+        if "train/loss" in summary:
+            result = (f"loss {summary['train/loss']:.3f}, "
+                      f"token accuracy {summary['train/accuracy']:.3f}")
+        else:  # a rerun: the stage had finished before
+            result = f"finished before, in {run_dir}"
+        print(f"[{time.perf_counter() - start:5.0f}s] stage {stage}: {steps} steps, {result}")
 
     trained = load_trained(stages[-1])
     questions = evaluate.read_questions(os.path.join(data, "test_questions.jsonl"))
-    example = questions[0]
     records = evaluate.answer_questions(trained, questions, data, batch_size=50)
-    print(f"[{time.perf_counter() - start:5.0f}s] {example['image']}: {example['text']!r} -> "
-          f"{records[0]['text']!r} (truth: {example['answer']!r})")
+    image = questions[0]["image"]
+    print(f"[{time.perf_counter() - start:5.0f}s] the held-out questions about {image}:")
+    for question, record in zip(questions, records):
+        if question["image"] == image:  # one per category
+            print(f"  {question['text']!r} -> {record['text']!r} (truth: {question['answer']!r})")
     with open(os.path.join(workdir, "test_answers.jsonl"), "w", encoding="utf-8") as file:
         for record in records:
             file.write(json.dumps(record) + "\n")
