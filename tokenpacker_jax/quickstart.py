@@ -25,7 +25,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "/tmp/tokenpacker_quickstart", "Where 
 _NUM = flags.DEFINE_integer("num", 20000, "Training images.")
 _NUM_EVAL = flags.DEFINE_integer("num_eval", 100, "Validation and test images each.")
 _STEPS1 = flags.DEFINE_integer("stage1_steps", 50, "Stage 1 optimizer steps.")
-_STEPS2 = flags.DEFINE_integer("stage2_steps", 3500, "Stage 2 optimizer steps.")
+_STEPS2 = flags.DEFINE_integer("stage2_steps", 3000, "Stage 2 optimizer steps.")
 _SEED = flags.DEFINE_integer("seed", 0, "Data and initialisation seed.")
 _JITTER = flags.DEFINE_integer(
     "jitter", 0, "How many px shapes and digits may sit off their cells' centres (-1: "
