@@ -128,6 +128,16 @@ def test_paper_summary_and_comparison():
         "ranges overlap"]
 
 
+def test_paper_max_length_fits_each_projector_tokens():
+    def max_length(projector, scale):
+        entry = paper_table.Entry(projector, scale)
+        return paper_table.stage_config(entry, 2, "/data", 0, 1).data.max_length
+
+    recipe = max_length("tokenpacker", 2)  # the tiny recipe's own projector: 9 tokens
+    assert max_length("mlp2x_gelu", 1) == recipe + 36 - 9
+    assert max_length("avgpool", 3) == recipe  # 4 tokens: the recipe's length is enough
+
+
 def test_paper_entries():
     names = [e.name for e in paper_table.entries()]
     assert names[0] == "mlp2x_gelu_s1" and len(names) == 1 + 2 * len(paper_table.PACKING)

@@ -11,8 +11,9 @@ per projector and per question category.
 
 Steps and data sizes default to ``quickstart``'s flags (``--stage1_steps``,
 ``--stage2_steps``, ``--num``, ``--num_eval``), so the comparison follows the tiny recipe
-when it is retuned. Runs resume: a finished run's ``result.json`` is kept and read back,
-an unfinished one continues from its checkpoints (``train.run``).
+when it is retuned. Runs go seed by seed (every entry's seed 0, then seed 1, ...) and
+resume: a finished run's ``result.json`` is kept and read back, an unfinished one continues
+from its checkpoints (``train.run``); so an interrupted table keeps its whole seeds.
 
     python -m tokenpacker_jax.bench paper [--seeds 3] [--stage1_steps N] [--stage2_steps N]
         [--num N] [--num_eval N] [--projectors a,b] [--budgets 2,3] [--workdir DIR]
@@ -76,9 +77,18 @@ def stage_config(entry: Entry, stage: int, data: str, seed: int, steps: int,
     """``configs/tiny.py:stage=S,data=DIR`` with the entry's projector, seed and steps."""
     from configs import tiny  # noqa: PLC0415
 
+    from tokenpacker_jax.models.projectors import num_output_tokens  # noqa: PLC0415
+
     config = tiny.get_config(f"stage={stage},data={data}")
+    grid = config.model.vision.image_size // config.model.vision.patch_size
+    recipe_tokens = num_output_tokens(config.model.projector, grid)
     config.model.projector.name = entry.projector
     config.model.projector.scale_factor = entry.scale
+    # The recipe's max_length fits its longest conversation with its own visual tokens; a
+    # projector that keeps more (the MLP: all 36) gets the difference, so that no answer
+    # is cut off its conversations.
+    config.data.max_length += max(0, num_output_tokens(config.model.projector, grid)
+                                  - recipe_tokens)
     config.seed = seed
     config.train.num_steps = steps
     if adjust is not None:
@@ -227,7 +237,7 @@ def run(*, workdir: str = "/tmp/tokenpacker_bench_paper", seeds: int = 3,
     results = [train_and_score(entry, seed, data=data, workdir=workdir,
                                stage1_steps=stage1_steps, stage2_steps=stage2_steps,
                                adjust=adjust, log=log)
-               for entry in entries(projectors, budgets) for seed in range(seeds)]
+               for seed in range(seeds) for entry in entries(projectors, budgets)]
     summaries = summarise(results)
     questions = results[0]["n"]
     vision = probe.model.vision
