@@ -70,6 +70,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     paper.add_argument("--stage2_steps", type=int, default=None)
     paper.add_argument("--num", type=int, default=None, help="training images")
     paper.add_argument("--num_eval", type=int, default=None, help="val / test images each")
+    paper.add_argument("--jitter", type=int, default=None,
+                       help="px items may sit off their cells' centres (-1: anywhere)")
     paper.add_argument("--projectors", default=",".join(_paper().PROJECTORS),
                        help="projectors compared (mlp2x_gelu: at all tokens; the others at "
                             "each budget)")
@@ -117,9 +119,9 @@ def run_table(name: str, args: argparse.Namespace) -> common.Section:
     from tokenpacker_jax.bench import training  # noqa: PLC0415
 
     sizes = dict(stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
-                 num=args.num, num_eval=args.num_eval)
+                 num=args.num, num_eval=args.num_eval, jitter=args.jitter)
     if args.sizes == "tiny":  # unset sizes: a few steps on a few images
-        tiny = dict(stage1_steps=1, stage2_steps=2, num=16, num_eval=2)
+        tiny = dict(stage1_steps=1, stage2_steps=2, num=16, num_eval=2, jitter=0)
         sizes = {k: tiny[k] if v is None else v for k, v in sizes.items()}
     return _paper().run(
         workdir=args.workdir, seeds=args.seeds,

@@ -10,13 +10,14 @@ exact match, as ``quickstart`` scores it); the table gives the accuracy's mean a
 per projector and per question category.
 
 Steps and data sizes default to ``quickstart``'s flags (``--stage1_steps``,
-``--stage2_steps``, ``--num``, ``--num_eval``), so the comparison follows the tiny recipe
+``--stage2_steps``, ``--num``, ``--num_eval``, ``--jitter``), so the comparison follows the tiny recipe
 when it is retuned. Runs go seed by seed (every entry's seed 0, then seed 1, ...) and
 resume: a finished run's ``result.json`` is kept and read back, an unfinished one continues
 from its checkpoints (``train.run``); so an interrupted table keeps its whole seeds.
 
     python -m tokenpacker_jax.bench paper [--seeds 3] [--stage1_steps N] [--stage2_steps N]
-        [--num N] [--num_eval N] [--projectors a,b] [--budgets 2,3] [--workdir DIR]
+        [--num N] [--num_eval N] [--jitter PX] [--projectors a,b] [--budgets 2,3]
+        [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -42,13 +43,13 @@ EVAL_BATCH = 50
 
 def quickstart_defaults() -> dict[str, int]:
     """The tiny recipe's data and step counts: ``tokenpacker_jax.quickstart``'s flag
-    defaults (num, num_eval, stage1_steps, stage2_steps)."""
+    defaults (num, num_eval, stage1_steps, stage2_steps, jitter)."""
     from absl import flags  # noqa: PLC0415
 
     from tokenpacker_jax import quickstart  # noqa: F401, PLC0415 (defines the flags)
 
     return {name: flags.FLAGS[name].default
-            for name in ("num", "num_eval", "stage1_steps", "stage2_steps")}
+            for name in ("num", "num_eval", "stage1_steps", "stage2_steps", "jitter")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,11 +216,13 @@ def markdown(summaries: Sequence[Summary]) -> str:
 def run(*, workdir: str = "/tmp/tokenpacker_bench_paper", seeds: int = 3,
         projectors: Sequence[str] = PROJECTORS, budgets: Sequence[int] = BUDGETS,
         stage1_steps: int | None = None, stage2_steps: int | None = None,
-        num: int | None = None, num_eval: int | None = None, data_seed: int = 0,
+        num: int | None = None, num_eval: int | None = None, jitter: int | None = None,
+        data_seed: int = 0,
         adjust: Callable[[ml_collections.ConfigDict], None] | None = None,
         log=print) -> common.Section:
     """Trains and scores every (entry, seed); returns the BENCHMARKS.md section. ``None``
-    sizes take quickstart's defaults; ``adjust`` edits each stage's config (tests)."""
+    sizes take quickstart's defaults; ``jitter``: px items may sit off their cells' centres
+    (-1: anywhere, as quickstart's flag); ``adjust`` edits each stage's config (tests)."""
     from tokenpacker_jax.data import synthetic  # noqa: PLC0415
 
     defaults = quickstart_defaults()
@@ -227,12 +230,14 @@ def run(*, workdir: str = "/tmp/tokenpacker_bench_paper", seeds: int = 3,
     num_eval = defaults["num_eval"] if num_eval is None else num_eval
     stage1_steps = defaults["stage1_steps"] if stage1_steps is None else stage1_steps
     stage2_steps = defaults["stage2_steps"] if stage2_steps is None else stage2_steps
+    jitter = defaults["jitter"] if jitter is None else jitter
     header = common.machine()
-    data = os.path.join(workdir, f"data_{num}_{num_eval}_seed{data_seed}")
+    data = os.path.join(workdir, f"data_{num}_{num_eval}_seed{data_seed}_jitter{jitter}")
     probe = stage_config(Entry("mlp2x_gelu", 1), 2, data, 0, 1, adjust)
     if not os.path.exists(os.path.join(data, "meta.json")):
         synthetic.generate(data, num, data_seed, num_eval=num_eval,
                            size=probe.data.image.image_size,
+                           jitter=None if jitter < 0 else jitter,
                            tokenizer_vocab=probe.model.decoder.vocab_size)
     results = [train_and_score(entry, seed, data=data, workdir=workdir,
                                stage1_steps=stage1_steps, stage2_steps=stage2_steps,
@@ -242,16 +247,20 @@ def run(*, workdir: str = "/tmp/tokenpacker_bench_paper", seeds: int = 3,
     questions = results[0]["n"]
     vision = probe.model.vision
     grid = vision.image_size // vision.patch_size
+    placement = ("items anywhere in their cells" if jitter < 0 else
+                 "items centred in their cells" if jitter == 0 else
+                 f"items up to {jitter} px off their cells' centres")
     budget_text = ", ".join(f"{(grid // s) ** 2} tokens ({s * s}x fewer)" for s in budgets)
     body = "\n".join([
         "`python -m tokenpacker_jax.bench paper` "
         f"(`--seeds={seeds} --stage1_steps={stage1_steps} --stage2_steps={stage2_steps} "
-        f"--num={num} --num_eval={num_eval}`). Machine: {header}.",
+        f"--num={num} --num_eval={num_eval} --jitter={jitter}`). Machine: {header}.",
         "",
         f"`configs/tiny.py` ({vision.image_size} px, {grid} x {grid} patches; the MLP keeps "
         f"all {grid * grid}, the others pack them to {budget_text}), stage 1 "
         f"({stage1_steps} steps, captions) then stage 2 ({stage2_steps} steps, questions), "
-        f"as `quickstart` trains; {num} training images; held-out accuracy (exact match, "
+        f"as `quickstart` trains; {num} training images ({placement}); held-out accuracy "
+        "(exact match, "
         f"greedy) on the {questions} questions about {num_eval} test images; {seeds} seed(s) "
         "per row (initialisation and data order; same data). Mean ± sample standard "
         "deviation over seeds; per category: the mean.",
