@@ -162,7 +162,9 @@ def test_sections_replace_their_markers_and_keep_the_prose(tmp_path):
 def test_command_line():
     args = cli.parse(["1", "training", "paper", "--sizes=tiny", "--runs=2"])
     assert args.which == ["projector", "training", "paper"]
-    assert cli.parse([]).which == list(cli.DEFAULT)
-    for bad in (["7"], ["nonsense"], ["--runs=3"], ["--sizes=tiny", "--write"]):
+    assert cli.parse([]).which == list(cli.DEFAULT) == list(cli.TABLES[:5])
+    assert cli.parse(["--sizes=tiny"]).which == list(cli.TABLES[:4])  # tpu_fit: no toy size
+    for bad in (["7"], ["nonsense"], ["--runs=3"], ["--sizes=tiny", "--write"],
+                ["tpu_fit", "--sizes=tiny"]):
         with pytest.raises(SystemExit):
             cli.parse(bad)

@@ -13,6 +13,6 @@ table  name            what                                                     
 6      paper           the paper's projector table in miniature (trains 39 runs)    paper_table
 =====  ==============  ===========================================================  ==========
 
-``python -m tokenpacker_jax.bench`` runs tables 1-4; ``tpu_fit`` and ``paper`` are asked for
-by name (they take far longer). See ``__main__.py`` for the flags.
+``python -m tokenpacker_jax.bench`` runs tables 1-5; ``paper`` is asked for by name (it trains
+for hours). See ``__main__.py`` for the flags.
 """
