@@ -12,7 +12,8 @@ Without ``--write`` the sections are printed (Markdown, for pasting); with it ea
 the text between its markers in BENCHMARKS.md (``<!-- bench:NAME -->`` ...
 ``<!-- /bench:NAME -->``; a section without markers is appended), leaving the prose around
 them alone. ``--sizes=tiny`` runs tables 1-4 and 6 on toy sizes in seconds (what the tests
-do; ``tpu_fit`` has no toy size) and never writes. Timings are polluted by other jobs: run on an otherwise idle machine.
+do; ``tpu_fit`` has no toy size) and never writes. Timings are polluted by other jobs: run
+on an otherwise idle machine.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ exact match, as ``quickstart`` scores it); the table gives the accuracy's mean a
 per projector and per question category.
 
 Steps and data sizes default to ``quickstart``'s flags (``--stage1_steps``,
-``--stage2_steps``, ``--num``, ``--num_eval``, ``--jitter``), so the comparison follows the tiny recipe
-when it is retuned. Runs go seed by seed (every entry's seed 0, then seed 1, ...) and
+``--stage2_steps``, ``--num``, ``--num_eval``, ``--jitter``), so the comparison follows the
+tiny recipe when it is retuned. Runs go seed by seed (every entry's seed 0, then seed 1, ...) and
 resume: a finished run's ``result.json`` is kept and read back, an unfinished one continues
 from its checkpoints (``train.run``); so an interrupted table keeps its whole seeds.
 
@@ -260,8 +260,7 @@ def run(*, workdir: str = "/tmp/tokenpacker_bench_paper", seeds: int = 3,
         f"all {grid * grid}, the others pack them to {budget_text}), stage 1 "
         f"({stage1_steps} steps, captions) then stage 2 ({stage2_steps} steps, questions), "
         f"as `quickstart` trains; {num} training images ({placement}); held-out accuracy "
-        "(exact match, "
-        f"greedy) on the {questions} questions about {num_eval} test images; {seeds} seed(s) "
+        f"(exact match, greedy) on the {questions} questions about {num_eval} test images; {seeds} seed(s) "
         "per row (initialisation and data order; same data). Mean ± sample standard "
         "deviation over seeds; per category: the mean.",
         "",
