@@ -159,6 +159,33 @@ def test_sections_replace_their_markers_and_keep_the_prose(tmp_path):
     assert text.count("## Training") == 1
 
 
+def test_tables_measured_on_a_gpu_get_sections_of_their_own(tmp_path, monkeypatch):
+    path = tmp_path / "BENCHMARKS.md"
+    cpu = common.section("projector", "Projector forward", "on the CPU")
+    assert (cpu.name, cpu.title) == ("projector", "Projector forward")
+    common.update_section(str(path), cpu)
+
+    @dataclasses.dataclass
+    class FakeDevice:
+        device_kind: str = "NVIDIA H100 80GB HBM3"
+
+    monkeypatch.setattr(common.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(common.jax, "devices", lambda *_: [FakeDevice()])
+    gpu = common.section("projector", "Projector forward", "on the GPU")
+    assert gpu.name == "projector_gpu"
+    assert gpu.title == "Projector forward on NVIDIA H100 80GB HBM3"
+    common.update_section(str(path), gpu)
+    text = path.read_text()  # the CPU's figures stay beside the GPU's
+    assert "on the CPU" in text and "## Projector forward on NVIDIA H100 80GB HBM3" in text
+    # The PyTorch side runs on JAX's kind of device or not at all: this torch is a CPU build.
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no device of that kind"):
+            common.torch_device()
+    monkeypatch.setattr(common.jax, "default_backend", lambda: "tpu")
+    with pytest.raises(RuntimeError, match="JAX runs on tpu"):
+        common.torch_device()
+
+
 def test_command_line():
     args = cli.parse(["1", "training", "paper", "--sizes=tiny", "--runs=2"])
     assert args.which == ["projector", "training", "paper"]

@@ -2,8 +2,12 @@
 
 Timing rule (issue 8): a figure is the median of at least ``runs`` (5) calls after
 ``warmup`` calls; compilation is done beforehand (``compile_jit``: ``lower().compile()``) and
-reported apart; every call ends in ``block_until_ready``, so asynchronous dispatch does not
-hide work.
+reported apart; every call ends in ``wait`` (JAX's ``block_until_ready``, and PyTorch's CUDA
+queue drained), so asynchronous dispatch does not hide work.
+
+Tables run where JAX runs: on the CPU their sections are ``projector``, ``training``, ...; on
+a GPU (issue 8, item 7) ``projector_gpu``, ... titled with the device's name, so both stay in
+BENCHMARKS.md, and the PyTorch side of a comparison runs on the same GPU (``torch_device``).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -47,16 +52,27 @@ def compile_jit(fn: Callable, *args, **jit_kwargs) -> tuple[Any, float]:
     return compiled, time.perf_counter() - start
 
 
+def wait(result: Any) -> Any:
+    """Returns ``result`` once it is computed: JAX arrays are waited for, and so is PyTorch's
+    CUDA queue (a torch call on a GPU returns before its kernels have run; on the CPU it
+    returns when done)."""
+    jax.block_until_ready(result)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return result
+
+
 def time_calls(call: Callable[[], Any], *, runs: int = MIN_RUNS, warmup: int = 1) -> Timing:
-    """Median-ready timings of ``call()`` (JAX results are waited for; torch runs eagerly)."""
+    """Median-ready timings of ``call()``, each ended by ``wait``."""
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
     for _ in range(warmup):
-        jax.block_until_ready(call())
+        wait(call())
     seconds = []
     for _ in range(runs):
         start = time.perf_counter()
-        jax.block_until_ready(call())
+        wait(call())
         seconds.append(time.perf_counter() - start)
     return Timing(tuple(seconds))
 
@@ -115,17 +131,57 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def accelerator() -> str | None:
+    """JAX's default backend when it is not the CPU (``"gpu"``, ``"tpu"``), else None."""
+    backend = jax.default_backend()
+    return None if backend == "cpu" else backend
+
+
+def torch_device() -> Any:
+    """The ``torch.device`` of a comparison's PyTorch side: JAX's device kind, so that both
+    are measured on the same hardware (CUDA when JAX runs on a GPU)."""
+    import torch  # noqa: PLC0415
+
+    backend = accelerator()
+    if backend is None:
+        return torch.device("cpu")
+    if backend == "gpu" and torch.cuda.is_available():
+        return torch.device("cuda")
+    raise RuntimeError(f"JAX runs on {backend} ({jax.devices()[0].device_kind}) but PyTorch "
+                       f"{torch.__version__} has no device of that kind: a comparison "
+                       "measures both sides on the same hardware")
+
+
+def full_float32() -> None:
+    """float32 matmuls at full precision on both sides, so the tables compare like with like
+    and stay float32 as on the CPU: JAX on a GPU otherwise rounds their inputs to TF32
+    (PyTorch's default is full precision; switched back to it if torch is loaded)."""
+    jax.config.update("jax_default_matmul_precision", "highest")
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
 def machine(torch_threads: bool = False) -> str:
-    """One line naming where the figures were taken: CPU, cores, JAX device, versions, load."""
+    """One line naming where the figures were taken: CPU, cores, JAX device, versions, load
+    (and on an accelerator, the matmul precision)."""
     device = jax.devices()[0]
     parts = [f"{cpu_model()}, {usable_cores()} cores",
              f"JAX {jax.__version__} on {device.platform} ({device.device_kind}, "
              f"{jax.device_count()} device{'s' if jax.device_count() > 1 else ''})"]
+    if accelerator() is not None:
+        parts.append("float32 matmul precision "
+                     f"{jax.config.jax_default_matmul_precision or 'default'}")
     if torch_threads:
         import torch  # noqa: PLC0415
 
         threads = torch.get_num_threads()
-        parts.append(f"PyTorch {torch.__version__} ({threads} thread{'s' * (threads != 1)})")
+        if torch_device().type == "cuda":
+            tf32 = "on" if torch.backends.cuda.matmul.allow_tf32 else "off"
+            where = f"on {torch.cuda.get_device_name()}, TF32 {tf32}"
+        else:
+            where = f"{threads} thread{'s' * (threads != 1)}"
+        parts.append(f"PyTorch {torch.__version__} ({where})")
     if hasattr(os, "getloadavg"):
         parts.append(f"load average {os.getloadavg()[0]:.1f} at the start")
     return "; ".join(parts)
@@ -156,6 +212,16 @@ class Section:
 
     def markdown(self) -> str:
         return f"## {self.title}\n\n{self.body}\n"
+
+
+def section(name: str, title: str, body: str) -> Section:
+    """The ``Section`` of a table measured where JAX runs: ``name`` on the CPU; on an
+    accelerator ``{name}_{backend}`` titled with the device's name (``projector_gpu``,
+    "... on NVIDIA H100 80GB HBM3"), so BENCHMARKS.md keeps the CPU's figures beside it."""
+    backend = accelerator()
+    if backend is None:
+        return Section(name, title, body)
+    return Section(f"{name}_{backend}", f"{title} on {jax.devices()[0].device_kind}", body)
 
 
 def _markers(name: str) -> tuple[str, str]:

@@ -72,10 +72,12 @@ def measure_theirs(sizes: token_budget.Sizes, runs: int) -> Theirs:
     config = token_budget.model_config(sizes, "mlp2x_gelu", 1)
     batch = token_budget.prompt_batch(config, sizes)
     visual = int(batch["image_mask"][0].sum())
-    model = hf_llava(config, visual)
+    device = common.torch_device()
+    model = hf_llava(config, visual).to(device)
     ids = torch.from_numpy(np.where(batch["image_mask"], config.decoder.vocab_size - 1,
-                                    batch["input_ids"]).astype(np.int64))
-    pixels = torch.from_numpy(batch["pixel_values"][:, 0].transpose(0, 3, 1, 2).copy())
+                                    batch["input_ids"]).astype(np.int64)).to(device)
+    pixels = torch.from_numpy(
+        batch["pixel_values"][:, 0].transpose(0, 3, 1, 2).copy()).to(device)
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
                   do_sample=False)
 
@@ -130,4 +132,4 @@ def run(size: str = "full", runs: int = common.MIN_RUNS, log=print, *,
         f"Target (issue 8): our decode at least {TARGET_DECODE_SPEEDUP}x theirs "
         f"({speedup:.2f}x): {common.verdict(speedup >= TARGET_DECODE_SPEEDUP)}",
     ])
-    return common.Section("llava_torch", "Against transformers' PyTorch LLaVA", body)
+    return common.section("llava_torch", "Against transformers' PyTorch LLaVA", body)

@@ -96,7 +96,8 @@ def matmul_peaks(n: int, runs: int) -> tuple[float, float]:
     matmul, _ = common.compile_jit(jnp.matmul, jnp.asarray(a), jnp.asarray(b))
     ja, jb = jnp.asarray(a), jnp.asarray(b)
     jax_time = common.time_calls(lambda: matmul(ja, jb), runs=runs)
-    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    device = common.torch_device()
+    ta, tb = torch.from_numpy(a).to(device), torch.from_numpy(b).to(device)
     with torch.inference_mode():
         torch_time = common.time_calls(lambda: torch.matmul(ta, tb), runs=runs, warmup=2)
     gflop = 2 * n**3 / 1e9
@@ -122,13 +123,14 @@ def measure(sizes: Sizes, scale: int, batch: int, runs: int, seed: int = 0) -> R
     jax_time = common.time_calls(lambda: forward(params, jx, jx_multi), runs=runs)
     ours = np.asarray(forward(params, jx, jx_multi))
 
+    device = common.torch_device()
     reference = torch_tokenpacker.from_params(jax.device_get(params), num_heads=sizes.heads,
-                                              scale=scale, levels=sizes.levels)
-    tx, tx_multi = torch.from_numpy(x), torch.from_numpy(x_multi)
+                                              scale=scale, levels=sizes.levels).to(device)
+    tx, tx_multi = torch.from_numpy(x).to(device), torch.from_numpy(x_multi).to(device)
     with torch.inference_mode():
         # (two warm-up calls: torch's allocator and thread pool settle in the first ones)
         torch_time = common.time_calls(lambda: reference(tx, tx_multi), runs=runs, warmup=2)
-        theirs = reference(tx, tx_multi)[0].numpy()
+        theirs = reference(tx, tx_multi)[0].cpu().numpy()
     return Row(scale=scale, tokens=(sizes.grid // scale) ** 2, batch=batch,
                gflop=batch * analytic_gflop(sizes, scale), jax_ms=jax_time.ms,
                torch_ms=torch_time.ms, compile_s=compile_s,
@@ -188,4 +190,4 @@ def run(size: str = "full", runs: int = common.MIN_RUNS, log=print, *,
         "Targets (issue 8):",
         *targets,
     ])
-    return common.Section("projector", "Projector forward: JAX against PyTorch", body)
+    return common.section("projector", "Projector forward: JAX against PyTorch", body)

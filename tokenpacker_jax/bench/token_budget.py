@@ -228,5 +228,5 @@ def run(size: str = "full", runs: int = common.MIN_RUNS, log=print, *,
                       f"({target_row.visual_tokens} vs {base.visual_tokens}) at least "
                       f"{TARGET_PREFILL_SPEEDUP:.0f}x faster ({speedup:.2f}x): "
                       f"{common.verdict(speedup >= TARGET_PREFILL_SPEEDUP)}"]
-    return common.Section("token_budget", "Inference speed against the token budget",
+    return common.section("token_budget", "Inference speed against the token budget",
                           "\n".join(lines))

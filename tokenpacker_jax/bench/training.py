@@ -177,4 +177,4 @@ def run(size: str = "full", runs: int = common.MIN_RUNS, log=print, *,
         "",
         table,
     ])
-    return common.Section("training", "Training throughput of the tiny config", body)
+    return common.section("training", "Training throughput of the tiny config", body)
