@@ -4,6 +4,7 @@ greedy generation, export / import round trips, config.json layouts, parameter c
 Tiny random models of each family are saved with ``save_pretrained`` once per module.
 """
 
+import dataclasses
 import functools
 import json
 
@@ -18,7 +19,7 @@ from safetensors.numpy import load_file
 from tokenpacker_jax.convert import checkpoint_io, hf, hf_decoder
 from tokenpacker_jax.models import layers
 from tokenpacker_jax.models.attention import attention_mask
-from tokenpacker_jax.models.decoder import Decoder
+from tokenpacker_jax.models.decoder import Decoder, unstack_layers
 
 VOCAB = 128
 TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -157,6 +158,34 @@ def test_kv_cache_decoding_reproduces_full_sequence(tiny):
     assert int(cache.index) == 8 + steps
     np.testing.assert_array_equal(np.asarray(cache.next_position),
                                   prompt_mask.sum(axis=1) + steps)
+
+
+def test_per_layer_cache_decodes_as_the_stacked_one(tiny):
+    """The unscanned decoder over one cache array per layer (``KVCache.per_layer``, what
+    ``Generator`` decodes with on the CPU) gives the stacked cache's logits and keeps its
+    layout from step to step; the scanned decoder refuses it."""
+    _, _, _, module, params, _ = tiny
+    flat = Decoder(dataclasses.replace(module.config, scan_layers=False))
+    flat_params = {"params": unstack_layers(params, module.config.num_layers)}
+    prompt, mask = padded_batch(length=PROMPT, seed=4)
+    prefill, step = decode_fns(module)
+    flat_prefill, flat_step = decode_fns(flat)
+    logits, stacked = prefill({"params": params}, prompt, mask)
+    _, cache = flat_prefill(flat_params, prompt, mask)
+    cache = cache.per_layer()
+    assert len(cache.keys) == module.config.num_layers and cache.max_length == MAX_LENGTH
+    for i in range(4):
+        token = jnp.argmax(logits, axis=-1)
+        logits, stacked = step({"params": params}, token, stacked)
+        flat_logits, cache = flat_step(flat_params, token, cache)
+        # (atol as for the cache against the full forward: scanned and unscanned layers
+        # fuse their float32 sums differently)
+        np.testing.assert_allclose(np.asarray(flat_logits), np.asarray(logits), atol=1e-4,
+                                   rtol=0, err_msg=f"decode step {i}")
+    assert isinstance(cache.keys, tuple) and isinstance(cache.values, tuple)
+    np.testing.assert_allclose(np.stack(cache.values), np.asarray(stacked.values), atol=1e-4)
+    with pytest.raises(ValueError, match="per-layer"):
+        step({"params": params}, token, cache)
 
 
 def test_greedy_generation_matches_transformers(tiny):

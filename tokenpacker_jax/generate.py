@@ -166,6 +166,8 @@ class Generator:
             step, *_, done = carry
             return (step < steps) & ~jnp.all(done)
 
+        if not self.model.config.decoder.scan_layers:
+            cache = cache.per_layer()  # updated in place by each step (see per_layer)
         tokens = jnp.full((batch, steps), self.pad_id, jnp.int32)
         init = (jnp.int32(0), logits, cache, key, tokens, jnp.zeros(batch, bool))
         return jax.lax.while_loop(cond, body, init)[4]

@@ -131,12 +131,14 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array, 
 class Attention(nn.Module):
     """Self-attention with RoPE and an optional KV cache: x [B, T, W] -> [B, T, W].
 
-    ``cache`` is None (plain forward) or the keys and values of ALL layers [L, B, S, K, H]
+    ``cache`` is None (plain forward); or the keys and values of ALL layers [L, B, S, K, H]
     with ``layer`` the index of this one: writing the new tokens into the whole stack in
     place (rather than scanning per-layer slices in and out) keeps a decoding step from
-    copying the cache. With ``cache_index`` None the new keys go to slot 0 and the queries
-    attend to the new keys only (prefill); otherwise they go to slot ``cache_index`` and
-    the queries attend to every slot (decoding). Returns (output, updated cache or None).
+    copying the cache; or, with ``layer`` None, this layer's own keys and values
+    [B, S, K, H] (``KVCache.per_layer``). With ``cache_index`` None the new keys go to slot 0
+    and the queries attend to the new keys only (prefill); otherwise they go to slot
+    ``cache_index`` and the queries attend to every slot (decoding). Returns (output,
+    updated cache or None).
     """
 
     config: DecoderConfig
@@ -163,15 +165,23 @@ class Attention(nn.Module):
         new_cache = None
         if cache is not None:
             start = 0 if cache_index is None else cache_index
-            new_cache = tuple(
-                layers.constrain(
-                    jax.lax.dynamic_update_slice(stack, new[None].astype(stack.dtype),
-                                                 (layer, 0, start, 0, 0)), CACHE_AXES)
-                for stack, new in zip(cache, (k, v)))
-            if cache_index is not None:
-                k, v = (layers.constrain(
-                    jax.lax.dynamic_index_in_dim(stack, layer, axis=0, keepdims=False),
-                    KV_HEADS_ACT).astype(q.dtype) for stack in new_cache)
+            if layer is None:  # this layer's own [B, S, K, H]
+                new_cache = tuple(
+                    layers.constrain(jax.lax.dynamic_update_slice(
+                        own, new.astype(own.dtype), (0, start, 0, 0)), KV_HEADS_ACT)
+                    for own, new in zip(cache, (k, v)))
+                if cache_index is not None:
+                    k, v = (own.astype(q.dtype) for own in new_cache)
+            else:
+                new_cache = tuple(
+                    layers.constrain(
+                        jax.lax.dynamic_update_slice(stack, new[None].astype(stack.dtype),
+                                                     (layer, 0, start, 0, 0)), CACHE_AXES)
+                    for stack, new in zip(cache, (k, v)))
+                if cache_index is not None:
+                    k, v = (layers.constrain(
+                        jax.lax.dynamic_index_in_dim(stack, layer, axis=0, keepdims=False),
+                        KV_HEADS_ACT).astype(q.dtype) for stack in new_cache)
 
         out = attend(q, k, v, mask, scale=cfg.query_scale, softcap=cfg.attn_logit_softcap,
                      implementation=cfg.attention_impl)

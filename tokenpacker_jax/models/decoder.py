@@ -295,16 +295,31 @@ class Decoder(nn.Module):
                                 cache_index)
 
     def _run_layers(self, carry, rope, global_mask, local_mask, cache_index):
-        """(x, cache) through every layer, scanned or one module after another."""
+        """(x, cache) through every layer, scanned or one module after another; the cache
+        is None, the [L, ...] stacks of keys and values, or (unscanned only) tuples of
+        per-layer arrays (``KVCache.per_layer``), returned in the layout it came in."""
+        x, cache = carry
+        per_layer_cache = cache is not None and isinstance(cache[0], tuple)
         if self.config.scan_layers:
+            if per_layer_cache:
+                raise ValueError("decoder: the scanned layers take the cache as [L, ...] "
+                                 "stacks, not per-layer arrays")
             carry, _ = self.layers(carry, self._per_layer(), rope, global_mask, local_mask,
                                    cache_index)
             return carry
         sliding, index = self._per_layer()
+        if not per_layer_cache:
+            for i, layer in enumerate(self.layers):
+                carry, _ = layer(carry, (sliding[i], index[i]), rope, global_mask,
+                                 local_mask, cache_index)
+            return carry
+        keys, values = [], []
         for i, layer in enumerate(self.layers):
-            carry, _ = layer(carry, (sliding[i], index[i]), rope, global_mask, local_mask,
-                             cache_index)
-        return carry
+            (x, (k, v)), _ = layer((x, (cache[0][i], cache[1][i])), (sliding[i], None), rope,
+                                   global_mask, local_mask, cache_index)
+            keys.append(k)
+            values.append(v)
+        return x, (tuple(keys), tuple(values))
 
     def _rope(self, positions):
         """(cos, sin) of the global layers, and of the sliding ones where they differ."""
