@@ -28,6 +28,8 @@ from tokenpacker_jax.models.rms_norm import RMSNorm
 HEADS_ACT = ("activation_batch", "activation_length", "activation_heads", None)
 KV_HEADS_ACT = ("activation_batch", "activation_length", "activation_kv_heads", None)
 CACHE_AXES = ("layers", *KV_HEADS_ACT)
+# A per-layer cache array [B, K, S, H] (``KVCache.per_layer``).
+PER_LAYER_CACHE_AXES = ("activation_batch", "activation_kv_heads", "activation_length", None)
 
 
 def rope_inverse_frequencies(config: DecoderConfig, local: bool = False) -> np.ndarray:
@@ -135,7 +137,7 @@ class Attention(nn.Module):
     with ``layer`` the index of this one: writing the new tokens into the whole stack in
     place (rather than scanning per-layer slices in and out) keeps a decoding step from
     copying the cache; or, with ``layer`` None, this layer's own keys and values
-    [B, S, K, H] (``KVCache.per_layer``). With ``cache_index`` None the new keys go to slot 0
+    [B, K, S, H] (``KVCache.per_layer``, the CPU's decoding layout). With ``cache_index`` None the new keys go to slot 0
     and the queries attend to the new keys only (prefill); otherwise they go to slot
     ``cache_index`` and the queries attend to every slot (decoding). Returns (output,
     updated cache or None).
@@ -165,13 +167,14 @@ class Attention(nn.Module):
         new_cache = None
         if cache is not None:
             start = 0 if cache_index is None else cache_index
-            if layer is None:  # this layer's own [B, S, K, H]
+            if layer is None:  # this layer's own [B, K, S, H]
                 new_cache = tuple(
                     layers.constrain(jax.lax.dynamic_update_slice(
-                        own, new.astype(own.dtype), (0, start, 0, 0)), KV_HEADS_ACT)
+                        own, jnp.swapaxes(new, 1, 2).astype(own.dtype), (0, 0, start, 0)),
+                        PER_LAYER_CACHE_AXES)
                     for own, new in zip(cache, (k, v)))
                 if cache_index is not None:
-                    k, v = (own.astype(q.dtype) for own in new_cache)
+                    k, v = (jnp.swapaxes(own, 1, 2).astype(q.dtype) for own in new_cache)
             else:
                 new_cache = tuple(
                     layers.constrain(

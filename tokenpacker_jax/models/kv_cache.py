@@ -30,7 +30,7 @@ class KVCache:
     """Per-layer keys and values plus the bookkeeping of which slots are filled.
 
     keys, values: [L, B, S, K, H] (compute dtype), S = the static maximum length; or, in
-      the per-layer layout (``per_layer``), tuples of L arrays [B, S, K, H].
+      the per-layer layout (``per_layer``), tuples of L arrays [B, K, S, H].
     positions: [B, S] int32, RoPE position of the token in each slot, -1 = no token.
     index: [] int32, the next slot to write (the same for every row).
     next_position: [B] int32, the position the next token of each row gets.
@@ -45,18 +45,21 @@ class KVCache:
     @property
     def max_length(self) -> int:
         if isinstance(self.keys, tuple):
-            return self.keys[0].shape[1]
+            return self.keys[0].shape[2]
         return self.keys.shape[2]
 
     def per_layer(self) -> KVCache:
-        """The same cache with keys and values split into one array per layer, for the
-        unscanned decoder (``scan_layers=False``). XLA:CPU copies a whole [L, ...] stack
-        each time a decoding step writes one layer's slot and reads that layer back (24
-        copies of the cache per token for 12 layers), where separate arrays are updated in
-        place: split once before a decoding loop, not per step."""
+        """The same cache with keys and values split into one array [B, K, S, H] per
+        layer, for the unscanned decoder (``scan_layers=False``), split once before a
+        decoding loop. On the CPU: XLA copies a whole [L, ...] stack each time a decoding
+        step writes one layer's slot and reads that layer back (24 copies of the cache per
+        token for 12 layers) where separate arrays are updated in place; and with the heads
+        before the slots, attention reads the values as they lie (from [B, S, K, H] XLA
+        transposed each layer's keys and values at every step)."""
         if isinstance(self.keys, tuple):
             return self
-        return self.replace(keys=tuple(self.keys), values=tuple(self.values))
+        return self.replace(keys=tuple(jnp.swapaxes(self.keys, 2, 3)),
+                            values=tuple(jnp.swapaxes(self.values, 2, 3)))
 
 
 def init_cache(config: DecoderConfig, batch: int, max_length: int,
