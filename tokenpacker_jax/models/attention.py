@@ -137,10 +137,10 @@ class Attention(nn.Module):
     with ``layer`` the index of this one: writing the new tokens into the whole stack in
     place (rather than scanning per-layer slices in and out) keeps a decoding step from
     copying the cache; or, with ``layer`` None, this layer's own keys and values
-    [B, K, S, H] (``KVCache.per_layer``, the CPU's decoding layout). With ``cache_index`` None the new keys go to slot 0
-    and the queries attend to the new keys only (prefill); otherwise they go to slot
-    ``cache_index`` and the queries attend to every slot (decoding). Returns (output,
-    updated cache or None).
+    [B, K, S, H] (``KVCache.per_layer``, the CPU's decoding layout). With ``cache_index``
+    None the new keys go to slot 0 and the queries attend to the new keys only (prefill);
+    otherwise they go to slot ``cache_index`` and the queries attend to every slot
+    (decoding). Returns (output, updated cache or None).
     """
 
     config: DecoderConfig
