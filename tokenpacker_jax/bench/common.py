@@ -153,13 +153,10 @@ def torch_device() -> Any:
 
 
 def full_float32() -> None:
-    """float32 matmuls at full precision on both sides, so the tables compare like with like
-    and stay float32 as on the CPU: JAX on a GPU otherwise rounds their inputs to TF32
-    (PyTorch's default is full precision; switched back to it if torch is loaded)."""
+    """float32 matmuls at full precision in JAX, as PyTorch does by default (``machine``
+    reports PyTorch's TF32 setting), so the tables compare like with like and stay float32
+    as on the CPU: JAX on a GPU otherwise rounds matmul inputs to TF32."""
     jax.config.update("jax_default_matmul_precision", "highest")
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def machine(torch_threads: bool = False) -> str:

@@ -260,9 +260,9 @@ def run(*, workdir: str = "/tmp/tokenpacker_bench_paper", seeds: int = 3,
         f"all {grid * grid}, the others pack them to {budget_text}), stage 1 "
         f"({stage1_steps} steps, captions) then stage 2 ({stage2_steps} steps, questions), "
         f"as `quickstart` trains; {num} training images ({placement}); held-out accuracy "
-        f"(exact match, greedy) on the {questions} questions about {num_eval} test images; {seeds} seed(s) "
-        "per row (initialisation and data order; same data). Mean ± sample standard "
-        "deviation over seeds; per category: the mean.",
+        f"(exact match, greedy) on the {questions} questions about {num_eval} test images; "
+        f"{seeds} seed(s) per row (initialisation and data order; same data). Mean ± "
+        "sample standard deviation over seeds; per category: the mean.",
         "",
         markdown(summaries),
         "",

@@ -308,18 +308,18 @@ class Decoder(nn.Module):
                                    cache_index)
             return carry
         sliding, index = self._per_layer()
-        if not per_layer_cache:
-            for i, layer in enumerate(self.layers):
-                carry, _ = layer(carry, (sliding[i], index[i]), rope, global_mask,
-                                 local_mask, cache_index)
-            return carry
         keys, values = [], []
         for i, layer in enumerate(self.layers):
-            (x, (k, v)), _ = layer((x, (cache[0][i], cache[1][i])), (sliding[i], None), rope,
-                                   global_mask, local_mask, cache_index)
-            keys.append(k)
-            values.append(v)
-        return x, (tuple(keys), tuple(values))
+            # A per-layer cache: this layer's own arrays (no layer index); else the stacks.
+            own = (cache[0][i], cache[1][i]) if per_layer_cache else cache
+            (x, own), _ = layer((x, own), (sliding[i], None if per_layer_cache else index[i]),
+                                rope, global_mask, local_mask, cache_index)
+            if per_layer_cache:
+                keys.append(own[0])
+                values.append(own[1])
+            else:
+                cache = own
+        return x, ((tuple(keys), tuple(values)) if per_layer_cache else cache)
 
     def _rope(self, positions):
         """(cos, sin) of the global layers, and of the sliding ones where they differ."""

@@ -44,9 +44,8 @@ class KVCache:
 
     @property
     def max_length(self) -> int:
-        if isinstance(self.keys, tuple):
-            return self.keys[0].shape[2]
-        return self.keys.shape[2]
+        # [L, B, S, K, H] or per-layer [B, K, S, H]: S is dimension 2 of either
+        return (self.keys[0] if isinstance(self.keys, tuple) else self.keys).shape[2]
 
     def per_layer(self) -> KVCache:
         """The same cache with keys and values split into one array [B, K, S, H] per
