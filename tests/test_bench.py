@@ -48,6 +48,17 @@ def column(rows: list[list[str]], name: str) -> list[str]:
     return [row[index] for row in rows[1:]]
 
 
+def test_comparisons_are_timed_in_turns():
+    order = []
+    timings = common.time_interleaved({name: lambda name=name: order.append(name)
+                                       for name in "abc"}, runs=4, warmup=1)
+    assert {name: len(t.seconds) for name, t in timings.items()} == {"a": 4, "b": 4, "c": 4}
+    # One warm-up round, then every round times each call once, starting one further on.
+    assert "".join(order) == "abc" + "abc" + "bca" + "cab" + "abc"
+    with pytest.raises(ValueError, match="runs"):
+        common.time_interleaved({"a": lambda: None}, runs=0)
+
+
 def test_projector_flops_match_the_paper():
     assert projector.analytic_gflop(projector.SIZES["full"], 2) == pytest.approx(21.44,
                                                                                   abs=0.01)
@@ -69,7 +80,7 @@ def test_token_budget_and_torch_llava_tables():
     assert column(rows, "projector") == ["mlp2x_gelu", "tokenpacker"]
     assert column(rows, "visual tokens") == ["144", "36"]
     assert column(rows, "prompt length") == ["152", "44"]
-    section = llava_torch.run(sizes=sizes, log=quiet)  # reuses the 144-token row
+    section = llava_torch.run(sizes=sizes, log=quiet)  # reuses the 144-token model
     rows = table_rows(section.body)
     assert [row[1] for row in rows[1:]] == ["144", "144"]
     assert all(float(v) > 0 for v in column(rows, "decode tokens/s"))

@@ -3,7 +3,8 @@
 Timing rule (issue 8): a figure is the median of at least ``runs`` (5) calls after
 ``warmup`` calls; compilation is done beforehand (``compile_jit``: ``lower().compile()``) and
 reported apart; every call ends in ``wait`` (JAX's ``block_until_ready``, and PyTorch's CUDA
-queue drained), so asynchronous dispatch does not hide work.
+queue drained), so asynchronous dispatch does not hide work. The sides of a comparison are
+timed in turns (``time_interleaved``), so a machine whose speed drifts slows both alike.
 
 Tables run where JAX runs: on the CPU their sections are ``projector``, ``training``, ...; on
 a GPU (issue 8, item 7) ``projector_gpu``, ... titled with the device's name, so both stay in
@@ -19,7 +20,7 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -75,6 +76,28 @@ def time_calls(call: Callable[[], Any], *, runs: int = MIN_RUNS, warmup: int = 1
         wait(call())
         seconds.append(time.perf_counter() - start)
     return Timing(tuple(seconds))
+
+
+def time_interleaved(calls: Mapping[str, Callable[[], Any]], *, runs: int = MIN_RUNS,
+                     warmup: int = 1) -> dict[str, Timing]:
+    """Timings of the two sides of a comparison (or more), taken in turns: every round times
+    each call once, the order rotating from round to round. On a shared machine whose speed
+    drifts over seconds, each side then sees the same conditions; one side timed after the
+    other would carry the drift into the ratio."""
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    names = list(calls)
+    for _ in range(warmup):
+        for name in names:
+            wait(calls[name]())
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(runs):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            wait(calls[name]())
+            seconds[name].append(time.perf_counter() - start)
+    return {name: Timing(tuple(values)) for name, values in seconds.items()}
 
 
 def random_params(module: Any, *args, seed: int = 0, **kwargs) -> Any:

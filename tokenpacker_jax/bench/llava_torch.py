@@ -9,13 +9,15 @@ tokens]), greedy, no stop token, the same number of new tokens.
 Theirs: ``model.generate`` under ``torch.inference_mode`` (transformers' default attention
 implementation); time to first token = ``generate(max_new_tokens=1)``; decode tokens/s =
 (new_tokens - 1) / (time of ``generate(max_new_tokens=new_tokens)`` - time to first token).
-Ours: ``token_budget.measure`` (``generate.Generator``: compiled prefill, then a compiled
-decode loop of new_tokens steps).
+Ours: Table 2's model (``token_budget.prepare``, ``generate.Generator``: compiled prefill, then
+a compiled decode loop of new_tokens steps). The two sides are timed in turns, one
+generation of each per round (``common.time_interleaved``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -59,18 +61,16 @@ def hf_llava(config, image_seq_length: int) -> Any:
 
 
 @dataclasses.dataclass(frozen=True)
-class Theirs:
+class Speed:
     first_token_ms: float
     decode_tokens_per_s: float
-    attention: str
 
 
-def measure_theirs(sizes: token_budget.Sizes, runs: int) -> Theirs:
-    """transformers' generate at Table 2's 576-token budget (see the module docstring)."""
+def hf_generate(config, batch: dict[str, np.ndarray]) -> tuple[Callable[[int], Any], str]:
+    """(generate(new_tokens), attention implementation) of transformers' LLaVA of
+    ``config``'s sizes on ``batch``'s prompt: ``model.generate``, greedy, exactly new_tokens."""
     import torch  # noqa: PLC0415
 
-    config = token_budget.model_config(sizes, "mlp2x_gelu", 1)
-    batch = token_budget.prompt_batch(config, sizes)
     visual = int(batch["image_mask"][0].sum())
     device = common.torch_device()
     model = hf_llava(config, visual).to(device)
@@ -88,13 +88,29 @@ def measure_theirs(sizes: token_budget.Sizes, runs: int) -> Theirs:
                                f"expected {new_tokens}")
         return out
 
+    return generate, model.config._attn_implementation
+
+
+def measure(sizes: token_budget.Sizes, ours: token_budget.Prepared,
+            runs: int) -> tuple[Speed, Speed, str]:
+    """(ours, theirs, their attention implementation) on ``ours``' model and prompt, timed
+    in turns: each round runs our generation, their ``generate(1)`` and their full
+    ``generate`` once (see the module docstring)."""
+    import torch  # noqa: PLC0415
+
+    generate, attention = hf_generate(ours.config, ours.batch)
+    our_results = []
     with torch.inference_mode():
-        first = common.time_calls(lambda: generate(1), runs=runs, warmup=2)
-        full = common.time_calls(lambda: generate(sizes.new_tokens), runs=runs)
+        timings = common.time_interleaved(
+            {"ours": lambda: our_results.append(ours.generator(ours.batch)),
+             "theirs first": lambda: generate(1),
+             "theirs full": lambda: generate(sizes.new_tokens)}, runs=runs, warmup=2)
+    first_ms, decode_per_s = token_budget.generation_speed(sizes, our_results[-runs:])
+    first, full = timings["theirs first"], timings["theirs full"]
     decode_s = max(full.median - first.median, 1e-9)
-    return Theirs(first_token_ms=first.ms,
-                  decode_tokens_per_s=sizes.batch * (sizes.new_tokens - 1) / decode_s,
-                  attention=model.config._attn_implementation)
+    theirs = Speed(first_token_ms=first.ms,
+                   decode_tokens_per_s=sizes.batch * (sizes.new_tokens - 1) / decode_s)
+    return Speed(first_ms, decode_per_s), theirs, attention
 
 
 def run(size: str = "full", runs: int = common.MIN_RUNS, log=print, *,
@@ -102,10 +118,11 @@ def run(size: str = "full", runs: int = common.MIN_RUNS, log=print, *,
     """Both sides at 576 tokens; returns the BENCHMARKS.md section."""
     sizes = sizes or token_budget.SIZES[size]
     header = common.machine(torch_threads=True)
-    theirs = measure_theirs(sizes, runs)
+    prepared = token_budget.prepare(sizes, "mlp2x_gelu", 1)
+    visual = int(prepared.batch["image_mask"][0].sum())
+    ours, theirs, attention = measure(sizes, prepared, runs)
     log(f"transformers: first token {theirs.first_token_ms:.1f} ms, "
         f"{theirs.decode_tokens_per_s:.1f} tokens/s")
-    ours = token_budget.measure(sizes, "mlp2x_gelu", 1, runs)
     log(f"ours: first token {ours.first_token_ms:.1f} ms, "
         f"{ours.decode_tokens_per_s:.1f} tokens/s")
     speedup = ours.decode_tokens_per_s / theirs.decode_tokens_per_s
@@ -113,16 +130,17 @@ def run(size: str = "full", runs: int = common.MIN_RUNS, log=print, *,
         ["implementation", "visual tokens", "time to first token ms", "decode tokens/s",
          "decode speed-up"],
         [[f"transformers LlavaForConditionalGeneration (PyTorch eager, "
-          f"{theirs.attention} attention)", ours.visual_tokens,
+          f"{attention} attention)", visual,
           f"{theirs.first_token_ms:.1f}", f"{theirs.decode_tokens_per_s:.1f}", "1.00x"],
-         ["ours (JAX, `generate.Generator`)", ours.visual_tokens,
+         ["ours (JAX, `generate.Generator`)", visual,
           f"{ours.first_token_ms:.1f}", f"{ours.decode_tokens_per_s:.1f}", f"{speedup:.2f}x"]])
     body = "\n".join([
         f"`python -m tokenpacker_jax.bench llava_torch` (`--sizes={size}`). Machine: "
         f"{header}.",
         "",
-        f"Model (both): {token_budget.describe(sizes, ours)}; LLaVA-1.5 MLP projector. "
-        f"Random weights. Median of {runs} runs after warm-up. Theirs: `generate` under "
+        f"Model (both): {token_budget.describe(sizes, prepared.params)}; LLaVA-1.5 MLP "
+        f"projector. Random weights. Median of {runs} runs after warm-up, the two sides in "
+        "turns (one generation of each per round). Theirs: `generate` under "
         "`torch.inference_mode`, time to first token = `generate(max_new_tokens=1)`, decode "
         "= the remaining tokens over the extra time of the full `generate`. Ours: compiled "
         "prefill and decode loop (compile time excluded, see the table above).",
