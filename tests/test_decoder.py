@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 
 from tokenpacker_jax.convert import checkpoint_io, hf, hf_decoder
 from tokenpacker_jax.models import layers
-from tokenpacker_jax.models.attention import attention_mask
+from tokenpacker_jax.models.attention import attend_one_token, attention_mask
 from tokenpacker_jax.models.decoder import Decoder, unstack_layers
 
 VOCAB = 128
@@ -183,8 +183,10 @@ def test_per_layer_cache_decodes_as_the_stacked_one(tiny):
         np.testing.assert_allclose(np.asarray(flat_logits), np.asarray(logits), atol=1e-4,
                                    rtol=0, err_msg=f"decode step {i}")
     assert isinstance(cache.keys, tuple) and isinstance(cache.values, tuple)
-    np.testing.assert_allclose(np.stack(cache.values).swapaxes(2, 3),
-                               np.asarray(stacked.values), atol=1e-4)
+    layers, batch, length, kv_heads, head_dim = stacked.values.shape
+    per_layer = np.stack(cache.values).reshape(layers, batch, kv_heads, length, head_dim)
+    np.testing.assert_allclose(per_layer.swapaxes(2, 3), np.asarray(stacked.values),
+                               atol=1e-4)
     with pytest.raises(ValueError, match="per-layer"):
         step({"params": params}, token, cache)
 
@@ -409,6 +411,35 @@ def test_attention_mask_padding_causality_window_and_prefix():
     expected_prefix[0, 1:3] = True  # (the pad query is irrelevant: its output is unused)
     np.testing.assert_array_equal(prefix[1:], expected_prefix[1:])
     assert prefix[3].tolist() == expected[3].tolist()  # after the prefix: causal
+
+
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_one_token_attention_over_the_per_layer_cache(softcap):
+    """``attend_one_token`` on [B*K, S, H] caches against softmax attention in float64
+    NumPy, grouped heads (N = 6 query heads over K = 2), some slots masked per row."""
+    batch, heads, kv_heads, length, head_dim, scale = 2, 6, 2, 7, 4, 0.5
+    rng = np.random.default_rng(0)
+    query = rng.standard_normal((batch, 1, heads, head_dim))
+    keys, values = rng.standard_normal((2, batch, length, kv_heads, head_dim))
+    mask = rng.random((batch, 1, 1, length)) < 0.7
+    mask[:, :, :, 0] = True
+    rows = [np.swapaxes(c, 1, 2).reshape(batch * kv_heads, length, head_dim)
+            for c in (keys, values)]
+    out = attend_one_token(*(jnp.asarray(x, jnp.float32) for x in (query, *rows)),
+                           jnp.asarray(mask), scale=scale, softcap=softcap)
+    expected = np.zeros((batch, 1, heads, head_dim))
+    for b in range(batch):
+        for n in range(heads):
+            kv = n // (heads // kv_heads)
+            logits = keys[b, :, kv] @ query[b, 0, n] * scale
+            if softcap is not None:
+                logits = softcap * np.tanh(logits / softcap)
+            logits = np.where(mask[b, 0, 0], logits, -np.inf)
+            weights = np.exp(logits - logits.max())
+            expected[b, 0, n] = weights / weights.sum() @ values[b, :, kv]
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="one query"):
+        attend_one_token(jnp.zeros((batch, 2, heads, head_dim)), *rows, mask, scale=1.0)
 
 
 @pytest.mark.parametrize("tiny", ["gemma2"], indirect=True)

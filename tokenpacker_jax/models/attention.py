@@ -28,8 +28,8 @@ from tokenpacker_jax.models.rms_norm import RMSNorm
 HEADS_ACT = ("activation_batch", "activation_length", "activation_heads", None)
 KV_HEADS_ACT = ("activation_batch", "activation_length", "activation_kv_heads", None)
 CACHE_AXES = ("layers", *KV_HEADS_ACT)
-# A per-layer cache array [B, K, S, H] (``KVCache.per_layer``).
-PER_LAYER_CACHE_AXES = ("activation_batch", "activation_kv_heads", "activation_length", None)
+# A per-layer cache array [B*K, S, H] (``KVCache.per_layer``).
+PER_LAYER_CACHE_AXES = ("activation_batch", "activation_length", None)
 
 
 def rope_inverse_frequencies(config: DecoderConfig, local: bool = False) -> np.ndarray:
@@ -130,6 +130,47 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array, 
     return out.reshape(batch, length, num_heads, head_dim)
 
 
+def attend_one_token(query: jax.Array, key_cache: jax.Array, value_cache: jax.Array,
+                     mask: jax.Array, *, scale: float,
+                     softcap: float | None = None) -> jax.Array:
+    """``attend`` for one new token per row over per-layer caches, in their layout: query
+    [B, 1, N, H], key_cache / value_cache [B*K, S, H], mask [B, 1, 1, S] -> [B, 1, N, H].
+
+    Both products are batched matmuls over the B*K axis with the cache as it lies
+    ([S, H] . [H, G] and [G, S] . [S, H]), so XLA:CPU reads each cache once and copies
+    neither (see ``KVCache.per_layer``).
+    """
+    batch, length, num_heads, head_dim = query.shape
+    if length != 1:
+        raise ValueError(f"attend_one_token: one query per row, got {length}")
+    rows, max_length, _ = key_cache.shape
+    num_kv = rows // batch
+    grouped = query.reshape(rows, num_heads // num_kv, head_dim)  # [B*K, G, H]
+    logits = jnp.einsum("nsh,ngh->ngs", key_cache, grouped.astype(key_cache.dtype),
+                        preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        logits = softcap * jnp.tanh(logits / softcap)
+    row_mask = jnp.broadcast_to(mask[:, 0, 0, None, None, :], (batch, num_kv, 1, max_length))
+    logits = jnp.where(row_mask.reshape(rows, 1, max_length), logits,
+                       jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(value_cache.dtype)
+    out = jnp.einsum("ngs,nsh->ngh", weights, value_cache,
+                     preferred_element_type=jnp.float32)
+    return out.reshape(batch, 1, num_heads, head_dim).astype(query.dtype)
+
+
+def _rows(x: jax.Array) -> jax.Array:
+    """[B, T, K, H] -> [B*K, T, H] (the per-layer cache's layout)."""
+    batch, length, heads, head_dim = x.shape
+    return jnp.swapaxes(x, 1, 2).reshape(batch * heads, length, head_dim)
+
+
+def _unrows(x: jax.Array, batch: int) -> jax.Array:
+    """[B*K, S, H] -> [B, S, K, H]."""
+    rows, length, head_dim = x.shape
+    return jnp.swapaxes(x.reshape(batch, rows // batch, length, head_dim), 1, 2)
+
+
 class Attention(nn.Module):
     """Self-attention with RoPE and an optional KV cache: x [B, T, W] -> [B, T, W].
 
@@ -137,7 +178,7 @@ class Attention(nn.Module):
     with ``layer`` the index of this one: writing the new tokens into the whole stack in
     place (rather than scanning per-layer slices in and out) keeps a decoding step from
     copying the cache; or, with ``layer`` None, this layer's own keys and values
-    [B, K, S, H] (``KVCache.per_layer``, the CPU's decoding layout). With ``cache_index``
+    [B*K, S, H] (``KVCache.per_layer``, the CPU's decoding layout). With ``cache_index``
     None the new keys go to slot 0 and the queries attend to the new keys only (prefill);
     otherwise they go to slot ``cache_index`` and the queries attend to every slot
     (decoding). Returns (output, updated cache or None).
@@ -164,17 +205,20 @@ class Attention(nn.Module):
         k = layers.constrain(apply_rope(k, cos, sin), KV_HEADS_ACT)
         v = layers.constrain(v, KV_HEADS_ACT)
 
-        new_cache = None
+        new_cache = out = None
         if cache is not None:
             start = 0 if cache_index is None else cache_index
-            if layer is None:  # this layer's own [B, K, S, H]
+            if layer is None:  # this layer's own [B*K, S, H]
                 new_cache = tuple(
                     layers.constrain(jax.lax.dynamic_update_slice(
-                        own, jnp.swapaxes(new, 1, 2).astype(own.dtype), (0, 0, start, 0)),
+                        own, _rows(new).astype(own.dtype), (0, start, 0)),
                         PER_LAYER_CACHE_AXES)
                     for own, new in zip(cache, (k, v)))
-                if cache_index is not None:
-                    k, v = (jnp.swapaxes(own, 1, 2).astype(q.dtype) for own in new_cache)
+                if cache_index is not None and q.shape[1] == 1:  # a decoding step
+                    out = attend_one_token(q, *new_cache, mask, scale=cfg.query_scale,
+                                           softcap=cfg.attn_logit_softcap)
+                elif cache_index is not None:
+                    k, v = (_unrows(own, k.shape[0]).astype(q.dtype) for own in new_cache)
             else:
                 new_cache = tuple(
                     layers.constrain(
@@ -186,8 +230,9 @@ class Attention(nn.Module):
                         jax.lax.dynamic_index_in_dim(stack, layer, axis=0, keepdims=False),
                         KV_HEADS_ACT).astype(q.dtype) for stack in new_cache)
 
-        out = attend(q, k, v, mask, scale=cfg.query_scale, softcap=cfg.attn_logit_softcap,
-                     implementation=cfg.attention_impl)
+        if out is None:
+            out = attend(q, k, v, mask, scale=cfg.query_scale,
+                         softcap=cfg.attn_logit_softcap, implementation=cfg.attention_impl)
         out = layers.constrain(out, HEADS_ACT)
         out = layers.dense(cfg.width, axes=("heads", "head_dim", "embed"), axis=(-2, -1),
                            name="o_proj", **kw)(out)

@@ -30,7 +30,8 @@ class KVCache:
     """Per-layer keys and values plus the bookkeeping of which slots are filled.
 
     keys, values: [L, B, S, K, H] (compute dtype), S = the static maximum length; or, in
-      the per-layer layout (``per_layer``), tuples of L arrays [B, K, S, H].
+      the per-layer layout (``per_layer``), tuples of L arrays [B*K, S, H] (row-major
+      over B then K).
     positions: [B, S] int32, RoPE position of the token in each slot, -1 = no token.
     index: [] int32, the next slot to write (the same for every row).
     next_position: [B] int32, the position the next token of each row gets.
@@ -44,21 +45,30 @@ class KVCache:
 
     @property
     def max_length(self) -> int:
-        # [L, B, S, K, H] or per-layer [B, K, S, H]: S is dimension 2 of either
-        return (self.keys[0] if isinstance(self.keys, tuple) else self.keys).shape[2]
+        if isinstance(self.keys, tuple):  # per-layer [B*K, S, H]
+            return self.keys[0].shape[1]
+        return self.keys.shape[2]  # [L, B, S, K, H]
 
     def per_layer(self) -> KVCache:
-        """The same cache with keys and values split into one array [B, K, S, H] per
-        layer, for the unscanned decoder (``scan_layers=False``), split once before a
-        decoding loop. On the CPU: XLA copies a whole [L, ...] stack each time a decoding
-        step writes one layer's slot and reads that layer back (24 copies of the cache per
-        token for 12 layers) where separate arrays are updated in place; and with the heads
-        before the slots, attention reads the values as they lie (from [B, S, K, H] XLA
-        transposed each layer's keys and values at every step)."""
+        """The same cache with keys and values split into one array [B*K, S, H] per layer,
+        for the unscanned decoder (``scan_layers=False``), split once before a decoding
+        loop. What XLA:CPU does with the other layouts, per decoding step: a whole [L, ...]
+        stack is copied each time one layer's slot is written and that layer read back (24
+        copies of the cache per token for 12 layers), where separate arrays are updated in
+        place; slots before heads ([B, S, K, H]) get each layer's keys and values
+        transposed for the attention's matmuls; and two batch axes ([B, K, S, H]) are
+        merged for them by a reshape that XLA fuses with a second copy of the cache write,
+        which then copies every array. [B*K, S, H] is the matmuls' own layout: nothing is
+        copied."""
         if isinstance(self.keys, tuple):
             return self
-        return self.replace(keys=tuple(jnp.swapaxes(self.keys, 2, 3)),
-                            values=tuple(jnp.swapaxes(self.values, 2, 3)))
+        layers, batch, length, kv_heads, head_dim = self.keys.shape
+
+        def split(stack):
+            rows = jnp.swapaxes(stack, 2, 3).reshape(layers, batch * kv_heads, length, head_dim)
+            return tuple(rows)
+
+        return self.replace(keys=split(self.keys), values=split(self.values))
 
 
 def init_cache(config: DecoderConfig, batch: int, max_length: int,
