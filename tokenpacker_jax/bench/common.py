@@ -66,16 +66,7 @@ def wait(result: Any) -> Any:
 
 def time_calls(call: Callable[[], Any], *, runs: int = MIN_RUNS, warmup: int = 1) -> Timing:
     """Median-ready timings of ``call()``, each ended by ``wait``."""
-    if runs < 1:
-        raise ValueError(f"runs must be >= 1, got {runs}")
-    for _ in range(warmup):
-        wait(call())
-    seconds = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        wait(call())
-        seconds.append(time.perf_counter() - start)
-    return Timing(tuple(seconds))
+    return time_interleaved({"call": call}, runs=runs, warmup=warmup)["call"]
 
 
 def time_interleaved(calls: Mapping[str, Callable[[], Any]], *, runs: int = MIN_RUNS,
