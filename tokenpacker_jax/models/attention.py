@@ -23,6 +23,7 @@ import numpy as np
 
 from tokenpacker_jax.models import layers
 from tokenpacker_jax.models.decoder_config import DecoderConfig
+from tokenpacker_jax.models.kv_cache import heads_as_rows, rows_as_heads
 from tokenpacker_jax.models.rms_norm import RMSNorm
 
 HEADS_ACT = ("activation_batch", "activation_length", "activation_heads", None)
@@ -159,18 +160,6 @@ def attend_one_token(query: jax.Array, key_cache: jax.Array, value_cache: jax.Ar
     return out.reshape(batch, 1, num_heads, head_dim).astype(query.dtype)
 
 
-def _rows(x: jax.Array) -> jax.Array:
-    """[B, T, K, H] -> [B*K, T, H] (the per-layer cache's layout)."""
-    batch, length, heads, head_dim = x.shape
-    return jnp.swapaxes(x, 1, 2).reshape(batch * heads, length, head_dim)
-
-
-def _unrows(x: jax.Array, batch: int) -> jax.Array:
-    """[B*K, S, H] -> [B, S, K, H]."""
-    rows, length, head_dim = x.shape
-    return jnp.swapaxes(x.reshape(batch, rows // batch, length, head_dim), 1, 2)
-
-
 class Attention(nn.Module):
     """Self-attention with RoPE and an optional KV cache: x [B, T, W] -> [B, T, W].
 
@@ -211,14 +200,14 @@ class Attention(nn.Module):
             if layer is None:  # this layer's own [B*K, S, H]
                 new_cache = tuple(
                     layers.constrain(jax.lax.dynamic_update_slice(
-                        own, _rows(new).astype(own.dtype), (0, start, 0)),
+                        own, heads_as_rows(new).astype(own.dtype), (0, start, 0)),
                         PER_LAYER_CACHE_AXES)
                     for own, new in zip(cache, (k, v)))
                 if cache_index is not None and q.shape[1] == 1:  # a decoding step
                     out = attend_one_token(q, *new_cache, mask, scale=cfg.query_scale,
                                            softcap=cfg.attn_logit_softcap)
                 elif cache_index is not None:
-                    k, v = (_unrows(own, k.shape[0]).astype(q.dtype) for own in new_cache)
+                    k, v = (rows_as_heads(own, k.shape[0]).astype(q.dtype) for own in new_cache)
             else:
                 new_cache = tuple(
                     layers.constrain(

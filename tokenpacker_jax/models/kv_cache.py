@@ -62,13 +62,21 @@ class KVCache:
         copied."""
         if isinstance(self.keys, tuple):
             return self
-        layers, batch, length, kv_heads, head_dim = self.keys.shape
+        return self.replace(keys=tuple(heads_as_rows(self.keys)),
+                            values=tuple(heads_as_rows(self.values)))
 
-        def split(stack):
-            rows = jnp.swapaxes(stack, 2, 3).reshape(layers, batch * kv_heads, length, head_dim)
-            return tuple(rows)
 
-        return self.replace(keys=split(self.keys), values=split(self.values))
+def heads_as_rows(x: jax.Array) -> jax.Array:
+    """[..., B, T, K, H] -> [..., B*K, T, H]: keys or values in the per-layer cache's
+    layout (``KVCache.per_layer``)."""
+    *lead, batch, length, heads, head_dim = x.shape
+    return jnp.swapaxes(x, -3, -2).reshape(*lead, batch * heads, length, head_dim)
+
+
+def rows_as_heads(x: jax.Array, batch: int) -> jax.Array:
+    """[B*K, S, H] -> [B, S, K, H], the inverse of ``heads_as_rows``."""
+    rows, length, head_dim = x.shape
+    return jnp.swapaxes(x.reshape(batch, rows // batch, length, head_dim), 1, 2)
 
 
 def init_cache(config: DecoderConfig, batch: int, max_length: int,
