@@ -155,7 +155,10 @@ def test_remat_policy_does_not_change_values_or_gradients():
 
     def value_and_grad(policy):
         module = VisionTransformer(dataclasses.replace(config, remat_policy=policy))
-        loss = lambda p: jnp.sum(module.apply({"params": p}, pixels)[-1] ** 2)
+
+        def loss(p):
+            return jnp.sum(module.apply({"params": p}, pixels)[-1] ** 2)
+
         return jax.jit(jax.value_and_grad(loss))(params)
 
     plain_value, plain_grads = value_and_grad("none")
