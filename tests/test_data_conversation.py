@@ -1,6 +1,7 @@
 """Conversation templates: ids and supervision against the reference's procedure (Vicuna /
 plain) and, for every template, supervised tokens = the answers plus their end marker."""
 
+import numpy as np
 import pytest
 
 from data_helpers import gemma_like, llama3_like, vicuna_like
@@ -288,10 +289,109 @@ def test_parse_turns_rejects(conversation, has_image, reason, words):
     assert words in str(info.value)
 
 
-def test_placeholder_moves_to_the_front():
-    turns = parse_turns([{"from": "human", "value": " What is this?\n<image> "},
-                         {"from": "gpt", "value": "x"}], has_image=True)
-    assert turns[0].text == "<image>\nWhat is this?"
+# The reference's rule for the turn holding the image, in words: take the marker out, strip
+# what is left, and put the marker in front of it followed by a newline; when nothing is
+# left, the turn is the marker alone, with no newline after it.
+PLACEMENTS = [
+    # only the marker, bare or with whitespace around it
+    ("<image>", "<image>"),
+    ("  <image>  ", "<image>"),
+    ("<image>\n", "<image>"),
+    ("\n<image>\n\n", "<image>"),
+    ("\t<image> \n", "<image>"),
+    # the marker before, after and inside the text
+    ("<image>\nWhat is it?", "<image>\nWhat is it?"),
+    ("<image>What is it?", "<image>\nWhat is it?"),
+    ("<image>  What is it?\n", "<image>\nWhat is it?"),
+    ("What is it?<image>", "<image>\nWhat is it?"),
+    (" What is it?\n<image> ", "<image>\nWhat is it?"),
+    ("What <image>is it?", "<image>\nWhat is it?"),
+    ("What is <image> it?", "<image>\nWhat is  it?"),
+]
+
+
+@pytest.mark.parametrize("value, expected", PLACEMENTS)
+def test_image_turn_follows_the_reference_rule(value, expected):
+    turns = parse_turns([{"from": "human", "value": value}, {"from": "gpt", "value": "A dog."}],
+                        has_image=True)
+    assert turns[0].text == expected
+    assert turns[1].text == "A dog."
+
+
+def image_conversations(value):
+    """The turn ``value`` alone, in the first of two rounds, and in the second round."""
+    answer = {"from": "gpt", "value": "A dog."}
+    return [
+        [{"from": "human", "value": value}, answer],
+        [{"from": "human", "value": value}, answer,
+         {"from": "human", "value": "How many?"}, {"from": "gpt", "value": "3"}],
+        [{"from": "human", "value": "How many?"}, {"from": "gpt", "value": "3"},
+         {"from": "human", "value": value}, answer],
+    ]
+
+
+@pytest.mark.parametrize("value", [value for value, _ in PLACEMENTS])
+def test_image_placements_equal_reference_ids_and_supervision(vicuna, value):
+    for conversation in image_conversations(value):
+        ref_ids, ref_labels = reference_v1(conversation, vicuna)
+        ids, labels = ours("vicuna_v1", conversation, vicuna)
+        assert ids == ref_ids, conversation
+        assert labels == ref_labels, conversation
+    ids, labels = ours("plain", image_conversations(value)[0], vicuna)
+    assert (ids, labels) == reference_plain(image_conversations(value)[0], vicuna)
+
+
+def after_the_image(ids, supervised):
+    """The prompt ids between the image slot and the first supervised id."""
+    slot = ids.index(IMAGE_TOKEN_ID)
+    return ids[slot + 1:supervised.index(True)]
+
+
+@pytest.mark.parametrize("value", ["<image>", "  <image>\n"])
+def test_image_only_turn_has_nothing_between_image_and_assistant(vicuna, value):
+    result = ConversationTokenizer("vicuna_v1", vicuna)(
+        parse_turns([{"from": "human", "value": value}, {"from": "gpt", "value": "A dog."}],
+                    has_image=True))
+    # what the reference's tokenizer_image_token makes of the text after the image
+    assert after_the_image(result.ids, result.supervised) == \
+        vicuna(" ASSISTANT:").input_ids[1:]
+    assert decode(vicuna, after_the_image(result.ids, result.supervised)).strip() == \
+        "ASSISTANT:"
+
+
+def test_generation_prompt_follows_the_same_rule(vicuna):
+    """``<image>`` + newline + question, as the reference's evaluation scripts build the
+    turn, then the training rule: each prompt is the prompt of the training example with
+    that turn, and an empty question puts nothing between the image and " ASSISTANT:"."""
+    from PIL import Image
+
+    from tokenpacker_jax.data.example import ExampleBuilder, ImageSettings
+    from tokenpacker_jax.generate import build_prompt
+
+    builder = ExampleBuilder(ConversationTokenizer("vicuna_v1", vicuna),
+                             ImageSettings(mode="square", size=28), tokens_per_tile=4,
+                             max_length=256)
+    image = Image.new("RGB", (40, 30), (200, 10, 10))
+    for question, turn in [("What is it?", "<image>\nWhat is it?"), ("", "<image>"),
+                           ("   ", "<image>"), ("\n", "<image>"),
+                           (" What is it?\n", "<image>\nWhat is it?"),
+                           ("What is <image> it?", "<image>\nWhat is  it?")]:
+        prompt = build_prompt(builder, question, image)
+        slot = int(np.flatnonzero(prompt.image_mask)[0])
+        assert prompt.image_mask.sum() == 4 and prompt.image_mask[slot:slot + 4].all()
+        ids = prompt.ids[:slot].tolist() + [IMAGE_TOKEN_ID] + prompt.ids[slot + 4:].tolist()
+        assert ids == tokenizer_image_token(f"{VICUNA_SYSTEM} USER: {turn} ASSISTANT:",
+                                            vicuna), question
+        value = question if "<image>" in question else "<image>\n" + question
+        training, supervised = ours("vicuna_v1", [{"from": "human", "value": value},
+                                                  {"from": "gpt", "value": "A dog."}], vicuna)
+        assert training[:len(ids)] == ids and supervised[len(ids)] != IGNORE, question
+        if not question.strip():
+            assert ids[slot + 1:] == vicuna(" ASSISTANT:").input_ids[1:]
+    with pytest.raises(ValueError, match="2 times"):
+        build_prompt(builder, "<image> and <image>", image)
+    with pytest.raises(ValueError, match="no image"):
+        build_prompt(builder, "<image>\nWhat is it?", None)
 
 
 def test_missing_special_token_is_reported_once(vicuna):

@@ -2,12 +2,16 @@
 
     python -m tokenpacker_jax.generate --checkpoint=WORKDIR --image=FILE --prompt=TEXT
 
-The prompt is wrapped as the reference's evaluation does: ``<image>`` + newline + prompt as
-the user turn of the checkpoint's conversation template, ending where the assistant's answer
-begins. Prompts of a batch are LEFT-padded (the decoder's KV-cache convention), prefilled
-once, then decoded one token per step on the device until every row has stopped (EOS or a
-template stop token) or ``max_new_tokens``; greedy at temperature 0, else sampled with
-optional top-k / top-p.
+The prompt is the user turn of the checkpoint's conversation template, ending where the
+assistant's answer begins. With an image, the turn is what training makes of a turn holding
+``<image>`` (``conversation.place_image``): ``<image>``, newline, the question stripped; just
+``<image>`` for an empty question. For a question without surrounding whitespace this is
+the reference's evaluation prompt, ``<image>`` + newline + question; its evaluation scripts
+keep surrounding whitespace, and for an empty question leave ``<image>`` + newline, a turn
+its training never produces. Prompts of a batch are LEFT-padded (the decoder's KV-cache
+convention), prefilled once, then decoded one token per step on the device until every row
+has stopped (EOS or a template stop token) or ``max_new_tokens``; greedy at temperature 0,
+else sampled with optional top-k / top-p.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokenpacker_jax.data.conversation import IMAGE_PLACEHOLDER, ImageSlot, Turn
+from tokenpacker_jax.data.conversation import IMAGE_PLACEHOLDER, ImageSlot, Turn, place_image
 from tokenpacker_jax.data.example import ExampleBuilder
 from tokenpacker_jax.models import mllm
 from tokenpacker_jax.models.decoder import unstack_layers
@@ -52,8 +56,19 @@ def build_prompt(builder: ExampleBuilder, question: str, image: Any | None) -> P
 
     The template renders a one-turn conversation; everything from the first supervised
     segment of the answer on is dropped, so the prompt ends where the answer would begin.
+    With an image, ``<image>`` goes where training puts it (``place_image``), also when the
+    question names it itself (once at most).
+
+    Raises ValueError: ``<image>`` in the question without an image, or more than once.
     """
-    text = f"{IMAGE_PLACEHOLDER}\n{question}" if image is not None else question
+    count = question.count(IMAGE_PLACEHOLDER)
+    if image is None and count:
+        raise ValueError(f"{IMAGE_PLACEHOLDER} in the question but no image given: "
+                         f"{question!r:.80}")
+    if count > 1:
+        raise ValueError(f"{IMAGE_PLACEHOLDER} appears {count} times in the question; one "
+                         f"image per prompt: {question!r:.80}")
+    text = place_image(question) if image is not None else question
     template = builder.conversation.template
     segments = template.segments([Turn("human", text), Turn("gpt", "")])
     first_answer = next(i for i, s in enumerate(segments) if getattr(s, "supervised", False))

@@ -20,8 +20,10 @@ Templates (``TEMPLATES``):
   supervised (the newline after it belongs to the next turn's prompt). A system prompt goes
   in front of the first user text, as Gemma's own chat template does.
 
-As in the reference (``preprocess_multimodal``), the user text holding ``<image>`` becomes
-``<image>\\n`` + the rest stripped, and the image slot stands where ``<image>`` was.
+The turn holding ``<image>`` is rewritten by the reference's rule (``place_image``): the
+marker leaves its place, the rest of the turn is stripped, and the turn becomes ``<image>``,
+newline, rest; with nothing else in the turn it is just ``<image>`` (no newline). The image
+slot stands where ``<image>`` now is, at the start of the turn.
 
 Token ids equal what the reference gets from tokenising the whole prompt, split at the
 image as its ``tokenizer_image_token`` does: text between hard boundaries (sequence start,
@@ -172,9 +174,21 @@ def parse_turns(conversations: Any, *, has_image: bool) -> list[Turn]:
     index = next(i for i, count in placements if count)
     if turns[index].role != USER:
         raise DataError(errors.BAD_RECORD, f"{IMAGE_PLACEHOLDER} in an answer (turn {index})")
-    rest = turns[index].text.replace(IMAGE_PLACEHOLDER, "").strip()
-    turns[index] = Turn(USER, f"{IMAGE_PLACEHOLDER}\n{rest}")
+    turns[index] = Turn(USER, place_image(turns[index].text))
     return turns
+
+
+def place_image(text: str) -> str:
+    """The text of the turn holding the image, as the reference's ``preprocess_multimodal``
+    rewrites it: every ``<image>`` is taken out, the rest is stripped of surrounding
+    whitespace, and the turn becomes ``<image>`` + newline + rest, stripped once more, so a
+    turn with nothing besides the marker (and whitespace) is exactly ``<image>``.
+
+    "<image>" / "  <image>\\n" -> "<image>";  "What? <image>" / "<image>What?" ->
+    "<image>\\nWhat?";  "Is <image> red?" -> "<image>\\nIs  red?".
+    """
+    rest = text.replace(IMAGE_PLACEHOLDER, "").strip()
+    return f"{IMAGE_PLACEHOLDER}\n{rest}" if rest else IMAGE_PLACEHOLDER
 
 
 # ---------------------------------------------------------------------------------------------
