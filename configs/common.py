@@ -145,7 +145,12 @@ def base_config() -> ml_collections.ConfigDict:
         patch_num=9,  # candidate grids 9 | 16 | 25
         comma_id=29892,  # ',' of the Vicuna tokenizer
         newline_id=0,  # what the reference's '\n' lookup yields (unk)
-        reference_global_view=False,  # build the global view from the padded canvas
+        # The global view (the extra tile of a multi-tile image), tokenpacker_jax/data/hd.py:
+        # "reference_canvas": the whole padded grid canvas, margin included, shrunk to the
+        # image's size within one tile (what the reference and its released checkpoints
+        # use); "fit_image": the image itself shrunk into one tile (an option for new
+        # training, not the reference's).
+        global_view="reference_canvas",
     ))
 
     # Which groups train (SPEC §5: stage 1 the projector, stage 2 projector + LLM).

@@ -9,6 +9,7 @@
 | stage        | 1 (projector), 2 (+ LLM)       | 2        |
 | hd           | TokenPacker-HD (slice tiling)  | false    |
 | patch_num    | 9, 16 (HD tile budget)         | 9        |
+| global_view  | HD global view: reference_canvas (the reference's), fit_image | reference_canvas |
 | microbatches | gradient accumulation; 0: 16 sequences each | 0 |
 | data         | LLaVA-1.5 data root (blip_laion_cc_sbu_558k, mix665k) | "" |
 
@@ -27,8 +28,8 @@ import ml_collections
 from configs import common
 from tokenpacker_jax.data import hd as hd_lib
 
-VARIANTS = dict(llm="vicuna7b", scale=2, stage=2, hd=False, patch_num=9, microbatches=0,
-                data="")
+VARIANTS = dict(llm="vicuna7b", scale=2, stage=2, hd=False, patch_num=9,
+                global_view=hd_lib.REFERENCE_CANVAS, microbatches=0, data="")
 LLMS = ("vicuna7b", "vicuna13b", "gemma2_2b")
 # Sequences per microbatch by default: one per data-parallel shard on v5e-16 (7B: 16-way
 # FSDP) and v5e-32 (13B: 16-way FSDP x 2-way tensor).
@@ -98,6 +99,7 @@ def get_config(arg: str | None = None):
 
     if llm.startswith("gemma"):
         config.data.hd.update(dict(comma_id=-1, newline_id=-1))  # looked up in its tokenizer
+    config.data.hd.global_view = variant["global_view"]  # validate() checks the name
     if variant["hd"]:
         config.data.image.aspect_mode = "slice"
         config.data.hd.patch_num = variant["patch_num"]

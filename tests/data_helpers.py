@@ -10,6 +10,8 @@
 - ``gemma_like``: sentencepiece without a dummy prefix, ``<pad>`` 0 / ``<eos>`` 1 /
   ``<bos>`` 2, ``<start_of_turn>`` / ``<end_of_turn>`` as user-defined pieces, wrapped as
   transformers ``GemmaTokenizer``.
+- ``reference_slice``: the reference's TokenPacker-HD tiles and global view, transcribed
+  into torch (the oracle of the HD tests).
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ from __future__ import annotations
 import json
 import os
 import random
+
+# CLIP's normalisation (the reference's HD code hard-codes these numbers).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 WORDS = ("a chat between curious user and an artificial intelligence assistant the gives "
          "helpful detailed polite answers to questions what is colour shape red green blue "
@@ -111,3 +117,43 @@ def data_config(**overrides):
             target = target[part]
         target[last] = value
     return config
+
+
+def reference_fit(height, width, box_height, box_width):
+    """The reference's resized size of an image fit into a box (its slice code, verbatim
+    in meaning): the tighter side fills the box, the other is rounded and capped."""
+    h_ratio, w_ratio = box_height / height, box_width / width
+    if h_ratio <= w_ratio:
+        return box_height, min(box_width, round(width * h_ratio))
+    return min(box_height, round(height * w_ratio)), box_width
+
+
+def reference_slice(pixels, grid, view, *, tile, mean=CLIP_MEAN, std=CLIP_STD):
+    """The reference's TokenPacker-HD pixels (``image_aspect_ratio = slice``, the same code
+    in its training dataset and its evaluation loader), transcribed into torch, for a grid
+    given as (rows, cols): uint8 [H, W, 3] -> (float32 [r*c + 1, tile, tile, 3], (h', w')).
+
+    ToTensor and Normalize at full size; bilinear ``F.interpolate`` (half-pixel centres, no
+    antialiasing) to fit the r*tile x c*tile box, top-left on a zero canvas; tiles
+    row-major; then the global view: the canvas (``"reference_canvas"``, the reference's)
+    or the image (``"fit_image"``) interpolated to h' x w', the image's fit into one tile,
+    top-left on a zero tile.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    image = ((torch.from_numpy(pixels).permute(2, 0, 1).float().div(255) - mean) / std)[None]
+    height, width = image.shape[-2:]
+    rows, cols = grid
+    size = reference_fit(height, width, rows * tile, cols * tile)
+    canvas = torch.zeros(1, 3, rows * tile, cols * tile)
+    canvas[:, :, :size[0], :size[1]] = F.interpolate(image, size=size, mode="bilinear")
+    tiles = [canvas[:, :, tile * i:tile * (i + 1), tile * j:tile * (j + 1)]
+             for i in range(rows) for j in range(cols)]
+    size = reference_fit(height, width, tile, tile)
+    glob = torch.zeros(1, 3, tile, tile)
+    source = canvas if view == "reference_canvas" else image
+    glob[:, :, :size[0], :size[1]] = F.interpolate(source, size=size, mode="bilinear")
+    return torch.cat(tiles + [glob]).permute(0, 2, 3, 1).numpy(), size

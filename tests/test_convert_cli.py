@@ -8,6 +8,7 @@ tokens."""
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import jax
@@ -20,10 +21,11 @@ from flax import traverse_util
 from PIL import Image
 from safetensors.numpy import load_file
 
-from data_helpers import corpus
+from data_helpers import corpus, reference_slice
 from tokenpacker_jax import checkpoint, configuration
-from tokenpacker_jax.convert import checkpoint_io, cli, reference
+from tokenpacker_jax.convert import checkpoint_io, cli, llava, reference
 from tokenpacker_jax.convert.torch_tokenpacker import TorchTokenPacker
+from tokenpacker_jax.data import hd
 from tokenpacker_jax.data.conversation import VICUNA_SYSTEM
 from tokenpacker_jax.data.pipeline import example_builder
 from tokenpacker_jax.data.synthetic import train_tokenizer
@@ -170,6 +172,60 @@ def test_import_takes_the_reference_settings(built, imported):
     assert config.convert.imported_from == str(built["ref_dir"])
 
 
+def test_hd_import_uses_the_reference_global_view(built, tmp_path):
+    """A reference-layout TokenPacker-HD checkpoint (``image_aspect_ratio: slice``) imports
+    with the reference's global view, so generation and evaluation build the reference's
+    tiles; a workdir whose config was saved before the view had a name loads with the view
+    its weights were trained with."""
+    source = tmp_path / "llava-tokenpacker-hd-tiny"
+    shutil.copytree(built["ref_dir"], source)
+    ref_config = json.loads((source / "config.json").read_text())
+    ref_config.update(image_aspect_ratio="slice", patch_num=9)
+    (source / "config.json").write_text(json.dumps(ref_config))
+    workdir = tmp_path / "imported_hd"
+    cli.main(["import", f"--checkpoint={source}", f"--vision={built['clip_dir']}",
+              f"--out={workdir}", f"--multi_layers={','.join(map(str, MULTI_LAYERS))}",
+              f"--projector_heads={HEADS}"])
+    trained = load_trained(str(workdir))
+    config = trained.config
+    assert (config.data.image.aspect_mode, config.data.hd.patch_num) == ("slice", 9)
+    assert config.data.hd.global_view == "reference_canvas"
+
+    # What generation and evaluation build from the imported config: the reference's pixels
+    # (a 44 x 70 image: 2 x 3 tiles of 32 px, the canvas margin at the bottom).
+    builder = example_builder(config.data, trained.tokenizer, trained.tokens_per_tile)
+    pixels = np.random.default_rng(5).integers(0, 256, (44, 70, 3), dtype=np.uint8)
+    grid = hd.select_hd_grid(44, 70, 9, IMAGE)
+    assert grid[0] * grid[1] > 1
+    expected, _ = reference_slice(pixels, grid, "reference_canvas", tile=IMAGE,
+                                  mean=config.data.image.mean, std=config.data.image.std)
+    prompt = build_prompt(builder, QUESTION, Image.fromarray(pixels))
+    assert prompt.tile_mask.sum() == len(expected)
+    np.testing.assert_allclose(prompt.pixel_values[:len(expected)], expected, atol=1e-5,
+                               rtol=0)
+
+    # The same workdir as an earlier import wrote it: the boolean field, left False.
+    saved_file = workdir / "checkpoints" / "0" / "config" / "metadata"
+    saved = json.loads(saved_file.read_text())
+    del saved["data"]["hd"]["global_view"]
+    saved["data"]["hd"]["reference_global_view"] = False
+    saved_file.write_text(json.dumps(saved))
+    assert load_trained(str(workdir)).config.data.hd.global_view == "reference_canvas"
+
+
+def test_global_view_field_of_a_reference_config():
+    """Absent (the reference's own configs): its view; written by our export: read back."""
+    base = {"mm_vision_select_layer": -2, "image_aspect_ratio": "slice", "patch_num": 9}
+    assert llava.settings_from_reference(base, projector="tokenpacker",
+                                         embed_dim=128).global_view == "reference_canvas"
+    fit = {**base, llava.GLOBAL_VIEW_FIELD: "fit_image"}
+    settings = llava.settings_from_reference(fit, projector="tokenpacker", embed_dim=128)
+    assert settings.global_view == "fit_image"
+    with pytest.raises(ValueError, match="mm_hd_global_view 'canvas' is not one of"):
+        llava.settings_from_reference({**base, llava.GLOBAL_VIEW_FIELD: "canvas"},
+                                      projector="tokenpacker", embed_dim=128)
+
+
 def test_reference_export_is_the_input_and_round_trips_bit_exactly(built, imported,
                                                                    exported):
     _, trained = imported
@@ -186,6 +242,7 @@ def test_reference_export_is_the_input_and_round_trips_bit_exactly(built, import
     for field in (*LLAMA_FIELDS, *MULTIMODAL_FIELDS):
         if field not in ("mm_vision_tower", "mm_projector_type"):
             assert written[field] == source[field], field
+    assert written[llava.GLOBAL_VIEW_FIELD] == "reference_canvas"
     assert written["model_type"] == "llava_llama"
     assert written["mm_projector_type"] == "tokenpacker"
     assert written["mm_vision_tower"] == f"{out}/vision_tower"

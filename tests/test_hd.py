@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from data_helpers import reference_fit, reference_slice
 from tokenpacker_jax.data import hd
 
 T = hd.TILE_SIZE
@@ -107,21 +108,85 @@ def test_canvas_tiles_and_global_view(image_480x640):
         for col in range(3):
             np.testing.assert_array_equal(tiles.pixels[row * 3 + col],
                                           canvas[row * T:(row + 1) * T, col * T:(col + 1) * T])
-    glob = tiles.pixels[6]
-    np.testing.assert_array_equal(glob[:252], hd.resize_bilinear(image, (252, 336)))
-    assert not glob[252:].any()
     assert not tiles.pixels[7:].any()
 
 
-def test_reference_global_view_resizes_the_padded_canvas(image_480x640):
-    tiles = hd.hd_tiles(image_480x640, 9, reference_global_view=True)
+def test_global_views(image_480x640):
     canvas = hd.hd_canvas(image_480x640, (2, 3))
-    glob = tiles.pixels[6]
+    # reference_canvas, the default: the padded canvas resized to the image's own fit into
+    # one tile (252 x 336), so the canvas's right margin ends up in the view.
+    glob = hd.hd_tiles(image_480x640, 9).pixels[6]
+    np.testing.assert_array_equal(
+        glob, hd.hd_tiles(image_480x640, 9, global_view="reference_canvas").pixels[6])
     np.testing.assert_array_equal(glob[:252], hd.resize_bilinear(canvas, (252, 336)))
-    # The canvas's padding ends up in the view: its right columns are (near) zero.
-    assert np.abs(glob[:252, -20:]).max() < 1e-6 < np.abs(glob[:252, :300]).max()
-    spec_glob = hd.hd_tiles(image_480x640, 9).pixels[6]
-    assert np.abs(glob - spec_glob).max() > 0.5
+    assert not glob[252:].any()
+    assert np.abs(glob[:252, -20:]).max() < 1e-6 < np.abs(glob[:252, :290]).max()
+    # fit_image: the image itself at that size.
+    fit = hd.hd_tiles(image_480x640, 9, global_view="fit_image").pixels[6]
+    np.testing.assert_array_equal(fit[:252], hd.resize_bilinear(image_480x640, (252, 336)))
+    assert not fit[252:].any()
+    assert np.abs(glob - fit).max() > 0.5
+    with pytest.raises(ValueError, match="global view must be one of"):
+        hd.hd_tiles(image_480x640, 9, global_view="canvas")
+
+
+# -- against the reference's slice preprocessing (data_helpers.reference_slice) ------------
+
+class _NoText:
+    """The tokenizer an ExampleBuilder needs; nothing is tokenised here."""
+
+    bos_id, eos_id, pad_id = 1, 2, 0
+
+    def encode(self, text):
+        raise AssertionError("no text in these tests")
+
+
+# (height, width, patch_num); the canvas margin is on the right where the image fills the
+# grid's height, at the bottom where it fills its width.
+REFERENCE_CASES = [(480, 640, 9), (640, 480, 9), (550, 670, 9), (300, 1000, 16),
+                   (1000, 300, 9), (1080, 1920, 16), (700, 500, 16)]
+
+
+def test_reference_cases_cover_both_margins():
+    margins = set()
+    for height, width, patch_num in REFERENCE_CASES:
+        rows, cols = hd.hd_candidates(patch_num)[
+            int(torch.argmax(torch_scores([(height, width)], hd.hd_candidates(patch_num))[0]))]
+        fit = reference_fit(height, width, rows * T, cols * T)
+        assert rows * cols > 1
+        margins.add("right" if fit[1] < cols * T else "bottom" if fit[0] < rows * T else "-")
+    assert {"right", "bottom"} <= margins
+
+
+@pytest.mark.parametrize("view", ["reference_canvas", "fit_image"])
+@pytest.mark.parametrize("height,width,patch_num", REFERENCE_CASES)
+def test_tiles_and_global_view_equal_the_reference_code(height, width, patch_num, view):
+    from PIL import Image
+
+    from tokenpacker_jax.data.conversation import ConversationTokenizer
+    from tokenpacker_jax.data.example import ExampleBuilder, ImageSettings
+
+    pixels = np.random.default_rng(height * width).integers(0, 256, (height, width, 3),
+                                                             dtype=np.uint8)
+    candidates = hd.hd_candidates(patch_num)
+    grid = candidates[int(torch.argmax(torch_scores([(height, width)], candidates)[0]))]
+    expected, view_size = reference_slice(pixels, grid, view, tile=T)
+    settings = ImageSettings(mode="slice", size=T, patch_num=patch_num, global_view=view)
+    builder = ExampleBuilder(ConversationTokenizer("plain", _NoText()), settings, 4, 64)
+    ours, mask, _, _ = builder.image_tiles(Image.fromarray(pixels))
+    count = grid[0] * grid[1] + 1
+    assert mask.tolist() == [True] * count + [False] * (len(mask) - count)
+    np.testing.assert_allclose(ours[:count], expected, atol=1e-5, rtol=0)
+    assert not ours[count:].any()
+    # The view is h' x w' on a zero tile; the reference's carries the canvas margin inside.
+    glob = ours[count - 1]
+    assert not glob[view_size[0]:].any() and not glob[:, view_size[1]:].any()
+    if view == "reference_canvas":
+        canvas_fit = reference_fit(height, width, grid[0] * T, grid[1] * T)
+        if canvas_fit[1] < grid[1] * T:  # margin on the right: the view's last columns
+            assert np.abs(glob[:view_size[0], view_size[1] - 2:view_size[1]]).max() < 1e-6
+        else:  # margin at the bottom: the view's last rows
+            assert np.abs(glob[view_size[0] - 2:view_size[0], :view_size[1]]).max() < 1e-6
 
 
 def test_single_tile_has_no_global_view():

@@ -86,10 +86,22 @@ def test_hd_variants(patch_num, scale, tiles, max_length):
     configuration.validate(config, num_devices=16)
     assert config.data.image.aspect_mode == "slice"
     assert config.data.hd.patch_num == patch_num
+    # The reference's global view, which its released HD checkpoints were trained on.
+    assert config.data.hd.global_view == "reference_canvas"
+    assert pipeline.image_settings(config.data).global_view == "reference_canvas"
     assert pipeline.max_tiles(config.data) == tiles
     # The largest tiling (SPEC §3's count) leaves room for text.
     assert config.data.max_length == max_length
     assert config.data.max_length <= config.model.decoder.max_position_embeddings
+
+
+def test_hd_global_view_variant():
+    config = tokenpacker.get_config("hd=true,global_view=fit_image")
+    assert config.data.hd.global_view == "fit_image"
+    configuration.validate(config, num_devices=16)
+    with pytest.raises(configuration.ConfigError, match="data.hd.global_view"):
+        configuration.validate(tokenpacker.get_config("hd=true,global_view=fit"),
+                               num_devices=16)
 
 
 def test_microbatches_and_data_root():

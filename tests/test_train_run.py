@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import jax
 
 from configs import tiny
 from tokenpacker_jax import checkpoint, train
+from tokenpacker_jax.configuration import ConfigError
 from tokenpacker_jax.data import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,6 +123,23 @@ def test_sigterm_saves_and_exits(data_dir, tmp_path):
         signal.signal(signal.SIGTERM, previous)
     manager = checkpoint.make_manager(checkpoint.run_directory(tmp_path))
     assert manager.latest_step() == 3
+
+
+def test_hd_run_resumes_only_with_its_global_view(uninterrupted, data_dir, tmp_path):
+    """Checkpoints learnt from one HD global view: resuming with the other is refused."""
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], workdir)
+    saved_file = workdir / "checkpoints" / "6" / "config" / "metadata"
+    saved = json.loads(saved_file.read_text())
+    saved["data"]["image"]["aspect_mode"] = "slice"
+    saved["data"]["hd"]["global_view"] = "fit_image"
+    saved_file.write_text(json.dumps(saved))
+    config = small_config(data_dir)
+    config.data.image.aspect_mode = "slice"
+    assert config.data.hd.global_view == "reference_canvas"
+    with pytest.raises(ConfigError, match="trained with 'fit_image', the config says "
+                                          "'reference_canvas'"):
+        train.run(config, str(workdir))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):

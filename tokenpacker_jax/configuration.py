@@ -146,6 +146,8 @@ def validate_data(config: ml_collections.ConfigDict,
     _check(data.num_epochs > 0, "data.num_epochs", f"{data.num_epochs} must be positive")
     for field in ("read_threads", "prefetch_buffer", "worker_count", "worker_buffer_size"):
         _check(data[field] >= 0, f"data.{field}", f"{data[field]} must be >= 0")
+    _check(data.hd.get("global_view") in hd.GLOBAL_VIEWS, "data.hd.global_view",
+           f"{data.hd.get('global_view')!r} is not one of {hd.GLOBAL_VIEWS}")
     if data.image.aspect_mode == "slice":
         _check(data.hd.patch_num in hd.HD_CANDIDATES, "data.hd.patch_num",
                f"{data.hd.patch_num} is not one of {sorted(hd.HD_CANDIDATES)}")

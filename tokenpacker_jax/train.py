@@ -190,6 +190,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                                       asynchronous=config.checkpoint.asynchronous)
     latest = manager.latest_step()
     if latest is not None:
+        loading.check_resumable(config, loading.saved_config(workdir, latest), workdir)
         state = checkpoint.restore(manager, latest,
                                    checkpoint.abstract_like(abstract_state, shardings),
                                    train_iter)

@@ -11,7 +11,9 @@ checkpoint's ``mm_vision_tower`` when that is a local directory) and writes a ru
 ``WORKDIR/checkpoints/0/{state,config}``, that ``generate``, ``evaluate`` and ``train`` (as
 ``train.init_from``) use directly. The tokenizer files are copied to ``WORKDIR/tokenizer``.
 The run config says what the reference config says: ``vicuna_v1``, the aspect mode from
-``image_aspect_ratio``, HD ``patch_num``, the feature layers, the projector's scale factor;
+``image_aspect_ratio``, HD ``patch_num`` and the reference's HD global view
+(``reference_canvas``, see ``tokenpacker_jax.data.hd``), the feature layers, the projector's
+scale factor;
 the HD separator ids are the reference's own lookups (``convert_tokens_to_ids(',')`` and
 ``('\\n')``). Each tensor goes straight to its shards on a mesh over all devices.
 

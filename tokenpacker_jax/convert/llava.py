@@ -19,10 +19,15 @@ What the reference config does not record, and what is assumed then:
 - the projector's attention heads: the reference hard-codes head width 128 (8 heads for
   CLIP-L's 1024);
 - which projector: TokenPacker's builder ignores ``mm_projector_type`` (its released configs
-  say ``mlp2x_gelu``), so the projector's keys decide (``reference.detect_projector``).
+  say ``mlp2x_gelu``), so the projector's keys decide (``reference.detect_projector``);
+- the HD global view: the reference has one, ``reference_canvas`` (its padded tile canvas
+  shrunk into one tile, see ``tokenpacker_jax.data.hd``), which every released HD
+  checkpoint was trained on, so an import uses it.
 
-Export writes the first two as extra fields (``mm_vision_multi_layers``,
-``mm_projector_num_heads``), which the reference ignores and import reads back.
+Export writes the first two and the global view as extra fields (``mm_vision_multi_layers``,
+``mm_projector_num_heads``, ``mm_hd_global_view``), which the reference ignores and import
+reads back (a run trained with ``fit_image`` keeps it across a round trip; the reference's
+own code would still build its canvas view for it).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import ml_collections
 import numpy as np
 
 from tokenpacker_jax.convert import hf_decoder, mapping, reference
+from tokenpacker_jax.data import hd
 from tokenpacker_jax.models.decoder_config import DecoderConfig
 from tokenpacker_jax.models.vision import VisionConfig
 
@@ -44,6 +50,7 @@ REFERENCE_MULTI_LAYERS = (12, 16, 22, 23)
 REFERENCE_HEAD_DIM = 128
 MULTI_LAYERS_FIELD = "mm_vision_multi_layers"
 NUM_HEADS_FIELD = "mm_projector_num_heads"
+GLOBAL_VIEW_FIELD = "mm_hd_global_view"
 # image_aspect_ratio -> our data.image.aspect_mode. The reference's evaluation treats anything
 # but "pad" (and its HD "slice") as the processor's resize + centre crop, i.e. "square".
 _ASPECT_MODES = {"pad": "pad", "square": "square", "slice": "slice", None: "square"}
@@ -62,6 +69,7 @@ class MultimodalSettings:
     aspect_mode: str  # "square" | "pad" | "slice"
     patch_num: int
     max_length: int  # tokenizer_model_max_length (2048 when absent)
+    global_view: str = hd.REFERENCE_CANVAS  # HD global view (GLOBAL_VIEW_FIELD)
 
 
 def settings_from_reference(config: Mapping[str, Any], *, projector: str, embed_dim: int,
@@ -108,6 +116,10 @@ def settings_from_reference(config: Mapping[str, Any], *, projector: str, embed_
             raise ValueError("config.json: image_aspect_ratio is 'slice' but there is no "
                              "patch_num; give it (--patch_num)")
         patch_num = 9
+    global_view = config.get(GLOBAL_VIEW_FIELD) or hd.REFERENCE_CANVAS
+    if global_view not in hd.GLOBAL_VIEWS:
+        raise ValueError(f"config.json: {GLOBAL_VIEW_FIELD} {global_view!r} is not one of "
+                         f"{hd.GLOBAL_VIEWS}")
     if projector == "tokenpacker":
         # Early TokenPacker code hard-coded 2 and wrote no field.
         scale_factor = int(config.get("scale_factor") or 2)
@@ -119,7 +131,8 @@ def settings_from_reference(config: Mapping[str, Any], *, projector: str, embed_
         multi_layers=tuple(int(i) for i in multi_layers),
         projector=projector, scale_factor=scale_factor, num_heads=int(num_heads),
         aspect_mode=aspect_mode, patch_num=int(patch_num),
-        max_length=int(config.get("tokenizer_model_max_length") or 2048))
+        max_length=int(config.get("tokenizer_model_max_length") or 2048),
+        global_view=global_view)
 
 
 def settings_from_config(config: ml_collections.ConfigDict, vision_tower: str
@@ -134,7 +147,8 @@ def settings_from_config(config: ml_collections.ConfigDict, vision_tower: str
         multi_layers=tuple(int(i) for i in config.model.features.multi_layers),
         projector=projector.name, scale_factor=int(projector.scale_factor),
         num_heads=int(projector.num_heads), aspect_mode=config.data.image.aspect_mode,
-        patch_num=int(config.data.hd.patch_num), max_length=int(config.data.max_length))
+        patch_num=int(config.data.hd.patch_num), max_length=int(config.data.max_length),
+        global_view=str(config.data.hd.global_view))
 
 
 def run_config(settings: MultimodalSettings, vision: VisionConfig, decoder: DecoderConfig,
@@ -160,6 +174,7 @@ def run_config(settings: MultimodalSettings, vision: VisionConfig, decoder: Deco
                                   image_size=vision.image_size, mean=tuple(mean),
                                   std=tuple(std)))
     config.data.hd.patch_num = settings.patch_num
+    config.data.hd.global_view = settings.global_view
     config.data.max_length = min(settings.max_length, decoder.max_position_embeddings)
     config.train.stage = 2
     config.train.trainable = ("projector", "decoder")
@@ -193,7 +208,7 @@ def reference_config(settings: MultimodalSettings, vision: VisionConfig,
         tokenizer_model_max_length=settings.max_length,
         tokenizer_padding_side="right",
         **{MULTI_LAYERS_FIELD: list(settings.multi_layers),
-           NUM_HEADS_FIELD: settings.num_heads},
+           NUM_HEADS_FIELD: settings.num_heads, GLOBAL_VIEW_FIELD: settings.global_view},
     )
     return config
 

@@ -54,8 +54,8 @@ class ImageSettings:
     """How images become tiles and positions.
 
     mode: square | pad | slice.  size: tile side S.  patch_num: HD candidate list (slice).
-    comma_id / newline_id: HD separator ids.  reference_global_view: build the HD global
-    view as the reference code does (see ``hd.global_view``).
+    comma_id / newline_id: HD separator ids.  global_view: the HD global view,
+    ``reference_canvas`` (the reference's) or ``fit_image`` (see ``tokenpacker_jax.data.hd``).
     """
 
     mode: str = "square"
@@ -65,7 +65,7 @@ class ImageSettings:
     patch_num: int = 9
     comma_id: int = hd.COMMA_TOKEN_ID
     newline_id: int = hd.NEWLINE_TOKEN_ID
-    reference_global_view: bool = False
+    global_view: str = hd.REFERENCE_CANVAS
 
     @property
     def max_tiles(self) -> int:
@@ -127,6 +127,7 @@ class ExampleBuilder:
                  tokens_per_tile: int, max_length: int, image_folder: str = ""):
         if image.mode not in ("square", "pad", "slice"):
             raise ValueError(f"image mode must be square, pad or slice, got {image.mode!r}")
+        hd.check_global_view(image.global_view)
         self.conversation = conversation
         self.image = image
         self.tokens_per_tile = int(tokens_per_tile)
@@ -198,7 +199,7 @@ class ExampleBuilder:
             full = normalize(np.asarray(to_rgb(image)), settings.mean, settings.std)
             tiles = hd.hd_tiles(full, settings.patch_num, tile_size=settings.size,
                                 num_slots=settings.max_tiles,
-                                reference_global_view=settings.reference_global_view)
+                                global_view=settings.global_view)
         except (ImageError, ValueError) as err:
             raise DataError(errors.CORRUPT_IMAGE, f"{name}: {err}") from err
         layout = hd.hd_layout(*tiles.grid, g)

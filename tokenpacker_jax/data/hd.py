@@ -3,7 +3,24 @@
 An image of h x w pixels gets a grid of r x c tiles of T x T (T = 336) chosen from a
 candidate list; it is resized (aspect ratio kept) to fit r*T x c*T, placed at the top-left of
 a zero canvas (zero = the mean colour once normalised) and cut into tiles row-major. With
-more than one tile a global view of the whole image (fit into T x T the same way) follows.
+more than one tile a global view follows, one more T x T tile (``global_view_tile``):
+
+- ``reference_canvas`` (default): what the reference's training and evaluation code build,
+  and so what every released TokenPacker-HD checkpoint saw. The whole r*T x c*T canvas,
+  its zero margin included, is resized to h' x w' (the size the image itself takes when fit
+  into T x T) and put at the top-left of a zero T x T tile. The image fills only part of
+  h' x w' (the canvas's margin, right or bottom, is shrunk into the view, and the image is
+  squeezed along that side); the rest of the tile is zero.
+- ``fit_image``: the image itself resized to h' x w' at the top-left of a zero T x T tile:
+  the whole image at its own aspect ratio, no canvas margin taking up view pixels. A
+  deviation from the reference, available for new training (the reference's view spends
+  part of its pixels on margin and distorts the image whenever the grid's aspect ratio
+  differs from the image's). A checkpoint trained with one view sees different pixels, and
+  answers differently, with the other, so the view is part of a run's config.
+
+All resizing is bilinear with half-pixel centres and no antialiasing (PyTorch
+``F.interpolate``), from the normalised pixels.
+
 Each tile goes through the tower and projector on its own (g tokens per tile); the LLM sees,
 per tile row, the row's tiles separated by the embedding of ',' and closed by the embedding
 of '\\n', then the global view's tokens and '\\n'.
@@ -23,6 +40,9 @@ import dataclasses
 import numpy as np
 
 TILE_SIZE = 336
+# The two global views (see the module docstring); config field ``data.hd.global_view``.
+REFERENCE_CANVAS, FIT_IMAGE = "reference_canvas", "fit_image"
+GLOBAL_VIEWS = (REFERENCE_CANVAS, FIT_IMAGE)
 # Vicuna tokenizer: ',' is 29892. The reference looks '\n' up with convert_tokens_to_ids,
 # which finds no such piece (the vocab has '<0x0A>' = 13) and returns the unknown id 0;
 # released HD checkpoints were trained with that, hence the default.
@@ -142,16 +162,23 @@ def hd_canvas(image: np.ndarray, grid: tuple[int, int], tile_size: int = TILE_SI
     return _fit_on_canvas(image, rows * tile_size, cols * tile_size)
 
 
-def global_view(image: np.ndarray, tile_size: int = TILE_SIZE, *,
-                canvas: np.ndarray | None = None) -> np.ndarray:
-    """The whole image fit into T x T, top-left on a zero canvas: [T, T, C] (SPEC §3).
+def check_global_view(view: str) -> str:
+    """``view`` if it names a global view, else ValueError listing them."""
+    if view not in GLOBAL_VIEWS:
+        raise ValueError(f"HD global view must be one of {GLOBAL_VIEWS}, got {view!r}")
+    return view
 
-    With ``canvas`` (the tiled canvas), the reference code's behaviour instead: it resizes
-    the zero-padded canvas, not the image, to the image's fitted size, so the view carries
-    the padding and is squeezed wherever the canvas and image aspect ratios differ.
+
+def global_view_tile(image: np.ndarray, canvas: np.ndarray, view: str = REFERENCE_CANVAS,
+                     tile_size: int = TILE_SIZE) -> np.ndarray:
+    """The global view of ``image`` [H, W, C] tiled on ``canvas`` [r*T, c*T, C]: [T, T, C].
+
+    Both views are h' x w' = ``fit_size(H, W, T, T)`` pixels at the top-left of a zero tile;
+    ``reference_canvas`` resizes the canvas (margin included) to h' x w', ``fit_image`` the
+    image itself (see the module docstring).
     """
     size = fit_size(image.shape[0], image.shape[1], tile_size, tile_size)
-    source = image if canvas is None else canvas
+    source = canvas if check_global_view(view) == REFERENCE_CANVAS else image
     return _fit_on_canvas(source, tile_size, tile_size, size)
 
 
@@ -175,7 +202,8 @@ class HDTiles:
 
 
 def hd_tiles(image: np.ndarray, patch_num: int = 9, *, tile_size: int = TILE_SIZE,
-             num_slots: int | None = None, reference_global_view: bool = False) -> HDTiles:
+             num_slots: int | None = None, global_view: str = REFERENCE_CANVAS
+             ) -> HDTiles:
     """Tiles of a normalised image [H, W, C] for TokenPacker-HD.
 
     Args:
@@ -184,8 +212,7 @@ def hd_tiles(image: np.ndarray, patch_num: int = 9, *, tile_size: int = TILE_SIZ
       tile_size: T.
       num_slots: tiles after padding (default ``max_tiles(patch_num)``; at least the real
         count).
-      reference_global_view: build the global view as the reference code does (from the
-        padded canvas, see ``global_view``) instead of from the image as SPEC §3 says.
+      global_view: ``reference_canvas`` or ``fit_image`` (see ``global_view_tile``).
     """
     height, width, channels = image.shape
     rows, cols = select_hd_grid(height, width, patch_num, tile_size)
@@ -193,8 +220,7 @@ def hd_tiles(image: np.ndarray, patch_num: int = 9, *, tile_size: int = TILE_SIZ
     tiles = canvas.reshape(rows, tile_size, cols, tile_size, channels).transpose(0, 2, 1, 3, 4)
     tiles = list(tiles.reshape(rows * cols, tile_size, tile_size, channels))
     if rows * cols > 1:
-        tiles.append(global_view(image, tile_size,
-                                 canvas=canvas if reference_global_view else None))
+        tiles.append(global_view_tile(image, canvas, global_view, tile_size))
     num_slots = max_tiles(patch_num) if num_slots is None else num_slots
     if num_slots < len(tiles):
         raise ValueError(f"HD tiling: a {rows}x{cols} grid needs {len(tiles)} tile slots, "

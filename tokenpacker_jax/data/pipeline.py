@@ -287,7 +287,7 @@ def image_settings(data_config: Any, tokenizer: Any = None) -> ImageSettings:
                          mean=tuple(image.mean), std=tuple(image.std),
                          patch_num=int(hd_config.patch_num), comma_id=comma,
                          newline_id=newline,
-                         reference_global_view=bool(hd_config.reference_global_view))
+                         global_view=hd.check_global_view(hd_config.global_view))
 
 
 def example_builder(data_config: Any, tokenizer: Any, tokens_per_tile: int) -> ExampleBuilder:
