@@ -2,17 +2,17 @@
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jax
-import jax.numpy as jnp
-
 from configs import tiny
-from tokenpacker_jax import configuration, evaluate
+from tokenpacker_jax import configuration
 from tokenpacker_jax.data import synthetic
 from tokenpacker_jax.data.image import load_image
 from tokenpacker_jax.data.pipeline import example_builder, tokens_per_tile
+from tokenpacker_jax.evaluation import question_file
 from tokenpacker_jax.generate import Generator, SamplingConfig, build_prompt, left_pad
 from tokenpacker_jax.models import mllm
 from tokenpacker_jax.tokenizer import load_tokenizer
@@ -109,10 +109,10 @@ def test_scoring_and_question_file_errors(tmp_path):
                {"text": "blue", "answer": "green", "category": "colour"},
                {"text": " 7 ", "answer": "7", "category": "digit"},
                {"text": "no answer field"}]
-    scores = evaluate.score(records)
+    scores = question_file.exact_match(records)
     assert scores["all"] == {"accuracy": 2 / 3, "n": 3}
     assert scores["colour"] == {"accuracy": 0.5, "n": 2}
     bad = tmp_path / "q.jsonl"
     bad.write_text('{"question_id": 1, "text": "a"}\n{not json}\n')
     with pytest.raises(ValueError, match="q.jsonl:2"):
-        evaluate.read_questions(str(bad))
+        question_file.read_questions(str(bad))

@@ -38,8 +38,9 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     from configs import tiny  # noqa: PLC0415
-    from tokenpacker_jax import evaluate, train  # noqa: PLC0415
+    from tokenpacker_jax import train  # noqa: PLC0415
     from tokenpacker_jax.data import synthetic  # noqa: PLC0415
+    from tokenpacker_jax.evaluation import question_file  # noqa: PLC0415
     from tokenpacker_jax.loading import load_trained  # noqa: PLC0415
 
     start = time.perf_counter()
@@ -69,8 +70,8 @@ def main(argv):
         print(f"[{time.perf_counter() - start:5.0f}s] stage {stage}: {steps} steps, {result}")
 
     trained = load_trained(stages[-1])
-    questions = evaluate.read_questions(os.path.join(data, "test_questions.jsonl"))
-    records = evaluate.answer_questions(trained, questions, data, batch_size=50)
+    questions = question_file.read_questions(os.path.join(data, "test_questions.jsonl"))
+    records = question_file.answer_questions(trained, questions, data, batch_size=50)
     image = questions[0]["image"]
     print(f"[{time.perf_counter() - start:5.0f}s] the held-out questions about {image}:")
     for question, record in zip(questions, records):
@@ -79,7 +80,7 @@ def main(argv):
     with open(os.path.join(workdir, "test_answers.jsonl"), "w", encoding="utf-8") as file:
         for record in records:
             file.write(json.dumps(record) + "\n")
-    scores = evaluate.score(records)
+    scores = question_file.exact_match(records)
     for category, result in scores.items():
         if category != "all":
             print(f"  {category}: {result['accuracy']:.3f} (n={result['n']})")

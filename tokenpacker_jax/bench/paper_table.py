@@ -77,7 +77,6 @@ def stage_config(entry: Entry, stage: int, data: str, seed: int, steps: int,
                  ) -> ml_collections.ConfigDict:
     """``configs/tiny.py:stage=S,data=DIR`` with the entry's projector, seed and steps."""
     from configs import tiny  # noqa: PLC0415
-
     from tokenpacker_jax.models.projectors import num_output_tokens  # noqa: PLC0415
 
     config = tiny.get_config(f"stage={stage},data={data}")
@@ -102,7 +101,8 @@ def train_and_score(entry: Entry, seed: int, *, data: str, workdir: str, stage1_
     """Trains one run (stage 1 if ``stage1_steps`` > 0, then stage 2) and scores it on the
     held-out questions; the result is kept in ``workdir/ENTRY_seedN_RECIPE/result.json``
     (RECIPE: a hash of the stage configs) and read back when the run is asked again."""
-    from tokenpacker_jax import evaluate, train  # noqa: PLC0415
+    from tokenpacker_jax import train  # noqa: PLC0415
+    from tokenpacker_jax.evaluation import question_file  # noqa: PLC0415
     from tokenpacker_jax.loading import load_trained  # noqa: PLC0415
     from tokenpacker_jax.models.projectors import num_output_tokens  # noqa: PLC0415
 
@@ -125,9 +125,9 @@ def train_and_score(entry: Entry, seed: int, *, data: str, workdir: str, stage1_
         summary = train.run(config, stage_dir)
         stages.append(stage_dir)
     trained = load_trained(stages[-1])
-    questions = evaluate.read_questions(os.path.join(data, "test_questions.jsonl"))
-    records = evaluate.answer_questions(trained, questions, data, batch_size=EVAL_BATCH)
-    scores = evaluate.score(records)
+    questions = question_file.read_questions(os.path.join(data, "test_questions.jsonl"))
+    records = question_file.answer_questions(trained, questions, data, batch_size=EVAL_BATCH)
+    scores = question_file.exact_match(records)
     model = trained.model.config
     result = {
         "projector": entry.projector, "scale": entry.scale, "seed": seed,

@@ -1,0 +1,310 @@
+"""MMMU (validation): the reference's prompts, answer parsing and scoring (MMMU's own
+``eval_utils``, as TokenPacker runs it).
+
+Questions: the MMMU dataset as published on the Hugging Face hub, one directory per subject
+(the 30 of ``SUBJECTS``, in that order) holding ``validation-*.parquet`` with ``id``,
+``question``, ``options`` (a Python list literal), ``answer``, ``question_type``
+(``multiple-choice`` or open) and ``image_1`` ... ``image_7`` (``{bytes, path}``).
+
+Prompt: a multiple-choice question is the question, a newline, one line "(A) option" per
+option, an empty line and "Answer with the option's letter from the given choices
+directly."; an open question is the question, a newline and "Answer the question using a
+single word or phrase." (the reference's ``llava1.5.yaml``). Only ``image_1`` is shown, after
+``<image>`` and a newline; ``<image 1>`` marks in the text stay. A question whose options
+hold more than one ``<img='...'>`` image, or that has no ``image_1``, is not asked: its
+response is a random option letter (multiple choice) or "INVALID GENERATION FOR MULTIPLE
+IMAGE INPUTS". Up to 1024 new tokens.
+
+Parsing a multiple-choice response: ``,.!?;:'`` stripped from its ends, spaces put around
+it; the letters written as "(X)", else those standing alone as " X "; else, when it has more
+than 5 words, the options whose text (lower case) it contains. One candidate is the answer;
+several: the one that appears last; none: a random letter. Random letters come from one
+``random.Random(42)``, drawn in question order (the reference seeds 42 per process, so its
+draws depend on how it split the questions over GPUs; one process gives these).
+
+Parsing an open response: lower-cased, stripped of spaces and full stops, split into
+sentences at newlines (and at ". " before a capital, which lower case leaves none of); in
+each, the shortest tail after one of "could be ", "so ", "is ", "thus ", "therefore ",
+"final ", "answer ", "result " (in the last sentence also "="), unless it is empty or a
+single punctuation mark; no tail at all: the whole response. To those strings the numbers
+found in them are added (with thousands commas, in scientific notation, or plain); then
+every string that reads as a number becomes that float rounded to 2 places, the others are
+lower-cased (a single character padded with a space on either side, as two variants).
+
+Scoring: a multiple-choice answer is right when the parsed letter equals the answer (or one
+of them, for a list); an open one when a parsed string contains one of the normalised gold
+answers (strings), or a parsed number equals a normalised gold number. Answer lines (the
+reference's ``merge.jsonl``): ``id``, ``question_type``, ``answer``, ``response``,
+``parsed_pred``, and ``index2ans`` for multiple choice; ``val.json`` holds the verdict per
+id and ``metric_dict`` ({acc, num_example}), as the reference's ``eval.py`` writes it.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import glob
+import random
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from tokenpacker_jax.evaluation import files
+from tokenpacker_jax.evaluation.benchmark import Benchmark, Layout, Question
+
+SUBJECTS = (
+    "Accounting", "Agriculture", "Architecture_and_Engineering", "Art", "Art_Theory",
+    "Basic_Medical_Science", "Biology", "Chemistry", "Clinical_Medicine", "Computer_Science",
+    "Design", "Diagnostics_and_Laboratory_Medicine", "Economics", "Electronics",
+    "Energy_and_Power", "Finance", "Geography", "History", "Literature", "Manage",
+    "Marketing", "Materials", "Math", "Mechanical_Engineering", "Music", "Pharmacy",
+    "Physics", "Psychology", "Public_Health", "Sociology")
+MULTIPLE_CHOICE = "multiple-choice"
+CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+SHORT_INSTRUCTION = "Answer the question using a single word or phrase."
+NOT_ASKED = "INVALID GENERATION FOR MULTIPLE IMAGE INPUTS"
+SEED = 42
+_OPTION_IMAGE = re.compile(r"<img='(.*?)'>")
+_SENTENCES = re.compile(r"\.\s(?=[A-Z])|\n")
+_INDICATORS = ("could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ",
+               "result ")
+_PUNCTUATION = (":", ",", ".", "!", "?", ";", "'")
+_NUMBER_WITH_COMMAS = re.compile(r"-?\b\d{1,3}(?:,\d{3})+\b")
+_NUMBER_SCIENTIFIC = re.compile(r"-?\d+(?:\.\d+)?[eE][+-]?\d+")
+_NUMBER_PLAIN = re.compile(r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])")
+
+
+# -- prompts ----------------------------------------------------------------------------------
+
+def letters(count: int) -> list[str]:
+    return [chr(ord("A") + i) for i in range(count)]
+
+
+def prompt(question: str, options: Sequence[str], question_type: str) -> str:
+    if question_type == MULTIPLE_CHOICE:
+        listed = "".join(f"({letter}) {option}\n"
+                         for letter, option in zip(letters(len(options)), options))
+        return f"{question}\n{listed}\n{CHOICE_INSTRUCTION}"
+    return f"{question}\n{SHORT_INSTRUCTION}"
+
+
+# -- parsing ----------------------------------------------------------------------------------
+
+def parse_choice(response: str, choices: Sequence[str], index2ans: Mapping[str, str],
+                 rng: random.Random) -> str:
+    """The option letter of a multiple-choice response (see the module docstring)."""
+    for mark in (",", ".", "!", "?", ";", ":", "'"):
+        response = response.strip(mark)
+    response = f" {response} "
+    candidates = [c for c in choices if f"({c})" in response]
+    bracketed, by_text = bool(candidates), False
+    if not candidates:
+        candidates = [c for c in choices if f" {c} " in response]
+    if not candidates and len(response.split()) > 5:
+        candidates = [c for c, text in index2ans.items() if text.lower() in response.lower()]
+        by_text = bool(candidates)
+    if not candidates:
+        return rng.choice(list(choices))
+    if len(candidates) == 1:
+        return candidates[0]
+    if by_text:
+        positions = [response.lower().rfind(index2ans[c].lower()) for c in candidates]
+    else:
+        positions = [response.rfind(f"({c})" if bracketed else f" {c} ") for c in candidates]
+    return candidates[positions.index(max(positions))]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.replace(",", ""))
+    except ValueError:
+        return False
+    return True
+
+
+def normalise(text: str) -> list[Any]:
+    """A number as [its float rounded to 2 places]; a string lower-cased, a one-character
+    string as [" x", "x "]."""
+    text = text.strip()
+    if _is_number(text):
+        return [round(float(text.replace(",", "")), 2)]
+    text = text.lower()
+    return [" " + text, text + " "] if len(text) == 1 else [text]
+
+
+def find_numbers(text: str) -> list[str]:
+    return (_NUMBER_WITH_COMMAS.findall(text) + _NUMBER_SCIENTIFIC.findall(text)
+            + _NUMBER_PLAIN.findall(text))
+
+
+def _key_tails(response: str) -> list[str]:
+    response = response.strip().strip(".").lower()
+    sentences = _SENTENCES.split(response)
+    tails = []
+    for k, sentence in enumerate(sentences):
+        indicators = _INDICATORS + (("=",) if k == len(sentences) - 1 else ())
+        shortest = None
+        for indicator in indicators:
+            if indicator in sentence:
+                tail = sentence.split(indicator)[-1].strip()
+                # An empty tail is falsy: the next indicator's replaces it (as upstream).
+                if not shortest or len(tail) < len(shortest):
+                    shortest = tail
+        if shortest and shortest.strip() not in _PUNCTUATION:
+            tails.append(shortest)
+    return tails or [response]
+
+
+def parse_open(response: str) -> list[Any]:
+    """The normalised candidate answers of an open response (see the module docstring)."""
+    tails = _key_tails(response)
+    candidates = tails + [number for tail in tails for number in find_numbers(tail)]
+    parsed = []
+    for candidate in candidates:
+        for value in normalise(candidate):
+            if value not in parsed:
+                parsed.append(value)
+    return parsed
+
+
+def parsed_prediction(line: Mapping[str, Any], rng: random.Random) -> Any:
+    if line["question_type"] == MULTIPLE_CHOICE:
+        return parse_choice(line["response"], line["all_choices"], line["index2ans"], rng)
+    return parse_open(line["response"])
+
+
+# -- scoring ----------------------------------------------------------------------------------
+
+def right(line: Mapping[str, Any]) -> bool:
+    gold, parsed = line["answer"], line["parsed_pred"]
+    if line["question_type"] == MULTIPLE_CHOICE:
+        return parsed in gold if isinstance(gold, list) else parsed == gold
+    golds = [n for g in (gold if isinstance(gold, list) else [gold]) for n in normalise(g)]
+    for value in parsed:
+        if isinstance(value, str):
+            if any(isinstance(g, str) and g in value for g in golds):
+                return True
+        elif value in golds:
+            return True
+    return False
+
+
+def score_mmmu(lines: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(scores, val.json contents): ``accuracy``, ``n``, ``per_subject``."""
+    verdicts, per_subject = {}, collections.defaultdict(list)
+    for line in lines:
+        ok = right(line)
+        verdicts[line["id"]] = "Correct" if ok else "Wrong"
+        subject = str(line["id"]).removeprefix("validation_").rsplit("_", 1)[0]
+        per_subject[subject].append(float(ok))
+    values = [float(v == "Correct") for v in verdicts.values()]
+    accuracy = sum(values) / len(lines) if lines else 0.0
+    judged = {**verdicts, "metric_dict": {"acc": accuracy, "num_example": len(lines)}}
+    return ({"accuracy": accuracy, "n": len(lines),
+             "per_subject": files.grouped(per_subject)}, judged)
+
+
+def with_parsed(lines: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Answer lines with ``parsed_pred`` (kept where a line has one) and the random
+    responses of questions not asked, drawn in order from one generator."""
+    rng, out = random.Random(SEED), []
+    for line in lines:
+        line = dict(line)
+        if line["response"] is None:  # not asked: a random option letter
+            line["response"] = rng.choice(line["all_choices"])
+        if "parsed_pred" not in line:
+            line["parsed_pred"] = parsed_prediction(line, rng)
+        out.append(line)
+    return out
+
+
+def score_lines(scores: dict[str, Any]) -> list[str]:
+    return ([f"  {name}: {100 * m['accuracy']:.2f} (n={m['n']})"
+             for name, m in scores["per_subject"].items()]
+            + [f"mmmu accuracy: {100 * scores['accuracy']:.2f} (n={scores['n']})"])
+
+
+def _read_lines(path: str) -> list[dict[str, Any]]:
+    lines = []
+    for where, line in files.read_jsonl(path):
+        files.check_fields(where, line, ("id", "question_type", "answer", "response"))
+        if line["question_type"] == MULTIPLE_CHOICE and "parsed_pred" not in line:
+            files.check_fields(where, line, ("index2ans",))
+            line.setdefault("all_choices", list(line["index2ans"]))
+        lines.append(line)
+    return lines
+
+
+def _score(answers: str, annotations: str | None = None, questions: str | None = None
+           ) -> list[str]:
+    return score_lines(score_mmmu(with_parsed(_read_lines(answers)))[0])
+
+
+# -- runs -------------------------------------------------------------------------------------
+
+def _image(record: Mapping[str, Any], where: str) -> bytes | None:
+    value = record.get("image_1")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("bytes"), bytes):
+        raise ValueError(f"{where}: image_1 must be {{bytes, path}}")
+    return value["bytes"]
+
+
+def _questions(layout: Layout) -> list[Question]:
+    import pyarrow.parquet as pq  # noqa: PLC0415 (only MMMU's files need it)
+
+    questions = []
+    for subject in SUBJECTS:
+        paths = sorted(glob.glob(f"{layout.data}/{subject}/{layout.split}-*.parquet"))
+        if not paths:
+            raise files.LayoutError(f"{layout.data}/{subject}: no {layout.split}-*.parquet "
+                                    f"(expected the MMMU dataset's directory per subject)")
+        for path in paths:
+            for row, record in enumerate(pq.read_table(path).to_pylist()):
+                where = f"{path}: row {row}"
+                files.check_fields(where, record, ("id", "question", "options", "answer",
+                                                   "question_type"))
+                try:
+                    options = ast.literal_eval(record["options"])
+                except (ValueError, SyntaxError) as err:
+                    raise ValueError(f"{where}: options {record['options']!r} is not a "
+                                     f"list literal") from err
+                option_images = [m for o in options for m in _OPTION_IMAGE.findall(str(o))]
+                image = None if len(option_images) > 1 else _image(record, where)
+                choices = letters(len(options))
+                extra = {"id": record["id"], "question_type": record["question_type"],
+                         "answer": record["answer"]}
+                if record["question_type"] == MULTIPLE_CHOICE:
+                    extra.update(index2ans=dict(zip(choices, options)), all_choices=choices)
+                questions.append(Question(
+                    len(questions), record["id"],
+                    prompt(record["question"], options, record["question_type"]), image,
+                    where, extra, ask=image is not None))
+    return questions
+
+
+def answer_line(question: Question, text: str | None, model_id: str) -> dict[str, Any]:
+    extra = question.extra
+    if text is None and extra["question_type"] != MULTIPLE_CHOICE:
+        text = NOT_ASKED
+    line = {"id": extra["id"], "question_type": extra["question_type"],
+            "answer": extra["answer"], "response": text}
+    if extra["question_type"] == MULTIPLE_CHOICE:
+        line.update(index2ans=extra["index2ans"], all_choices=extra["all_choices"])
+    return line
+
+
+def _finish(layout: Layout, lines: list[dict[str, Any]]) -> list[str]:
+    lines = with_parsed(lines)
+    for line in lines:
+        line.pop("all_choices", None)
+    files.write_jsonl(layout.output("answers.jsonl"), lines)
+    scores, judged = score_mmmu(lines)
+    files.write_json(layout.output("val.json"), judged, indent=4)
+    files.write_json(layout.output("scores.json"), scores, indent=2)
+    return score_lines(scores)
+
+
+MMMU = Benchmark("mmmu", _questions, _finish, max_new_tokens=1024, split="validation",
+                 answer_line=answer_line, score=_score)
