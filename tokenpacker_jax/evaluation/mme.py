@@ -73,15 +73,17 @@ def read_truth(release: str) -> dict[tuple[str, str], dict[str, str]]:
     return truth
 
 
-def mme_question(prompt: str, known: Any = ()) -> str:
+def mme_question(prompt: str, known: Any = None) -> str:
     """The official question of a LLaVA prompt (see the module docstring): the suffix
-    appended with one space, or two where only that form is in ``known``."""
+    appended with one space, or with two where ``known`` (the image's questions) has only
+    that form."""
     question = prompt.replace(LLAVA_SUFFIX, "").strip() if LLAVA_SUFFIX in prompt else prompt
     if MME_SUFFIX in question:
         return question
     question = f"{question} {MME_SUFFIX}"
-    return question if question in known else question.replace(f" {MME_SUFFIX}",
-                                                                f"  {MME_SUFFIX}")
+    if known is None or question in known:
+        return question
+    return question.replace(f" {MME_SUFFIX}", f"  {MME_SUFFIX}")
 
 
 def parse_yes_no(text: str) -> str:
@@ -103,8 +105,8 @@ def converted_lines(answers_path: str, release: str) -> dict[str, list[dict[str,
         questions = truth.get((task, name), {})
         question = mme_question(line["prompt"], questions)
         if question not in questions:
-            raise ValueError(f"{where}: no question {question!r} for {image} in "
-                             f"{release}/{task}")
+            raise ValueError(f"{where}: no question {mme_question(line['prompt'])!r} for "
+                             f"{image} in {release}/{task}")
         tasks[task].append({"image": image, "file": name, "question": question,
                             "truth": questions[question],
                             "prediction": line["text"], "where": where})
