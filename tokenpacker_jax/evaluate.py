@@ -35,7 +35,8 @@ def _print_score(benchmark: str, answers: str, annotations: str | None,
         print(line)
 
 
-def _run(f) -> None:
+def run_command(f) -> None:
+    """``run`` with parsed flags ``f`` (see the module docstring)."""
     from tokenpacker_jax.evaluation.benchmark import Layout  # noqa: PLC0415
     from tokenpacker_jax.evaluation.runner import Answerer, local_mesh  # noqa: PLC0415
     from tokenpacker_jax.loading import load_trained  # noqa: PLC0415
@@ -93,7 +94,7 @@ def main(argv):
     if command == ["run"]:
         if not (f.benchmark and f.checkpoint and f.data):
             raise app.UsageError("run needs --benchmark, --checkpoint and --data")
-        _run(f)
+        run_command(f)
         return
     if command == ["score"]:
         if not (f.benchmark and f.answers):

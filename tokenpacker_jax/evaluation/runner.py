@@ -97,13 +97,6 @@ class Answerer:
         rows = self.generator.strip(tokens)[:len(prompts)]
         return [self.tokenizer.decode(ids).strip() for ids in rows]
 
-    def answer(self, questions: Sequence[tuple[str, Any]]) -> list[str]:
-        """Answers to any number of (message, image) pairs, in order."""
-        answers = []
-        for start in range(0, len(questions), self.batch_size):
-            answers += self.generate(self.prompts(questions[start:start + self.batch_size]))
-        return answers
-
 
 def host_share(count: int, process_index: int, process_count: int) -> range:
     """The question indices of one host: the reference's contiguous chunks."""
