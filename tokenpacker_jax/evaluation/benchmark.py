@@ -21,6 +21,7 @@ from PIL import Image
 
 from tokenpacker_jax.data.conversation import IMAGE_PLACEHOLDER
 from tokenpacker_jax.data.image import ImageError, load_image
+from tokenpacker_jax.evaluation import files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +88,17 @@ def image_file(folder: str, name: str, where: str) -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{where}: image {path} not found")
     return path
+
+
+def finish_with_score(layout: Layout, lines: list[dict[str, Any]],
+                      score: Callable[[str], dict[str, Any]],
+                      summary: Callable[[dict[str, Any]], list[str]]) -> list[str]:
+    """Writes ``answers.jsonl``, scores it (``score(path)``), writes ``scores.json``;
+    returns the summary lines."""
+    answers = files.write_jsonl(layout.output("answers.jsonl"), lines)
+    result = score(answers)
+    files.write_json(layout.output("scores.json"), result, indent=2)
+    return summary(result)
 
 
 def llava_answer_line(question: Question, text: str, model_id: str) -> dict[str, Any]:

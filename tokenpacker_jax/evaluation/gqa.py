@@ -18,9 +18,9 @@ import collections
 from typing import Any
 
 from tokenpacker_jax.evaluation import files
-from tokenpacker_jax.evaluation.benchmark import Benchmark, Layout, Question
-from tokenpacker_jax.evaluation.question_file import llava_questions
-from tokenpacker_jax.evaluation.vqa import accuracy_lines
+from tokenpacker_jax.evaluation.benchmark import Benchmark, Layout, finish_with_score
+from tokenpacker_jax.evaluation.question_file import reader
+from tokenpacker_jax.evaluation.vqa import accuracy_lines, accuracy_score
 
 
 def gqa_prediction(text: str) -> str:
@@ -63,27 +63,17 @@ def score_gqa(answers_path: str, annotations_path: str) -> dict[str, Any]:
             "per_semantic_type": files.grouped(semantic)}
 
 
-def _score(answers: str, annotations: str, questions: str | None = None) -> list[str]:
-    return accuracy_lines("gqa", score_gqa(answers, annotations))
-
-
-def _questions(layout: Layout) -> list[Question]:
-    path = files.require(f"{layout.data}/llava_gqa_{layout.split}.jsonl",
-                         "the LLaVA GQA question file")
-    return llava_questions(path, layout.images("data/images"))
-
-
 def _finish(layout: Layout, lines: list[dict[str, Any]]) -> list[str]:
-    answers = files.write_jsonl(layout.output("answers.jsonl"), lines)
     files.write_json(layout.output(f"{layout.split}_predictions.json"),
                      [{"questionId": line["question_id"],
                        "prediction": gqa_prediction(line["text"])} for line in lines])
     annotations = files.require(f"{layout.data}/data/{layout.split}_questions.json",
                                 "the official GQA questions with their answers")
-    result = score_gqa(answers, annotations)
-    files.write_json(layout.output("scores.json"), result, indent=2)
-    return accuracy_lines("gqa", result)
+    return finish_with_score(layout, lines, lambda path: score_gqa(path, annotations),
+                             lambda result: accuracy_lines("gqa", result))
 
 
-GQA = Benchmark("gqa", _questions, _finish, max_new_tokens=128, split="testdev_balanced",
-                score=_score)
+GQA = Benchmark("gqa", reader("llava_gqa_{split}.jsonl", "data/images",
+                              "the LLaVA GQA question file"),
+                _finish, max_new_tokens=128, split="testdev_balanced",
+                score=accuracy_score("gqa", score_gqa))

@@ -35,8 +35,8 @@ import os
 from typing import Any
 
 from tokenpacker_jax.evaluation import files
-from tokenpacker_jax.evaluation.benchmark import Benchmark, Layout, Question
-from tokenpacker_jax.evaluation.question_file import llava_questions
+from tokenpacker_jax.evaluation.benchmark import Benchmark, Layout, finish_with_score
+from tokenpacker_jax.evaluation.question_file import reader
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene",
               "landmark", "artwork", "OCR")
@@ -158,21 +158,18 @@ def _score(answers: str, annotations: str, questions: str | None = None) -> list
     return score_lines(score_mme(answers, annotations))
 
 
-def _questions(layout: Layout) -> list[Question]:
-    path = files.require(f"{layout.data}/llava_mme.jsonl", "the LLaVA MME question file")
-    return llava_questions(path, layout.images(RELEASE))
-
-
 def _finish(layout: Layout, lines: list[dict[str, Any]]) -> list[str]:
-    answers = files.write_jsonl(layout.output("answers.jsonl"), lines)
     release = f"{layout.data}/{RELEASE}"
-    for task, items in converted_lines(answers, release).items():
-        files.write_text(layout.output(f"mme_results/{task}.txt"), "".join(
-            "\t".join((i["file"], i["question"], i["truth"], i["prediction"])) + "\n"
-            for i in items))
-    result = score_mme(answers, release)
-    files.write_json(layout.output("scores.json"), result, indent=2)
-    return score_lines(result)
+
+    def score(answers: str) -> dict[str, Any]:
+        for task, items in converted_lines(answers, release).items():
+            files.write_text(layout.output(f"mme_results/{task}.txt"), "".join(
+                "\t".join((i["file"], i["question"], i["truth"], i["prediction"])) + "\n"
+                for i in items))
+        return score_mme(answers, release)
+
+    return finish_with_score(layout, lines, score, score_lines)
 
 
-MME = Benchmark("mme", _questions, _finish, max_new_tokens=128, score=_score)
+MME = Benchmark("mme", reader("llava_mme.jsonl", RELEASE, "the LLaVA MME question file"),
+                _finish, max_new_tokens=128, score=_score)

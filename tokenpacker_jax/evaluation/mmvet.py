@@ -12,13 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from tokenpacker_jax.evaluation import files
-from tokenpacker_jax.evaluation.benchmark import Benchmark, Layout, Question
-from tokenpacker_jax.evaluation.question_file import llava_questions
-
-
-def _questions(layout: Layout) -> list[Question]:
-    path = files.require(f"{layout.data}/llava-mm-vet.jsonl", "the LLaVA MM-Vet question file")
-    return llava_questions(path, layout.images("images"))
+from tokenpacker_jax.evaluation.benchmark import Benchmark, Layout
+from tokenpacker_jax.evaluation.question_file import reader
 
 
 def _finish(layout: Layout, lines: list[dict[str, Any]]) -> list[str]:
@@ -29,4 +24,6 @@ def _finish(layout: Layout, lines: list[dict[str, Any]]) -> list[str]:
     return [f"mmvet: {len(lines)} answers in {path} (for MM-Vet's GPT-4 grader)"]
 
 
-MMVET = Benchmark("mmvet", _questions, _finish, max_new_tokens=1024)
+MMVET = Benchmark("mmvet", reader("llava-mm-vet.jsonl", "images",
+                                  "the LLaVA MM-Vet question file"),
+                  _finish, max_new_tokens=1024)

@@ -27,8 +27,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from tokenpacker_jax.evaluation import files
-from tokenpacker_jax.evaluation.benchmark import Benchmark, Layout, Question, image_file
-from tokenpacker_jax.evaluation.question_file import llava_questions
+from tokenpacker_jax.evaluation.benchmark import Benchmark, Layout, finish_with_score, image_file
+from tokenpacker_jax.evaluation.question_file import reader
 
 LABEL_PREFIX, LABEL_SUFFIX = "coco_pope_", ".json"
 
@@ -164,18 +164,12 @@ def _coco_image(name: str, folder: str, where: str) -> str:
     return image_file(folder, name, where)
 
 
-def _questions(layout: Layout) -> list[Question]:
-    path = files.require(f"{layout.data}/llava_pope_test.jsonl",
-                         "the LLaVA POPE question file")
-    return llava_questions(path, layout.images("val2014"), image_name=_coco_image)
-
-
 def _finish(layout: Layout, lines: list[dict[str, Any]]) -> list[str]:
-    answers = files.write_jsonl(layout.output("answers.jsonl"), lines)
-    result = score_pope_by_category(answers, f"{layout.data}/coco",
-                                    f"{layout.data}/llava_pope_test.jsonl")
-    files.write_json(layout.output("scores.json"), result, indent=2)
-    return score_lines(result)
+    return finish_with_score(
+        layout, lines, lambda path: score_pope_by_category(
+            path, f"{layout.data}/coco", f"{layout.data}/llava_pope_test.jsonl"), score_lines)
 
 
-POPE = Benchmark("pope", _questions, _finish, max_new_tokens=128, split="test", score=_score)
+POPE = Benchmark("pope", reader("llava_pope_test.jsonl", "val2014",
+                                "the LLaVA POPE question file", image_name=_coco_image),
+                 _finish, max_new_tokens=128, split="test", score=_score)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tokenpacker_jax.evaluation import files
-from tokenpacker_jax.evaluation.benchmark import Question, image_file, llava_answer_line
+from tokenpacker_jax.evaluation.benchmark import Layout, Question, image_file, llava_answer_line
 
 # The reference's evaluation suffixes (LLaVA-1.5), appended after a newline.
 SUFFIXES = {
@@ -56,6 +56,19 @@ def llava_questions(path: str, image_folder: str, *, suffix: str = "",
             index, record["question_id"], text,
             image_name(image, image_folder, where) if image else None, where,
             {"prompt": text, "record": record}))
+    return questions
+
+
+def reader(name: str, images: str, what: str,
+           image_name: Callable[[str, str, str], str] | None = None
+           ) -> Callable[[Layout], list[Question]]:
+    """``Benchmark.questions`` for a benchmark published as a LLaVA question file:
+    ``DATA/name`` with its images under ``DATA/images`` (``{split}`` filled in in both)."""
+    def questions(layout: Layout) -> list[Question]:
+        path = files.require(os.path.join(layout.data, name.format(split=layout.split)), what)
+        return llava_questions(path, layout.images(images.format(split=layout.split)),
+                               image_name=image_name)
+
     return questions
 
 

@@ -8,6 +8,7 @@ earlier, by this package or the reference.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -40,7 +41,7 @@ def run(name: str, layout: Layout, make_answerer: Callable[[], "Answerer"], *, l
 
     bench = benchmark(name)
     if not layout.split and bench.split:
-        layout = Layout(**{**layout.__dict__, "split": bench.split})
+        layout = dataclasses.replace(layout, split=bench.split)
     questions = bench.questions(layout)
     if limit:
         questions = questions[:limit]

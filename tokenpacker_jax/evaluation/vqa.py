@@ -41,8 +41,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from tokenpacker_jax.evaluation import files
-from tokenpacker_jax.evaluation.benchmark import Benchmark, Layout, Question
-from tokenpacker_jax.evaluation.question_file import llava_questions
+from tokenpacker_jax.evaluation.benchmark import Benchmark, Layout, finish_with_score
+from tokenpacker_jax.evaluation.question_file import reader
 
 # -- the official VQA normalisation ----------------------------------------------------------
 
@@ -203,17 +203,16 @@ def accuracy_lines(name: str, result: dict[str, Any]) -> list[str]:
     return lines + [f"{name} accuracy: {100 * result['accuracy']:.2f} (n={result['n']})"]
 
 
-def _score_vqav2(answers: str, annotations: str, questions: str | None = None) -> list[str]:
-    return accuracy_lines("vqav2", score_vqav2(answers, annotations))
+def accuracy_score(name: str, scorer):
+    """``Benchmark.score`` printing ``scorer(answers, annotations)`` with
+    ``accuracy_lines``."""
+    def score(answers: str, annotations: str, questions: str | None = None) -> list[str]:
+        return accuracy_lines(name, scorer(answers, annotations))
+
+    return score
 
 
 # -- runs -------------------------------------------------------------------------------------
-
-def _vqav2_questions(layout: Layout) -> list[Question]:
-    path = files.require(f"{layout.data}/llava_vqav2_mscoco_{layout.split}.jsonl",
-                         "the LLaVA VQAv2 question file")
-    return llava_questions(path, layout.images("test2015"))
-
 
 def _submission(lines: Sequence[dict[str, Any]]) -> dict[Any, str]:
     """{question_id: EvalAI-processed answer} (a later line for a question wins)."""
@@ -231,12 +230,6 @@ def _vqav2_finish(layout: Layout, lines: list[dict[str, Any]]) -> list[str]:
     path = files.write_json(layout.output("submission.json"), upload)
     return [f"vqav2: {len(lines)} answers, {len(upload)} questions in the submission {path} "
             f"(EvalAI: test-dev phase)"]
-
-
-def _vizwiz_questions(layout: Layout) -> list[Question]:
-    path = files.require(f"{layout.data}/llava_{layout.split}.jsonl",
-                         "the LLaVA VizWiz question file")
-    return llava_questions(path, layout.images(layout.split))
 
 
 def _vizwiz_finish(layout: Layout, lines: list[dict[str, Any]]) -> list[str]:
@@ -297,28 +290,21 @@ def score_textvqa(answers_path: str, annotations_path: str) -> dict[str, Any]:
     return {**files.mean(scores), "unanswered": len(annotations) - len(scores)}
 
 
-def _score_textvqa(answers: str, annotations: str, questions: str | None = None) -> list[str]:
-    return accuracy_lines("textvqa", score_textvqa(answers, annotations))
-
-
-def _textvqa_questions(layout: Layout) -> list[Question]:
-    path = files.require(f"{layout.data}/llava_textvqa_val_v051_ocr.jsonl",
-                         "the LLaVA TextVQA question file (with OCR tokens)")
-    return llava_questions(path, layout.images("train_images"))
-
-
 def _textvqa_finish(layout: Layout, lines: list[dict[str, Any]]) -> list[str]:
-    answers = files.write_jsonl(layout.output("answers.jsonl"), lines)
     annotations = files.require(f"{layout.data}/TextVQA_0.5.1_val.json",
                                 "the TextVQA val annotations")
-    result = score_textvqa(answers, annotations)
-    files.write_json(layout.output("scores.json"), result, indent=2)
-    return accuracy_lines("textvqa", result)
+    return finish_with_score(layout, lines, lambda path: score_textvqa(path, annotations),
+                             lambda result: accuracy_lines("textvqa", result))
 
 
-VQAV2 = Benchmark("vqav2", _vqav2_questions, _vqav2_finish, max_new_tokens=128,
-                  split="test-dev2015", score=_score_vqav2)
-VIZWIZ = Benchmark("vizwiz", _vizwiz_questions, _vizwiz_finish, max_new_tokens=128,
-                   split="test")
-TEXTVQA = Benchmark("textvqa", _textvqa_questions, _textvqa_finish, max_new_tokens=128,
-                    split="val", score=_score_textvqa)
+VQAV2 = Benchmark("vqav2", reader("llava_vqav2_mscoco_{split}.jsonl", "test2015",
+                                  "the LLaVA VQAv2 question file"),
+                  _vqav2_finish, max_new_tokens=128, split="test-dev2015",
+                  score=accuracy_score("vqav2", score_vqav2))
+VIZWIZ = Benchmark("vizwiz", reader("llava_{split}.jsonl", "{split}",
+                                    "the LLaVA VizWiz question file"),
+                   _vizwiz_finish, max_new_tokens=128, split="test")
+TEXTVQA = Benchmark("textvqa", reader("llava_textvqa_val_v051_ocr.jsonl", "train_images",
+                                      "the LLaVA TextVQA question file (with OCR tokens)"),
+                    _textvqa_finish, max_new_tokens=128, split="val",
+                    score=accuracy_score("textvqa", score_textvqa))
