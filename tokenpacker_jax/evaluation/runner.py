@@ -29,7 +29,9 @@ from typing import Any
 
 import jax
 
+from tokenpacker_jax import generate as generation
 from tokenpacker_jax import sharding
+from tokenpacker_jax.data.pipeline import example_builder
 from tokenpacker_jax.evaluation.benchmark import Question
 
 PARTS = "parts"
@@ -56,9 +58,6 @@ class Answerer:
 
     def __init__(self, trained: Any, *, mesh: jax.sharding.Mesh | None = None,
                  batch_size: int = 8, max_new_tokens: int = 128, bucket: int = 64):
-        from tokenpacker_jax.data.pipeline import example_builder  # noqa: PLC0415
-        from tokenpacker_jax.generate import Generator, SamplingConfig  # noqa: PLC0415
-
         self.mesh = mesh or sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
                                                devices=jax.devices()[:1])
         parallel = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -70,25 +69,21 @@ class Answerer:
         self.tokenizer = trained.tokenizer
         self.builder = example_builder(trained.config.data, trained.tokenizer,
                                        trained.tokens_per_tile)
-        self.generator = Generator(trained.model, trained.params, trained.tokenizer.stop_ids,
-                                   trained.tokenizer.pad_id,
-                                   SamplingConfig(max_new_tokens=max_new_tokens))
+        self.generator = generation.Generator(
+            trained.model, trained.params, trained.tokenizer.stop_ids, trained.tokenizer.pad_id,
+            generation.SamplingConfig(max_new_tokens=max_new_tokens))
 
     def prompts(self, questions: Sequence[tuple[str, Any]]) -> list[Any]:
         """Tokenised prompts of (message after the image, PIL image or None) pairs."""
-        from tokenpacker_jax.generate import build_prompt  # noqa: PLC0415
-
-        return [build_prompt(self.builder, text, image) for text, image in questions]
+        return [generation.build_prompt(self.builder, text, image) for text, image in questions]
 
     def generate(self, prompts: Sequence[Any]) -> list[str]:
         """The answers to at most ``batch_size`` prompts."""
-        from tokenpacker_jax.generate import bucket_length, left_pad  # noqa: PLC0415
-
         if not 0 < len(prompts) <= self.batch_size:
             raise ValueError(f"{len(prompts)} prompts for a batch of {self.batch_size}")
         padded = list(prompts) + [prompts[-1]] * (self.batch_size - len(prompts))
-        length = bucket_length(max(len(p.ids) for p in padded), self.bucket)
-        batch = left_pad(padded, self.generator.pad_id, length)
+        length = generation.bucket_length(max(len(p.ids) for p in padded), self.bucket)
+        batch = generation.left_pad(padded, self.generator.pad_id, length)
         with sharding.use_mesh(self.mesh, self.rules):
             placed = {name: jax.device_put(value, sharding.batch_sharding(self.mesh,
                                                                           value.ndim))
