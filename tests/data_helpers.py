@@ -106,7 +106,7 @@ def gemma_like(directory: str):
 def data_config(**overrides):
     """``configs/tiny.py``'s data section with overrides (dotted keys allowed), with the
     templates' own system prompts (the reference's; tiny drops vicuna_v1's)."""
-    from configs import tiny
+    from tokenpacker_jax.configs import tiny
 
     config = tiny.get_config().data
     config.system_prompt = None

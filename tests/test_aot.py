@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from configs import tiny, tokenpacker
 from tokenpacker_jax import aot, configuration
+from tokenpacker_jax.configs import tiny, tokenpacker
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 1024**3

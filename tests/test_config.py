@@ -7,8 +7,8 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from configs import common, tiny, tokenpacker
 from tokenpacker_jax import configuration, sharding
+from tokenpacker_jax.configs import common, tiny, tokenpacker
 
 ROOT = Path(__file__).resolve().parents[1]
 

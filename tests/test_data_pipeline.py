@@ -350,7 +350,7 @@ def test_llava_source_names_file_and_line(tmp_path):
     ("data.worker_count", -1, "data.worker_count"),
 ])
 def test_validate_data_names_the_field(field, value, message):
-    from configs import tiny
+    from tokenpacker_jax.configs import tiny
     from tokenpacker_jax.configuration import ConfigError, validate
 
     config = tiny.get_config()

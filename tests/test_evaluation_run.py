@@ -29,9 +29,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from configs import tiny
 from tokenpacker_jax import checkpoint, evaluate, loading, sharding
 from tokenpacker_jax import train_state as state_lib
+from tokenpacker_jax.configs import tiny
 from tokenpacker_jax.data.conversation import IMAGE_TOKEN_ID, VICUNA_SYSTEM
 from tokenpacker_jax.data.synthetic import train_tokenizer
 from tokenpacker_jax.evaluation import files, suite

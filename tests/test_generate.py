@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import tiny
 from tokenpacker_jax import configuration
+from tokenpacker_jax.configs import tiny
 from tokenpacker_jax.data import synthetic
 from tokenpacker_jax.data.image import load_image
 from tokenpacker_jax.data.pipeline import example_builder, tokens_per_tile

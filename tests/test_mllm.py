@@ -8,7 +8,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from configs import tiny
+from tokenpacker_jax.configs import tiny
 from tokenpacker_jax import configuration
 from tokenpacker_jax.data import pipeline
 from tokenpacker_jax.models import mllm

@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from configs import tiny
 from tokenpacker_jax import configuration
+from tokenpacker_jax.configs import tiny
 from tokenpacker_jax.models import mllm
 from tokenpacker_jax.region_maps import attention_grid, packed_attention
 

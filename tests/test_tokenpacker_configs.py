@@ -3,8 +3,8 @@ SPEC §5's hyperparameters, validated for the slices they are meant for."""
 
 import pytest
 
-from configs import tokenpacker
 from tokenpacker_jax import configuration
+from tokenpacker_jax.configs import tokenpacker
 from tokenpacker_jax.convert import hf_decoder
 from tokenpacker_jax.data import pipeline
 

@@ -14,7 +14,7 @@ import pytest
 
 import jax
 
-from configs import tiny
+from tokenpacker_jax.configs import tiny
 from tokenpacker_jax import checkpoint, train
 from tokenpacker_jax.configuration import ConfigError
 from tokenpacker_jax.data import synthetic

@@ -12,7 +12,7 @@ import pytest
 import jax
 from jax.sharding import PartitionSpec as P
 
-from configs import tiny
+from tokenpacker_jax.configs import tiny
 from tokenpacker_jax import checkpoint, configuration, sharding
 from tokenpacker_jax import train_state as state_lib
 from tokenpacker_jax.data import pipeline

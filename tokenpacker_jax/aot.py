@@ -43,6 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from tokenpacker_jax import configuration, flops, loading, sharding  # noqa: E402
 from tokenpacker_jax import train_state as state_lib  # noqa: E402
+from tokenpacker_jax.configs import tokenpacker  # noqa: E402
 from tokenpacker_jax.data import pipeline  # noqa: E402
 from tokenpacker_jax.optim import make_optimizer, split_trainable  # noqa: E402
 
@@ -397,8 +398,6 @@ def one_sequence_per_shard(config: ml_collections.ConfigDict, topology: Topology
 def paper_table_entries(slices: Sequence[str] = TABLE_SLICES,
                         models: Sequence[tuple[str, int]] = TABLE_MODELS) -> list[TableEntry]:
     """The paper's 7B / 13B stages (scale 2, 2048 tokens, SPEC §5 batches) on each slice."""
-    from configs import tokenpacker  # noqa: PLC0415
-
     entries = []
     for llm, stage in models:
         for name in slices:

@@ -21,6 +21,12 @@ import time
 
 from absl import app, flags, logging
 
+from tokenpacker_jax import train
+from tokenpacker_jax.configs import tiny
+from tokenpacker_jax.data import synthetic
+from tokenpacker_jax.evaluation import question_file
+from tokenpacker_jax.loading import load_trained
+
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/tokenpacker_quickstart", "Where it all goes.")
 _NUM = flags.DEFINE_integer("num", 20000, "Training images.")
 _NUM_EVAL = flags.DEFINE_integer("num_eval", 100, "Validation and test images each.")
@@ -37,12 +43,6 @@ def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    from configs import tiny  # noqa: PLC0415
-    from tokenpacker_jax import train  # noqa: PLC0415
-    from tokenpacker_jax.data import synthetic  # noqa: PLC0415
-    from tokenpacker_jax.evaluation import question_file  # noqa: PLC0415
-    from tokenpacker_jax.loading import load_trained  # noqa: PLC0415
-
     start = time.perf_counter()
     workdir = _WORKDIR.value
     data = os.path.join(workdir, "data")

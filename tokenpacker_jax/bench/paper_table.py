@@ -31,8 +31,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
+from absl import flags
 
+from tokenpacker_jax import quickstart, train  # noqa: F401 (quickstart: its flags)
 from tokenpacker_jax.bench import common
+from tokenpacker_jax.configs import tiny
+from tokenpacker_jax.data import synthetic
+from tokenpacker_jax.evaluation import question_file
+from tokenpacker_jax.loading import load_trained
+from tokenpacker_jax.models.projectors import num_output_tokens
 
 PACKING = ("tokenpacker", "avgpool", "pixel_shuffle", "resampler", "c_abstractor", "ldpv2")
 PROJECTORS = ("mlp2x_gelu", *PACKING)  # the MLP keeps all patches (scale 1)
@@ -44,10 +51,6 @@ EVAL_BATCH = 50
 def quickstart_defaults() -> dict[str, int]:
     """The tiny recipe's data and step counts: ``tokenpacker_jax.quickstart``'s flag
     defaults (num, num_eval, stage1_steps, stage2_steps, jitter)."""
-    from absl import flags  # noqa: PLC0415
-
-    from tokenpacker_jax import quickstart  # noqa: F401, PLC0415 (defines the flags)
-
     return {name: flags.FLAGS[name].default
             for name in ("num", "num_eval", "stage1_steps", "stage2_steps", "jitter")}
 
@@ -76,9 +79,6 @@ def stage_config(entry: Entry, stage: int, data: str, seed: int, steps: int,
                  adjust: Callable[[ml_collections.ConfigDict], None] | None = None
                  ) -> ml_collections.ConfigDict:
     """``configs/tiny.py:stage=S,data=DIR`` with the entry's projector, seed and steps."""
-    from configs import tiny  # noqa: PLC0415
-    from tokenpacker_jax.models.projectors import num_output_tokens  # noqa: PLC0415
-
     config = tiny.get_config(f"stage={stage},data={data}")
     grid = config.model.vision.image_size // config.model.vision.patch_size
     recipe_tokens = num_output_tokens(config.model.projector, grid)
@@ -101,11 +101,6 @@ def train_and_score(entry: Entry, seed: int, *, data: str, workdir: str, stage1_
     """Trains one run (stage 1 if ``stage1_steps`` > 0, then stage 2) and scores it on the
     held-out questions; the result is kept in ``workdir/ENTRY_seedN_RECIPE/result.json``
     (RECIPE: a hash of the stage configs) and read back when the run is asked again."""
-    from tokenpacker_jax import train  # noqa: PLC0415
-    from tokenpacker_jax.evaluation import question_file  # noqa: PLC0415
-    from tokenpacker_jax.loading import load_trained  # noqa: PLC0415
-    from tokenpacker_jax.models.projectors import num_output_tokens  # noqa: PLC0415
-
     configs = [(stage, stage_config(entry, stage, data, seed, steps, adjust))
                for stage, steps in ((1, stage1_steps), (2, stage2_steps)) if steps > 0]
     if not configs:
@@ -198,8 +193,6 @@ def comparisons(summaries: Sequence[Summary]) -> list[str]:
 
 def markdown(summaries: Sequence[Summary]) -> str:
     """The table: accuracy mean ± standard deviation over seeds, range, per category."""
-    from tokenpacker_jax.data import synthetic  # noqa: PLC0415
-
     categories = [c for c in synthetic.CATEGORIES
                   if any(c in s.categories for s in summaries)]
     chance = {c: 1 / len(synthetic.ANSWERS[c]) for c in categories}
@@ -223,8 +216,6 @@ def run(*, workdir: str = "/tmp/tokenpacker_bench_paper", seeds: int = 3,
     """Trains and scores every (entry, seed); returns the BENCHMARKS.md section. ``None``
     sizes take quickstart's defaults; ``jitter``: px items may sit off their cells' centres
     (-1: anywhere, as quickstart's flag); ``adjust`` edits each stage's config (tests)."""
-    from tokenpacker_jax.data import synthetic  # noqa: PLC0415
-
     defaults = quickstart_defaults()
     num = defaults["num"] if num is None else num
     num_eval = defaults["num_eval"] if num_eval is None else num_eval

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tokenpacker_jax import loading, sharding, train
 from tokenpacker_jax import train_state as state_lib
 from tokenpacker_jax.bench import common
+from tokenpacker_jax.configs import tiny
 from tokenpacker_jax.models import mllm
 from tokenpacker_jax.models.projectors import PROJECTORS, num_output_tokens
 from tokenpacker_jax.optim import make_optimizer, split_trainable
@@ -52,8 +53,6 @@ def train_config(projector: str,
                  adjust: Callable[[ml_collections.ConfigDict], None] | None = None
                  ) -> ml_collections.ConfigDict:
     """``configs/tiny.py:stage=2`` with ``projector`` (scale 1 for ``mlp2x_gelu``)."""
-    from configs import tiny  # noqa: PLC0415
-
     config = tiny.get_config("stage=2")
     config.model.projector.name = projector
     if projector == "mlp2x_gelu":

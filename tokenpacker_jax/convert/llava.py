@@ -39,6 +39,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from tokenpacker_jax.configs import common
 from tokenpacker_jax.convert import hf_decoder, mapping, reference
 from tokenpacker_jax.data import hd
 from tokenpacker_jax.models.decoder_config import DecoderConfig
@@ -155,11 +156,9 @@ def run_config(settings: MultimodalSettings, vision: VisionConfig, decoder: Deco
                *, embed_dim: int, tokenizer: str, mean, std,
                dtype: str = "float32", param_dtype: str = "float32"
                ) -> ml_collections.ConfigDict:
-    """Our run config (``configs/common.py``'s base) for a reference checkpoint: the tower
+    """Our run config (``configs.common``'s base) for a reference checkpoint: the tower
     and the LLM given by value (no checkpoint paths), stage-2 settings (``vicuna_v1``,
     projector + LLM trainable)."""
-    from configs import common  # noqa: PLC0415 (the configs package sits beside ours)
-
     config = common.base_config()
     config.model.vision = ml_collections.ConfigDict(dataclasses.asdict(vision))
     config.model.decoder = ml_collections.ConfigDict(dataclasses.asdict(decoder))

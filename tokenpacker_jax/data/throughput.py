@@ -23,7 +23,9 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from tokenpacker_jax.configs import common
 from tokenpacker_jax.data import pipeline, synthetic
+from tokenpacker_jax.tokenizer import load_tokenizer
 
 
 def _photo_like(rng: np.random.Generator, height: int = 480, width: int = 640) -> Image.Image:
@@ -51,9 +53,6 @@ def prepare(out: str, num: int, size: int, images: str, seed: int = 0) -> None:
 def measure(data_dir: str, *, size: int, mode: str, workers: int, threads: int, batch: int,
             batches: int, tokens_per_tile: int) -> float:
     """Samples per second over ``batches`` batches after two warm-up batches."""
-    from configs import common  # noqa: PLC0415
-    from tokenpacker_jax.tokenizer import load_tokenizer  # noqa: PLC0415
-
     config = common.base_config().data
     config.update(dict(source="llava", image_folder=data_dir, template="vicuna_v1",
                        max_length=2048 if mode == "slice" else 1024, batch_size=batch, worker_count=workers,

@@ -25,7 +25,7 @@ you pay for it (BENCHMARKS.md "TPU fit").
 
 import ml_collections
 
-from configs import common
+from tokenpacker_jax.configs import common
 from tokenpacker_jax.data import hd as hd_lib
 
 VARIANTS = dict(llm="vicuna7b", scale=2, stage=2, hd=False, patch_num=9,

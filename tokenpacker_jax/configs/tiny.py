@@ -19,7 +19,7 @@ embeddings, and runs learned the answers' priors but not the images.
 
 import os
 
-from configs import common
+from tokenpacker_jax.configs import common
 
 VARIANTS = dict(stage=1, data="")
 
