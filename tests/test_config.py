@@ -1,5 +1,7 @@
 """Config files, variant strings, command-line overrides, validation and the mesh."""
 
+import importlib
+import runpy
 import sys
 from pathlib import Path
 
@@ -28,6 +30,14 @@ def test_variant_string_and_overrides_from_the_command_line(monkeypatch):
     assert config.model.projector.scale_factor == 3
     assert config.mesh.tensor == 2 and config.data.image.aspect_mode == "pad"
     configuration.validate(config, num_devices=8)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tokenpacker"])
+def test_config_files_are_the_package_configs(name):
+    """``--config=configs/NAME.py`` runs the package's own ``get_config``."""
+    file = runpy.run_path(str(ROOT / "configs" / f"{name}.py"))
+    assert file["get_config"] is importlib.import_module(
+        f"tokenpacker_jax.configs.{name}").get_config
 
 
 def test_parse_variant_types_and_errors():
