@@ -23,8 +23,8 @@ from safetensors.numpy import load_file
 
 from data_helpers import corpus, reference_slice
 from tokenpacker_jax import checkpoint, configuration
+from tokenpacker_jax.bench.torch_tokenpacker import TorchTokenPacker
 from tokenpacker_jax.convert import checkpoint_io, cli, llava, reference
-from tokenpacker_jax.convert.torch_tokenpacker import TorchTokenPacker
 from tokenpacker_jax.data import hd
 from tokenpacker_jax.data.conversation import VICUNA_SYSTEM
 from tokenpacker_jax.data.pipeline import example_builder

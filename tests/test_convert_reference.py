@@ -1,5 +1,5 @@
 """The projector in the reference PyTorch layout: a PyTorch TokenPacker written from SPEC §2
-(``convert/torch_tokenpacker.py``: torch's own nn.MultiheadAttention and F.interpolate)
+(``bench/torch_tokenpacker.py``: torch's own nn.MultiheadAttention and F.interpolate)
 loaded with our exported weights, export -> import round trips, the SPEC key/shape table,
 and the file formats."""
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 from flax import traverse_util
 
+from tokenpacker_jax.bench.torch_tokenpacker import TorchTokenPacker
 from tokenpacker_jax.convert import reference
-from tokenpacker_jax.convert.torch_tokenpacker import TorchTokenPacker
 from tokenpacker_jax.models.baselines import MLP2xGelu
 from tokenpacker_jax.models.tokenpacker import TokenPacker
 

@@ -2,7 +2,6 @@
 
     python -m tokenpacker_jax.aot --config=configs/tokenpacker.py:llm=vicuna7b,stage=2 \\
         --topology=v5e:4x4 [--config.train.microbatches=16]
-    python -m tokenpacker_jax.aot --table        # BENCHMARKS.md "TPU fit"
 
 libtpu (``pip install "jax[tpu]==0.10.2"``) describes the slice
 (``jax.experimental.topologies``): its compile-only devices make the mesh, and the step that
@@ -12,6 +11,9 @@ parameter is ever allocated, so a 13B model costs only the compiler's memory) an
 for the TPU. The report gives XLA's per-chip memory (arguments, outputs, temporaries,
 generated code), the chip's HBM, FLOPs per step (XLA's and ``flops.py``'s), and ends with
 ``fits: yes`` or ``fits: no``.
+
+BENCHMARKS.md's "TPU fit" table of the paper's models on several slices is
+``python -m tokenpacker_jax.bench tpu_fit`` (``bench/tpu_fit.py``).
 
 Topologies: ``GEN:AxB`` (v5e, v6e) or ``GEN:AxBxC`` (v4, v5p) in chips, or a slice name as
 Cloud TPU spells it: ``v5e-16`` (chips) or ``v5p-8`` / ``v4-8`` (TensorCores: 4 chips).
@@ -43,7 +45,6 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from tokenpacker_jax import configuration, flops, loading, sharding  # noqa: E402
 from tokenpacker_jax import train_state as state_lib  # noqa: E402
-from tokenpacker_jax.configs import tokenpacker  # noqa: E402
 from tokenpacker_jax.data import pipeline  # noqa: E402
 from tokenpacker_jax.optim import make_optimizer, split_trainable  # noqa: E402
 
@@ -153,6 +154,13 @@ def topology_devices(topology: Topology) -> list[Any]:
         raise RuntimeError(f"libtpu described {len(devices)} devices for {topology.name}, "
                            f"expected {topology.chips}")
     return devices
+
+
+def keep_jax_on_the_host() -> None:
+    """Runs jax on the CPU unless JAX_PLATFORMS says otherwise: the host's own devices hold
+    nothing here, and a local TPU may be in use by a training job."""
+    if not os.environ.get("JAX_PLATFORMS"):
+        jax.config.update("jax_platforms", "cpu")
 
 
 def _mesh(config: ml_collections.ConfigDict, devices: Sequence[Any]) -> jax.sharding.Mesh:
@@ -373,127 +381,18 @@ def compile_step(config: ml_collections.ConfigDict, topology: str | Topology,
     return report
 
 
-# -- the BENCHMARKS.md "TPU fit" table ------------------------------------------------------
-
-TABLE_SLICES = ("v5e-8", "v5e-16", "v5e-32", "v5p-8", "v5p-16")
-TABLE_MODELS = (("vicuna7b", 1), ("vicuna7b", 2), ("vicuna13b", 1), ("vicuna13b", 2))
-
-
-@dataclasses.dataclass(frozen=True)
-class TableEntry:
-    label: str  # e.g. "vicuna7b stage 2"
-    config: ml_collections.ConfigDict
-    topology: Topology
-
-
-def one_sequence_per_shard(config: ml_collections.ConfigDict, topology: Topology) -> None:
-    """Sets train.microbatches so that each data-parallel shard (a chip, or a tensor-parallel
-    group) holds one sequence per microbatch, the least activation memory the mesh allows;
-    the global batch stays."""
-    sizes = sharding.mesh_shape(config.mesh.to_dict(), topology.chips)
-    replicas = sizes["data"] * sizes["fsdp"]
-    config.train.microbatches = max(1, config.data.batch_size // replicas)
-
-
-def paper_table_entries(slices: Sequence[str] = TABLE_SLICES,
-                        models: Sequence[tuple[str, int]] = TABLE_MODELS) -> list[TableEntry]:
-    """The paper's 7B / 13B stages (scale 2, 2048 tokens, SPEC §5 batches) on each slice."""
-    entries = []
-    for llm, stage in models:
-        for name in slices:
-            topology = parse_topology(name)
-            config = tokenpacker.get_config(f"llm={llm},stage={stage}")
-            one_sequence_per_shard(config, topology)
-            entries.append(TableEntry(f"{llm} stage {stage}", config, topology))
-    return entries
-
-
-def _compile_entry(entry: TableEntry) -> FitReport:
-    if not os.environ.get("JAX_PLATFORMS"):
-        jax.config.update("jax_platforms", "cpu")  # a worker process: see main()
-    return compile_step(entry.config, entry.topology, entry.label)
-
-
-def fit_table(entries: Sequence[TableEntry], log=None, jobs: int = 1) -> list[FitReport]:
-    """Compiles each entry; ``log`` gets a line as each finishes.
-
-    ``jobs`` > 1 compiles that many entries at once in worker processes (the TPU compiler is
-    mostly single-threaded: on 2 idle cores, jobs=2 halves the time; each needs up to
-    ~4.5 GB of RAM for a 13B model).
-    """
-
-    def done(entry: TableEntry, report: FitReport) -> FitReport:
-        if log is not None:
-            used = (report.out_of_memory if report.out_of_memory else
-                    f"{report.total_bytes / GiB:.2f} GiB of {report.hbm_bytes / GiB:.0f} GiB")
-            log(f"{entry.label} on {entry.topology.slice_name}: {used}, "
-                f"fits: {'yes' if report.fits else 'no'} ({report.compile_seconds:.0f} s)")
-        return report
-
-    if jobs <= 1:
-        return [done(entry, _compile_entry(entry)) for entry in entries]
-    import concurrent.futures  # noqa: PLC0415
-    import multiprocessing  # noqa: PLC0415
-
-    with concurrent.futures.ProcessPoolExecutor(
-            max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_compile_entry, entry) for entry in entries]
-        for entry, future in zip(entries, futures):
-            done(entry, future.result())
-        return [future.result() for future in futures]
-
-
-def _short_out_of_memory(message: str) -> str:
-    found = re.search(r"temporaries \(([\d.]+\w?)\) exceeds available HBM \(([\d.]+\w?)\)",
-                      message)
-    if found:
-        return f"temporaries alone {found.group(1)} > {found.group(2)} available"
-    return message
-
-
-def fit_table_markdown(reports: Sequence[FitReport]) -> str:
-    """The reports as a Markdown table (memory per chip in GiB)."""
-    lines = ["| model | slice | mesh fsdp x tensor | microbatches (sequences per shard) "
-             "| arguments | temporaries | total | HBM | fits | PFLOP per step "
-             "| step at 40% MFU | compile |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in reports:
-        shards = r.mesh["data"] * r.mesh["fsdp"]
-        mesh = f"{shards} x {r.mesh['tensor']}" if r.mesh["data"] == 1 else (
-            f"{r.mesh['data']} data x {r.mesh['fsdp']} x {r.mesh['tensor']}")
-        seconds = r.step_seconds_at_mfu()
-        if r.out_of_memory:
-            arguments = temporaries = total = "-"
-            fits = f"no: {_short_out_of_memory(r.out_of_memory)}"
-        else:
-            arguments = f"{r.argument_bytes / GiB:.2f}"
-            temporaries = f"{r.temp_bytes / GiB:.2f}"
-            total = f"{r.total_bytes / GiB:.2f}"
-            fits = "yes" if r.fits else "no"
-        lines.append(
-            f"| {r.config_name} | {r.topology.slice_name} ({r.topology.name}) | {mesh} | "
-            f"{r.microbatches} ({r.batch // r.microbatches // shards}) | {arguments} | "
-            f"{temporaries} | {total} | {r.hbm_bytes / GiB:.0f} | {fits} | "
-            f"{r.analytic_flops / 1e15:.2f} | "
-            f"{'-' if seconds is None else f'{seconds:.1f} s'} | {r.compile_seconds:.0f} s |")
-    return "\n".join(lines)
-
-
 def main(argv):
     del argv
     from absl import flags  # noqa: PLC0415
 
     FLAGS = flags.FLAGS
-    if not os.environ.get("JAX_PLATFORMS"):
-        # The host's own devices only hold nothing here; keep jax off a local TPU that a
-        # training job may be using.
-        jax.config.update("jax_platforms", "cpu")
+    keep_jax_on_the_host()
     if FLAGS.table:
-        reports = fit_table(paper_table_entries(), log=print, jobs=FLAGS.jobs)
-        print(fit_table_markdown(reports))
-        return
+        raise flags.IllegalFlagValueError(
+            "the TPU fit table moved: python -m tokenpacker_jax.bench tpu_fit (or python -m "
+            "tokenpacker_jax.bench.tpu_fit --jobs=N to print it)")
     if FLAGS.config is None or not FLAGS.topology:
-        raise flags.IllegalFlagValueError("--config and --topology are required (or --table)")
+        raise flags.IllegalFlagValueError("--config and --topology are required")
     from ml_collections import config_flags  # noqa: PLC0415
 
     overrides = config_flags.get_override_values(FLAGS["config"])
@@ -510,6 +409,5 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "Config file (with :variant).",
                                     lock_config=True)
     flags.DEFINE_string("topology", "", "TPU slice: v5e:4x4, v5e-16, v5p:2x2x2, v5p-16, ...")
-    flags.DEFINE_bool("table", False, "Compile the BENCHMARKS.md 'TPU fit' table instead.")
-    flags.DEFINE_integer("jobs", 1, "--table: compile this many entries at once.")
+    flags.DEFINE_bool("table", False, "Moved: python -m tokenpacker_jax.bench tpu_fit.")
     app.run(main)

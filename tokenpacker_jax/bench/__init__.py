@@ -9,10 +9,14 @@ table  name            what                                                     
                        tokens: LLM prefill, first token, decode, memory
 3      llava_torch     transformers' PyTorch LlavaForConditionalGeneration vs ours  llava_torch
 4      training        tiny-config training step per projector: tokens/s, images/s  training
-5      tpu_fit         ``python -m tokenpacker_jax.aot --table`` (compiles for TPUs) (aot.py)
+5      tpu_fit         the 7B / 13B steps compiled for TPU slices (``aot.py``)      tpu_fit
 6      paper           the paper's projector table in miniature (trains 39 runs)    paper_table
 =====  ==============  ===========================================================  ==========
 
 ``python -m tokenpacker_jax.bench`` runs tables 1-5; ``paper`` is asked for by name (it trains
 for hours). See ``__main__.py`` for the flags.
+
+Also here: ``data_pipeline`` (samples per second of the input pipeline, BENCHMARKS.md "Data
+pipeline"; ``python -m tokenpacker_jax.bench.data_pipeline``) and ``torch_tokenpacker``
+(the projector in PyTorch: table 1's other side and the parity tests' oracle).
 """

@@ -4,7 +4,7 @@
 
 ``which``: table names or numbers (``tokenpacker_jax/bench/__init__.py``); default: tables
 1-5 (``projector token_budget llava_torch training tpu_fit``). ``tpu_fit`` (table 5) runs
-``python -m tokenpacker_jax.aot --table --jobs=N`` (``--jobs``, default 2: compiles at
+``python -m tokenpacker_jax.bench.tpu_fit --jobs=N`` (``--jobs``, default 2: compiles at
 once); ``paper`` (table 6) trains the projector comparison for hours, is asked for by name,
 and has its own flags (``--seeds``, ``--stage1_steps``, ...; see ``paper_table.py``).
 
@@ -39,13 +39,13 @@ BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
 
 
 def tpu_fit(jobs: int, log=print) -> common.Section:
-    """Table 5: runs ``python -m tokenpacker_jax.aot --table`` (its own process: libtpu's
+    """Table 5: runs ``python -m tokenpacker_jax.bench.tpu_fit`` (its own process: libtpu's
     compile-only devices stay out of this one) and keeps its Markdown table."""
-    command = [sys.executable, "-m", "tokenpacker_jax.aot", "--table", f"--jobs={jobs}"]
+    command = [sys.executable, "-m", "tokenpacker_jax.bench.tpu_fit", f"--jobs={jobs}"]
     log(" ".join(command))
     process = subprocess.run(command, capture_output=True, text=True, check=False)
     if process.returncode:
-        raise RuntimeError(f"aot --table failed ({process.returncode}):\n"
+        raise RuntimeError(f"bench.tpu_fit failed ({process.returncode}):\n"
                            f"{process.stderr[-3000:]}")
     lines = process.stdout.splitlines()
     table = [line for line in lines if line.startswith("|")]

@@ -3,7 +3,7 @@ the machine's matmul peak measured in the same run.
 
 Inputs at the paper's sizes: x_last [B, 576, 1024], x_multi [B, 576, 4096] -> tokens
 [B, M, 4096], M = 144 / 64 / 36 for scale 2 / 3 / 4, batch 1 and 8, float32. The PyTorch
-side is SPEC §2 in torch (``convert/torch_tokenpacker.py``: ``nn.MultiheadAttention``,
+side is SPEC §2 in torch (``bench/torch_tokenpacker.py``: ``nn.MultiheadAttention``,
 ``F.interpolate``) holding the same weights, fed the same inputs; the largest difference of
 the two outputs is reported (relative to the largest output), so the two compute the same
 thing.
@@ -116,7 +116,7 @@ def measure(sizes: Sizes, scale: int, batch: int, runs: int, seed: int = 0) -> R
     turns with the two peak matmuls."""
     import torch  # noqa: PLC0415
 
-    from tokenpacker_jax.convert import torch_tokenpacker  # noqa: PLC0415
+    from tokenpacker_jax.bench import torch_tokenpacker  # noqa: PLC0415 (torch)
 
     rng = np.random.default_rng(seed)
     patches = sizes.grid * sizes.grid
@@ -190,7 +190,7 @@ def run(size: str = "full", runs: int = common.MIN_RUNS, log=print, *,
         f"{sizes.width * sizes.levels}] -> [B, M, {sizes.out_dim}], float32. Median of "
         f"{runs} runs after warm-up; in each round JAX, PyTorch and the two peak matmuls run "
         "once, in turns; JAX compiled beforehand (compile time apart). PyTorch: "
-        "SPEC §2 in eager torch (`convert/torch_tokenpacker.py`) with the same weights and "
+        "SPEC §2 in eager torch (`bench/torch_tokenpacker.py`) with the same weights and "
         "inputs (max rel diff: the largest difference of the two outputs over the largest "
         "output). GFLOP: analytic (`flops.py`, matmuls). Peak: a float32 "
         f"[{sizes.peak_n}, {sizes.peak_n}] matmul in JAX and in PyTorch, timed in the same "

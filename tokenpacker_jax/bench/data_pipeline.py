@@ -1,6 +1,6 @@
 """Samples per second of the data pipeline (decode, preprocess, tokenize, batch).
 
-``python -m tokenpacker_jax.data.throughput [--size 336] [--images synthetic|photo]
+``python -m tokenpacker_jax.bench.data_pipeline [--size 336] [--images synthetic|photo]
 [--mode pad] [--workers 0] [--threads 8] [--batch 32] [--batches 20]``
 
 Writes a dataset to a temporary folder (or reads ``--data DIR`` written by
@@ -55,8 +55,8 @@ def measure(data_dir: str, *, size: int, mode: str, workers: int, threads: int, 
     """Samples per second over ``batches`` batches after two warm-up batches."""
     config = common.base_config().data
     config.update(dict(source="llava", image_folder=data_dir, template="vicuna_v1",
-                       max_length=2048 if mode == "slice" else 1024, batch_size=batch, worker_count=workers,
-                       read_threads=threads))
+                       max_length=2048 if mode == "slice" else 1024, batch_size=batch,
+                       worker_count=workers, read_threads=threads))
     config.files.train = os.path.join(data_dir, "train_qa.json")
     config.image.update(dict(aspect_mode=mode, image_size=size))
     config.hd.update(dict(comma_id=-1, newline_id=-1))

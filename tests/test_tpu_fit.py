@@ -1,0 +1,43 @@
+"""The TPU fit table (BENCHMARKS.md table 5): entries compiled for TPU slices in worker
+processes with libtpu's compile-only devices, and their Markdown rows."""
+
+from tokenpacker_jax import aot
+from tokenpacker_jax.bench import tpu_fit
+from tokenpacker_jax.configs import tiny
+
+
+def test_short_out_of_memory_message():
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+               "HLO temporaries (18.89G) exceeds available HBM (15.75G).\nmore detail")
+    assert tpu_fit._short_out_of_memory(aot._out_of_memory_message(RuntimeError(message))) == (
+        "temporaries alone 18.89G > 15.75G available")
+
+
+def test_fit_table_of_the_tiny_stage_1_step_in_two_worker_processes():
+    """``fit_table`` (bench's entry point) with jobs=2: a v5e and a v5p slice compiled at once
+    in worker processes; arguments = what the state holds (stage 1: Adam moments for the
+    projector only), donated, and a Markdown row per report."""
+    entries = []
+    for name in ("v5e:2x2", "v5p:2x2x1"):
+        topology = aot.parse_topology(name)
+        config = tiny.get_config("stage=1")
+        tpu_fit.one_sequence_per_shard(config, topology)
+        entries.append(tpu_fit.TableEntry("tiny stage 1", config, topology))
+    assert entries[0].config.train.microbatches == 4
+    logged = []
+    reports = tpu_fit.fit_table(entries, log=logged.append, jobs=2)
+    assert [r.device_kind for r in reports] == ["TPU v5 lite", "TPU v5"]
+    for report in reports:
+        assert report.fits and not report.out_of_memory
+        # Donated: the new state reuses the old state's buffers.
+        assert report.alias_bytes > 0.9 * report.output_bytes
+        assert report.argument_bytes < 16 * 2**20
+        assert report.xla_flops and report.analytic_flops
+    assert [line.split(":")[0] for line in logged] == ["tiny stage 1 on v5e-4",
+                                                       "tiny stage 1 on v5p-8"]
+    table = tpu_fit.fit_table_markdown(reports).splitlines()
+    assert table[0].startswith("| model | slice | mesh fsdp x tensor | microbatches "
+                               "(sequences per shard) |")
+    assert table[2].startswith("| tiny stage 1 | v5e-4 (v5e:2x2) | 4 x 1 | 4 (1) |")
+    assert table[3].startswith("| tiny stage 1 | v5p-8 (v5p:2x2x1) | 4 x 1 | 4 (1) |")
+    assert "| 16 | yes |" in table[2] and "| 95 | yes |" in table[3]

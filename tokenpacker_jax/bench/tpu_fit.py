@@ -1,0 +1,143 @@
+"""Table 5: the paper's 7B / 13B training steps compiled for Cloud TPU slices on this
+machine (BENCHMARKS.md "TPU fit").
+
+    python -m tokenpacker_jax.bench.tpu_fit [--jobs=2]
+
+Each entry is ``configs/tokenpacker.py:llm=...,stage=...`` on a slice, with
+``train.microbatches`` set so that each data-parallel shard holds one sequence per
+microbatch; ``aot.compile_step`` compiles it with libtpu's compile-only devices and measures
+it. Prints a line per entry as it finishes, then the Markdown table.
+``python -m tokenpacker_jax.bench tpu_fit`` runs this command in a process of its own and
+writes the table into BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import multiprocessing
+import re
+from collections.abc import Sequence
+
+import ml_collections
+
+from tokenpacker_jax import aot, sharding
+from tokenpacker_jax.configs import tokenpacker
+
+TABLE_SLICES = ("v5e-8", "v5e-16", "v5e-32", "v5p-8", "v5p-16")
+TABLE_MODELS = (("vicuna7b", 1), ("vicuna7b", 2), ("vicuna13b", 1), ("vicuna13b", 2))
+GiB = aot.GiB
+
+
+@dataclasses.dataclass(frozen=True)
+class TableEntry:
+    label: str  # e.g. "vicuna7b stage 2"
+    config: ml_collections.ConfigDict
+    topology: aot.Topology
+
+
+def one_sequence_per_shard(config: ml_collections.ConfigDict, topology: aot.Topology) -> None:
+    """Sets train.microbatches so that each data-parallel shard (a chip, or a tensor-parallel
+    group) holds one sequence per microbatch, the least activation memory the mesh allows;
+    the global batch stays."""
+    sizes = sharding.mesh_shape(config.mesh.to_dict(), topology.chips)
+    replicas = sizes["data"] * sizes["fsdp"]
+    config.train.microbatches = max(1, config.data.batch_size // replicas)
+
+
+def paper_table_entries(slices: Sequence[str] = TABLE_SLICES,
+                        models: Sequence[tuple[str, int]] = TABLE_MODELS) -> list[TableEntry]:
+    """The paper's 7B / 13B stages (scale 2, 2048 tokens, SPEC §5 batches) on each slice."""
+    entries = []
+    for llm, stage in models:
+        for name in slices:
+            topology = aot.parse_topology(name)
+            config = tokenpacker.get_config(f"llm={llm},stage={stage}")
+            one_sequence_per_shard(config, topology)
+            entries.append(TableEntry(f"{llm} stage {stage}", config, topology))
+    return entries
+
+
+def _compile_entry(entry: TableEntry) -> aot.FitReport:
+    aot.keep_jax_on_the_host()  # a worker process
+    return aot.compile_step(entry.config, entry.topology, entry.label)
+
+
+def fit_table(entries: Sequence[TableEntry], log=None, jobs: int = 1) -> list[aot.FitReport]:
+    """Compiles each entry; ``log`` gets a line as each finishes.
+
+    ``jobs`` > 1 compiles that many entries at once in worker processes (the TPU compiler is
+    mostly single-threaded: on 2 idle cores, jobs=2 halves the time; each needs up to
+    ~4.5 GB of RAM for a 13B model).
+    """
+
+    def done(entry: TableEntry, report: aot.FitReport) -> aot.FitReport:
+        if log is not None:
+            used = (report.out_of_memory if report.out_of_memory else
+                    f"{report.total_bytes / GiB:.2f} GiB of {report.hbm_bytes / GiB:.0f} GiB")
+            log(f"{entry.label} on {entry.topology.slice_name}: {used}, "
+                f"fits: {'yes' if report.fits else 'no'} ({report.compile_seconds:.0f} s)")
+        return report
+
+    if jobs <= 1:
+        return [done(entry, _compile_entry(entry)) for entry in entries]
+    with concurrent.futures.ProcessPoolExecutor(
+            max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_compile_entry, entry) for entry in entries]
+        for entry, future in zip(entries, futures):
+            done(entry, future.result())
+        return [future.result() for future in futures]
+
+
+def _short_out_of_memory(message: str) -> str:
+    found = re.search(r"temporaries \(([\d.]+\w?)\) exceeds available HBM \(([\d.]+\w?)\)",
+                      message)
+    if found:
+        return f"temporaries alone {found.group(1)} > {found.group(2)} available"
+    return message
+
+
+def fit_table_markdown(reports: Sequence[aot.FitReport]) -> str:
+    """The reports as a Markdown table (memory per chip in GiB)."""
+    lines = ["| model | slice | mesh fsdp x tensor | microbatches (sequences per shard) "
+             "| arguments | temporaries | total | HBM | fits | PFLOP per step "
+             "| step at 40% MFU | compile |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in reports:
+        shards = r.mesh["data"] * r.mesh["fsdp"]
+        mesh = f"{shards} x {r.mesh['tensor']}" if r.mesh["data"] == 1 else (
+            f"{r.mesh['data']} data x {r.mesh['fsdp']} x {r.mesh['tensor']}")
+        seconds = r.step_seconds_at_mfu()
+        if r.out_of_memory:
+            arguments = temporaries = total = "-"
+            fits = f"no: {_short_out_of_memory(r.out_of_memory)}"
+        else:
+            arguments = f"{r.argument_bytes / GiB:.2f}"
+            temporaries = f"{r.temp_bytes / GiB:.2f}"
+            total = f"{r.total_bytes / GiB:.2f}"
+            fits = "yes" if r.fits else "no"
+        lines.append(
+            f"| {r.config_name} | {r.topology.slice_name} ({r.topology.name}) | {mesh} | "
+            f"{r.microbatches} ({r.batch // r.microbatches // shards}) | {arguments} | "
+            f"{temporaries} | {total} | {r.hbm_bytes / GiB:.0f} | {fits} | "
+            f"{r.analytic_flops / 1e15:.2f} | "
+            f"{'-' if seconds is None else f'{seconds:.1f} s'} | {r.compile_seconds:.0f} s |")
+    return "\n".join(lines)
+
+
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tokenpacker_jax.bench.tpu_fit",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="compile this many entries at once (worker processes)")
+    args = parser.parse_args(argv)
+    aot.keep_jax_on_the_host()
+    reports = fit_table(paper_table_entries(), log=print, jobs=args.jobs)
+    print(fit_table_markdown(reports))
+
+
+if __name__ == "__main__":
+    main()
