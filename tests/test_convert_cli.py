@@ -23,6 +23,7 @@ from safetensors.numpy import load_file
 
 from data_helpers import corpus, reference_slice
 from tokenpacker_jax import checkpoint, configuration
+from tokenpacker_jax.assembly import load_trained
 from tokenpacker_jax.bench.torch_tokenpacker import TorchTokenPacker
 from tokenpacker_jax.convert import checkpoint_io, cli, llava, reference
 from tokenpacker_jax.data import hd
@@ -30,7 +31,6 @@ from tokenpacker_jax.data.conversation import VICUNA_SYSTEM
 from tokenpacker_jax.data.pipeline import example_builder
 from tokenpacker_jax.data.synthetic import train_tokenizer
 from tokenpacker_jax.generate import Generator, SamplingConfig, answer, build_prompt
-from tokenpacker_jax.loading import load_trained
 from tokenpacker_jax.models.decoder import Decoder
 from tokenpacker_jax.models.projectors import build_projector
 from tokenpacker_jax.models.vision import VisionTransformer

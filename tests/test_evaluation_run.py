@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tokenpacker_jax import checkpoint, evaluate, loading, sharding
+from tokenpacker_jax import assembly, checkpoint, evaluate, sharding
 from tokenpacker_jax import train_state as state_lib
 from tokenpacker_jax.configs import tiny
 from tokenpacker_jax.data.conversation import IMAGE_TOKEN_ID, VICUNA_SYSTEM
@@ -110,7 +110,7 @@ def workdir(tmp_path_factory):
     config.model.features.multi_layers = (1, 2, 1, 2)
     config.model.decoder.num_layers = 1
     config.data.system_prompt = None  # vicuna_v1's own, as the reference's conversation
-    model = loading.build_model(config)
+    model = assembly.build_model(config)
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     abstract, _ = state_lib.param_shardings(model, mesh, config.sharding.rules)
     state = state_lib.TrainState(step=np.zeros((), np.int32), params=random_params(abstract),
@@ -125,7 +125,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(workdir):
-    return loading.load_trained(str(workdir))
+    return assembly.load_trained(str(workdir))
 
 
 @pytest.fixture(scope="module")

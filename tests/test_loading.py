@@ -6,7 +6,7 @@ import pytest
 import ml_collections
 
 from configs import common
-from tokenpacker_jax import configuration, loading
+from tokenpacker_jax import assembly, configuration
 
 
 def saved(**hd_fields):
@@ -33,7 +33,7 @@ def test_saved_config_keeps_the_view_it_was_trained_with(hd_fields, imported, vi
     if imported:
         config["convert"] = {"imported_from": "/models/llava-tokenpacker-hd-7b"}
     before = repr(config)
-    upgraded = loading.upgrade_saved_config(config)
+    upgraded = assembly.upgrade_saved_config(config)
     assert repr(config) == before  # the input is left alone
     assert upgraded["data"]["hd"]["global_view"] == view
     assert "reference_global_view" not in upgraded["data"]["hd"]
@@ -52,10 +52,10 @@ def test_resuming_with_the_other_view_is_an_error():
     with pytest.raises(configuration.ConfigError,
                        match="data.hd.global_view: runs/hd was trained with 'fit_image'.*"
                              "--config.data.hd.global_view=fit_image"):
-        loading.check_resumable(hd_config("reference_canvas"), trained, "runs/hd")
-    loading.check_resumable(hd_config("fit_image"), trained, "runs/hd")
+        assembly.check_resumable(hd_config("reference_canvas"), trained, "runs/hd")
+    assembly.check_resumable(hd_config("fit_image"), trained, "runs/hd")
     # Without HD tiling there is no global view to disagree about.
-    loading.check_resumable(hd_config("reference_canvas", "pad"),
+    assembly.check_resumable(hd_config("reference_canvas", "pad"),
                             hd_config("fit_image", "pad"), "runs/pad")
 
 

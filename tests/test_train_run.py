@@ -58,7 +58,7 @@ def uninterrupted(data_dir, tmp_path_factory):
 
 
 def _final_params(workdir):
-    from tokenpacker_jax.loading import load_trained
+    from tokenpacker_jax.assembly import load_trained
 
     return jax.tree.map(np.asarray, load_trained(str(workdir)).params)
 
@@ -156,7 +156,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
 
 
 def test_stage2_starts_from_stage1(data_dir, tmp_path):
-    from tokenpacker_jax.loading import load_trained
+    from tokenpacker_jax.assembly import load_trained
 
     stage1 = tmp_path / "stage1"
     train.run(small_config(data_dir, stage=1, **{"train.num_steps": 2}), str(stage1))

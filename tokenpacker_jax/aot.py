@@ -43,7 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from tokenpacker_jax import configuration, flops, loading, sharding  # noqa: E402
+from tokenpacker_jax import assembly, configuration, flops, sharding  # noqa: E402
 from tokenpacker_jax import train_state as state_lib  # noqa: E402
 from tokenpacker_jax.data import pipeline  # noqa: E402
 from tokenpacker_jax.optim import make_optimizer, split_trainable  # noqa: E402
@@ -323,7 +323,7 @@ def compile_step(config: ml_collections.ConfigDict, topology: str | Topology,
     rules = config.sharding.rules
     trainable = tuple(config.train.trainable)
 
-    model = loading.build_model(config)
+    model = assembly.build_model(config)
     tiles = pipeline.max_tiles(config.data)
     abstract_params, param_shardings = state_lib.param_shardings(model, mesh, rules, tiles)
     # The schedule's length changes constants only, not the program's memory.

@@ -39,7 +39,7 @@ def run_command(f) -> None:
     """``run`` with parsed flags ``f`` (see the module docstring)."""
     from tokenpacker_jax.evaluation.benchmark import Layout  # noqa: PLC0415
     from tokenpacker_jax.evaluation.runner import Answerer, local_mesh  # noqa: PLC0415
-    from tokenpacker_jax.loading import load_trained  # noqa: PLC0415
+    from tokenpacker_jax.assembly import load_trained  # noqa: PLC0415
 
     bench = suite.benchmark(f.benchmark)
     split = f.split or bench.split
@@ -60,7 +60,7 @@ def run_command(f) -> None:
 
 
 def _answer_question_file(f) -> None:
-    from tokenpacker_jax.loading import load_trained  # noqa: PLC0415
+    from tokenpacker_jax.assembly import load_trained  # noqa: PLC0415
 
     trained = load_trained(f.checkpoint)
     questions = question_file.read_questions(f.questions)

@@ -254,7 +254,7 @@ def main(argv):
 
     from tokenpacker_jax.data.image import load_image  # noqa: PLC0415
     from tokenpacker_jax.data.pipeline import example_builder  # noqa: PLC0415
-    from tokenpacker_jax.loading import load_trained  # noqa: PLC0415
+    from tokenpacker_jax.assembly import load_trained  # noqa: PLC0415
 
     f = flags.FLAGS
     if not f["verbosity"].present:

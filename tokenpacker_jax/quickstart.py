@@ -22,10 +22,10 @@ import time
 from absl import app, flags, logging
 
 from tokenpacker_jax import train
+from tokenpacker_jax.assembly import load_trained
 from tokenpacker_jax.configs import tiny
 from tokenpacker_jax.data import synthetic
 from tokenpacker_jax.evaluation import question_file
-from tokenpacker_jax.loading import load_trained
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/tokenpacker_quickstart", "Where it all goes.")
 _NUM = flags.DEFINE_integer("num", 20000, "Training images.")

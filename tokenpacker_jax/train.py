@@ -25,7 +25,7 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from tokenpacker_jax import checkpoint, configuration, flops, loading, metrics, sharding
+from tokenpacker_jax import assembly, checkpoint, configuration, flops, metrics, sharding
 from tokenpacker_jax import train_state as state_lib
 from tokenpacker_jax.data import pipeline
 from tokenpacker_jax.models import mllm
@@ -162,7 +162,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     mesh = sharding.make_mesh(config.mesh.to_dict())
     rules = config.sharding.rules
 
-    model = loading.build_model(config)
+    model = assembly.build_model(config)
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.decoder_checkpoint)
     if tokenizer.vocab_size > model.config.decoder.vocab_size:
         raise configuration.ConfigError(
@@ -190,7 +190,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                                       asynchronous=config.checkpoint.asynchronous)
     latest = manager.latest_step()
     if latest is not None:
-        loading.check_resumable(config, loading.saved_config(workdir, latest), workdir)
+        assembly.check_resumable(config, assembly.saved_config(workdir, latest), workdir)
         state = checkpoint.restore(manager, latest,
                                    checkpoint.abstract_like(abstract_state, shardings),
                                    train_iter)
@@ -200,7 +200,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
             loaded = checkpoint.restore_params(train_cfg.init_from, abstract_params,
                                                param_shardings)
         else:
-            loaded = loading.load_pretrained(config, param_shardings)
+            loaded = assembly.load_pretrained(config, param_shardings)
         params = state_lib.init_params(model, mesh, rules, jax.random.key(config.seed),
                                        loaded, param_shardings, tiles,
                                        kernel_scale=config.model.get("init_kernel_scale"))

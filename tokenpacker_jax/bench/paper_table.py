@@ -34,11 +34,11 @@ import ml_collections
 from absl import flags
 
 from tokenpacker_jax import quickstart, train  # noqa: F401 (quickstart: its flags)
+from tokenpacker_jax.assembly import load_trained
 from tokenpacker_jax.bench import common
 from tokenpacker_jax.configs import tiny
 from tokenpacker_jax.data import synthetic
 from tokenpacker_jax.evaluation import question_file
-from tokenpacker_jax.loading import load_trained
 from tokenpacker_jax.models.projectors import num_output_tokens
 
 PACKING = ("tokenpacker", "avgpool", "pixel_shuffle", "resampler", "c_abstractor", "ldpv2")

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from tokenpacker_jax import loading, sharding, train
+from tokenpacker_jax import assembly, sharding, train
 from tokenpacker_jax import train_state as state_lib
 from tokenpacker_jax.bench import common
 from tokenpacker_jax.configs import tiny
@@ -112,7 +112,7 @@ def measure(config: ml_collections.ConfigDict, runs: int,
     mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
     rules = config.sharding.rules
     trainable = tuple(config.train.trainable)
-    model = loading.build_model(config)
+    model = assembly.build_model(config)
     _, param_shardings = state_lib.param_shardings(model, mesh, rules)
     params = jax.device_put(
         common.random_params(model, **mllm.init_inputs(model.config, 1, 8)), param_shardings)

@@ -153,7 +153,7 @@ def import_checkpoint(checkpoint_dir: str | os.PathLike, out: str | os.PathLike,
         ``convert/llava.py``).
       dtype, param_dtype: compute and parameter dtypes of the run config.
     """
-    from tokenpacker_jax import loading  # noqa: PLC0415
+    from tokenpacker_jax import assembly  # noqa: PLC0415
     from tokenpacker_jax import train_state as state_lib  # noqa: PLC0415
     from tokenpacker_jax.data import pipeline  # noqa: PLC0415
     from tokenpacker_jax.tokenizer import load_tokenizer  # noqa: PLC0415
@@ -205,7 +205,7 @@ def import_checkpoint(checkpoint_dir: str | os.PathLike, out: str | os.PathLike,
         mm_vision_tower=settings.vision_tower))
     configuration.validate(config)
 
-    model = loading.build_model(config)
+    model = assembly.build_model(config)
     mesh = sharding.make_mesh(config.mesh.to_dict())
     abstract, shardings = state_lib.param_shardings(
         model, mesh, config.sharding.rules, pipeline.max_tiles(config.data))
@@ -246,7 +246,7 @@ def export_checkpoint(workdir: str | os.PathLike, out: str | os.PathLike, fmt: s
                       max_shard_gb: float = 5.0) -> str:
     """A run workdir (its newest checkpoint, or ``step``) -> ``out`` in ``fmt`` (one of
     FORMATS, see the module docstring); returns ``out``."""
-    from tokenpacker_jax.loading import load_trained  # noqa: PLC0415
+    from tokenpacker_jax.assembly import load_trained  # noqa: PLC0415
 
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")

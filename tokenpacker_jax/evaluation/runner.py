@@ -48,7 +48,7 @@ class Answerer:
     """Greedy answers of a trained model to batches of (message, image) questions.
 
     Args:
-      trained: ``loading.TrainedModel`` (its parameters on ``mesh``).
+      trained: ``assembly.TrainedModel`` (its parameters on ``mesh``).
       mesh: where the batch is split (leading axis over ``data`` x ``fsdp``); default: one
         device.
       batch_size: questions per generation call, a multiple of the data-parallel size.
