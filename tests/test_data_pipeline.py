@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from data_helpers import data_config
+from tokenpacker_jax.data import batch as batch_lib
 from tokenpacker_jax.data import errors, hd, pipeline, synthetic
 from tokenpacker_jax.data.conversation import ConversationTokenizer, parse_turns
 from tokenpacker_jax.data.errors import DataError
@@ -258,7 +259,7 @@ def test_hd_separator_ids_from_the_tokenizer(synthetic_dir, tokenizer):
     settings = pipeline.image_settings(config, tokenizer)
     assert settings.comma_id == tokenizer.encode(",", add_bos=False)[-1]
     assert settings.newline_id == tokenizer.encode("\n", add_bos=False)[-1]
-    assert pipeline.max_tiles(config) == 10
+    assert batch_lib.max_tiles(config) == 10
 
 
 def conversation_length(builder, record):

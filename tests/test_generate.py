@@ -9,6 +9,7 @@ import pytest
 
 from tokenpacker_jax import configuration
 from tokenpacker_jax.configs import tiny
+from tokenpacker_jax.data import batch as batch_lib
 from tokenpacker_jax.data import synthetic
 from tokenpacker_jax.data.image import load_image
 from tokenpacker_jax.data.pipeline import example_builder, tokens_per_tile
@@ -32,7 +33,8 @@ def setup(tmp_path_factory):
         decoder=dataclasses.replace(model_config.decoder, num_layers=1,
                                     vocab_size=tokenizer.vocab_size))
     model = mllm.MultimodalLM(model_config)
-    params = model.init(jax.random.key(3), **mllm.init_inputs(model_config, 1, 64))["params"]
+    params = model.init(jax.random.key(3), **batch_lib.example_inputs(
+        batch_lib.Dims.of_model(model_config, 64)))["params"]
     # Larger weights than the init, so that greedy choices are well separated.
     params = jax.tree.map(lambda p: p * 4.0 if p.ndim >= 2 else p, params)
     builder = example_builder(config.data, tokenizer, tokens_per_tile(model_config))

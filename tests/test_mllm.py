@@ -8,8 +8,9 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from tokenpacker_jax.configs import tiny
 from tokenpacker_jax import configuration
+from tokenpacker_jax.configs import tiny
+from tokenpacker_jax.data import batch as batch_lib
 from tokenpacker_jax.data import pipeline
 from tokenpacker_jax.models import mllm
 from tokenpacker_jax.models.decoder import Decoder
@@ -28,8 +29,8 @@ def model_and_params():
         vision=dataclasses.replace(config.vision, num_layers=2),
         decoder=dataclasses.replace(config.decoder, vocab_size=64, num_layers=1))
     model = mllm.MultimodalLM(config)
-    params = jax.jit(model.init)(jax.random.key(0),
-                                 **mllm.init_inputs(config, 2, LENGTH, tiles=3))
+    params = jax.jit(model.init)(jax.random.key(0), **batch_lib.example_inputs(
+        batch_lib.Dims.of_model(config, LENGTH, tiles=3), 2))
     return model, params["params"]
 
 
@@ -89,7 +90,8 @@ def test_splice_places_kth_token_at_kth_marked_position():
 
 def test_frozen_tower_gets_no_gradient(model_and_params):
     model, params = model_and_params
-    inputs = mllm.init_inputs(model.config, 1, LENGTH)
+    inputs = jax.tree.map(jnp.asarray, batch_lib.example_inputs(
+        batch_lib.Dims.of_model(model.config, LENGTH)))
     inputs["image_mask"] = inputs["image_mask"].at[0, 1:37].set(True)
     inputs["pixel_values"] = jax.random.normal(jax.random.key(1),
                                                inputs["pixel_values"].shape)

@@ -6,6 +6,7 @@ import pytest
 from tokenpacker_jax import configuration
 from tokenpacker_jax.configs import tokenpacker
 from tokenpacker_jax.convert import hf_decoder
+from tokenpacker_jax.data import batch as batch_lib
 from tokenpacker_jax.data import pipeline
 
 # The published config.json files (their architecture keys).
@@ -89,7 +90,7 @@ def test_hd_variants(patch_num, scale, tiles, max_length):
     # The reference's global view, which its released HD checkpoints were trained on.
     assert config.data.hd.global_view == "reference_canvas"
     assert pipeline.image_settings(config.data).global_view == "reference_canvas"
-    assert pipeline.max_tiles(config.data) == tiles
+    assert batch_lib.max_tiles(config.data) == tiles
     # The largest tiling (SPEC §3's count) leaves room for text.
     assert config.data.max_length == max_length
     assert config.data.max_length <= config.model.decoder.max_position_embeddings

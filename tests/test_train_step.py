@@ -12,13 +12,14 @@ import pytest
 import jax
 from jax.sharding import PartitionSpec as P
 
-from tokenpacker_jax.configs import tiny
 from tokenpacker_jax import checkpoint, configuration, sharding
 from tokenpacker_jax import train_state as state_lib
+from tokenpacker_jax.configs import tiny
+from tokenpacker_jax.data import batch as batch_lib
 from tokenpacker_jax.data import pipeline
 from tokenpacker_jax.models import mllm
 from tokenpacker_jax.optim import make_optimizer, split_trainable
-from tokenpacker_jax.train import global_batch, make_train_step
+from tokenpacker_jax.train_step import global_batch, make_train_step
 
 VOCAB, LENGTH, BATCH = 64, 64, 8
 M = pipeline.tokens_per_tile(configuration.mllm_config(tiny.get_config()))  # visual tokens
@@ -41,19 +42,9 @@ def model():
 
 
 def make_batch(seed=0):
-    """Half the samples have an image after one text token; targets depend on the image."""
-    rng = np.random.default_rng(seed)
-    input_ids = rng.integers(3, VOCAB, (BATCH, LENGTH)).astype(np.int32)
-    image_mask = np.zeros((BATCH, LENGTH), bool)
-    image_mask[::2, 1:1 + M] = True
-    target_ids = np.roll(input_ids, -1, axis=1)
-    loss_mask = np.zeros((BATCH, LENGTH), np.float32)
-    loss_mask[:, 1 + M:LENGTH - 1] = 1.0
-    return dict(
-        input_ids=input_ids, target_ids=target_ids, loss_mask=loss_mask,
-        attention_mask=np.ones((BATCH, LENGTH), np.int32), image_mask=image_mask,
-        pixel_values=rng.normal(size=(BATCH, 1, 48, 48, 3)).astype(np.float32),
-        tile_mask=image_mask[:, 1:2].copy())
+    """Half the samples have an image after the first token, the text after it supervised."""
+    return batch_lib.synthetic_batch(batch_lib.Dims(LENGTH, 1, 48), BATCH, visual_tokens=M,
+                                     vocab_size=VOCAB, seed=seed, image_every=2)
 
 
 def build(model, mesh, trainable, microbatches=1, lr=3e-3, tx=None):

@@ -5,7 +5,7 @@
 
 libtpu (``pip install "jax[tpu]==0.10.2"``) describes the slice
 (``jax.experimental.topologies``): its compile-only devices make the mesh, and the step that
-``train.py`` jits (``train.make_train_step``: same shardings, donated state, the config's
+``train.py`` runs (``assembly.assemble``: same shardings, donated state, the config's
 microbatches) is lowered on abstract arguments (``ShapeDtypeStruct`` with shardings: no
 parameter is ever allocated, so a 13B model costs only the compiler's memory) and compiled
 for the TPU. The report gives XLA's per-chip memory (arguments, outputs, temporaries,
@@ -39,14 +39,10 @@ os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 os.environ.setdefault("TPU_WORKER_ID", "0")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from tokenpacker_jax import assembly, configuration, flops, sharding  # noqa: E402
-from tokenpacker_jax import train_state as state_lib  # noqa: E402
-from tokenpacker_jax.data import pipeline  # noqa: E402
-from tokenpacker_jax.optim import make_optimizer, split_trainable  # noqa: E402
+from tokenpacker_jax.data import batch as batch_lib  # noqa: E402
 
 GiB = 1024**3
 
@@ -174,23 +170,6 @@ def _mesh(config: ml_collections.ConfigDict, devices: Sequence[Any]) -> jax.shar
     return sharding.make_mesh(sizes, devices=list(ordered))
 
 
-def batch_spec(config: ml_collections.ConfigDict, model_config: Any) -> dict[str, tuple]:
-    """(shape, dtype) of each model input of a global batch (the data pipeline's contract,
-    tokenpacker_jax/data/example.py)."""
-    batch, length = config.data.batch_size, config.data.max_length
-    tiles, size = pipeline.max_tiles(config.data), model_config.vision.image_size
-    channels = model_config.vision.num_channels
-    return {
-        "input_ids": ((batch, length), jnp.int32),
-        "target_ids": ((batch, length), jnp.int32),
-        "loss_mask": ((batch, length), jnp.float32),
-        "attention_mask": ((batch, length), jnp.int32),
-        "image_mask": ((batch, length), jnp.bool_),
-        "pixel_values": ((batch, tiles, size, size, channels), jnp.float32),
-        "tile_mask": ((batch, tiles), jnp.bool_),
-    }
-
-
 @dataclasses.dataclass
 class FitReport:
     """Per-chip memory of the compiled step and its FLOPs. Byte counts are per chip."""
@@ -312,51 +291,25 @@ def compile_step(config: ml_collections.ConfigDict, topology: str | Topology,
     Nothing is allocated: parameters, optimizer state and the batch are ShapeDtypeStructs
     carrying their shardings on the slice's compile-only devices.
     """
-    from tokenpacker_jax import train  # noqa: PLC0415
-
     topology = parse_topology(topology) if isinstance(topology, str) else topology
     devices = topology_devices(topology)
     configuration.validate(config, num_devices=len(devices))
     mesh = _mesh(config, devices)
     mesh_sizes = dict(mesh.shape)
     check_microbatches(config, mesh_sizes)
-    rules = config.sharding.rules
-    trainable = tuple(config.train.trainable)
-
-    model = assembly.build_model(config)
-    tiles = pipeline.max_tiles(config.data)
-    abstract_params, param_shardings = state_lib.param_shardings(model, mesh, rules, tiles)
     # The schedule's length changes constants only, not the program's memory.
     total_steps = config.train.num_steps if config.train.num_steps > 0 else 1000
-    trainable_params = split_trainable(abstract_params, trainable)[0]
-    tx, _ = make_optimizer(config.optim, trainable_params, total_steps)
-    abstract_state = state_lib.TrainState(
-        step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
-        opt_state=jax.eval_shape(tx.init, trainable_params))
-    shardings = state_lib.state_shardings(abstract_state, param_shardings, tx, trainable, mesh)
-    state_args = jax.tree.map(
-        lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-        abstract_state, shardings)
-
-    batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    batch_args = {key: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-                  for key, (shape, dtype) in batch_spec(config, model.config).items()}
-    analytic = flops.train_step_flops(
-        model.config, batch=config.data.batch_size, length=config.data.max_length,
-        tiles=tiles, trainable=trainable).total
+    run = assembly.assemble(config, mesh, total_steps=total_steps)
+    batch_args = batch_lib.abstract_batch(batch_lib.Dims.of_config(config),
+                                          config.data.batch_size, mesh)
     report = FitReport(
         config_name=config_name, topology=topology, device_kind=devices[0].device_kind,
         mesh=mesh_sizes, batch=config.data.batch_size, length=config.data.max_length,
-        microbatches=config.train.microbatches, analytic_flops=analytic)
+        microbatches=config.train.microbatches, analytic_flops=run.step_flops())
 
     start = time.perf_counter()
-    with sharding.use_mesh(mesh, rules):
-        step = jax.jit(
-            train.make_train_step(model, tx, trainable, config.train.microbatches),
-            in_shardings=(shardings, {key: batch_sharding for key in batch_args}),
-            out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
-            donate_argnums=0)
-        lowered = step.lower(state_args, batch_args)
+    with run.use_mesh():
+        lowered = run.train_step.lower(run.state_targets(), batch_args)
         try:
             compiled = lowered.compile()
         except jax.errors.JaxRuntimeError as err:

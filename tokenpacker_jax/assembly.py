@@ -1,30 +1,45 @@
-"""Building models from configs and loading their weights: pretrained parts for training,
-a trained run for inference. (Model code itself does no I/O; this module does it.)
+"""Models and runs assembled from configs: the model (tower and LLM architectures read from
+their checkpoints when configured), its pretrained weights, its placement on a mesh, the
+whole training run (``assemble``: optimizer, state shapes and shardings, jitted steps), and a
+trained run for inference (``load_trained``). Model code does no I/O; this module does it.
 
 A run's saved config is read back through ``saved_config``, which brings configs saved by
-earlier versions up to the current fields with the meaning they had when the run was
-trained (``upgrade_saved_config``).
+earlier versions up to the current fields with the meaning they had when the run was trained
+(``upgrade_saved_config``).
+
+    run = assemble(config, mesh, total_steps=N)
+    state = ...                                   # restored, or init_params + create_state
+    with run.use_mesh():                          # the mesh and the logical axis rules
+        state, metrics = run.train_step(state, run.global_batch(host_batch))
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tokenpacker_jax import checkpoint, configuration, sharding
+from tokenpacker_jax import checkpoint, configuration, flops, sharding
 from tokenpacker_jax import train_state as state_lib
-from tokenpacker_jax.data import hd
+from tokenpacker_jax.convert import checkpoint_io, hf, hf_decoder, hf_vision
+from tokenpacker_jax.data import batch as batch_lib
+from tokenpacker_jax.data import hd, pipeline
 from tokenpacker_jax.models import mllm
+from tokenpacker_jax.optim import make_optimizer, split_trainable
+from tokenpacker_jax.tokenizer import load_tokenizer
+from tokenpacker_jax.train_step import global_batch, make_eval_step, make_train_step
 
 
 def build_model(config: ml_collections.ConfigDict) -> mllm.MultimodalLM:
     """The MLLM; with checkpoints configured, the tower / LLM architecture comes from them."""
-    from tokenpacker_jax.convert import checkpoint_io, hf_decoder, hf_vision  # noqa: PLC0415
-
     vision = decoder = None
     numerics = config.model.vision
     if config.model.vision_checkpoint:
@@ -43,8 +58,6 @@ def build_model(config: ml_collections.ConfigDict) -> mllm.MultimodalLM:
 
 def load_pretrained(config, shardings) -> dict[str, Any]:
     """Parameter groups read from checkpoints, each straight into its shards."""
-    from tokenpacker_jax.convert import hf  # noqa: PLC0415
-
     loaded = {}
     if config.model.vision_checkpoint:
         _, loaded["vision_tower"] = hf.load_vision_tower(
@@ -99,6 +112,112 @@ def check_resumable(config: ml_collections.ConfigDict, saved: ml_collections.Con
 
 
 @dataclasses.dataclass
+class PlacedModel:
+    """The model of a config on a mesh: its parameters' shapes and shardings, nothing
+    allocated."""
+
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    model: mllm.MultimodalLM
+    tiles: int  # N, tiles per sample
+    abstract_params: Any  # ShapeDtypeStructs
+    param_shardings: Any  # NamedShardings, the same tree
+
+    def use_mesh(self):
+        """The mesh made current, with the config's logical axis rules installed."""
+        return sharding.use_mesh(self.mesh, self.config.sharding.rules)
+
+
+def place_model(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> PlacedModel:
+    """``build_model(config)`` and its parameter shardings on ``mesh`` (default: the
+    config's mesh over all devices)."""
+    if mesh is None:
+        mesh = sharding.make_mesh(config.mesh.to_dict())
+    model = build_model(config)
+    tiles = batch_lib.max_tiles(config.data)
+    abstract, shardings = state_lib.param_shardings(model, mesh, config.sharding.rules, tiles)
+    return PlacedModel(config, mesh, model, tiles, abstract, shardings)
+
+
+@dataclasses.dataclass
+class Run(PlacedModel):
+    """Everything a training step needs, assembled once: see ``assemble``."""
+
+    trainable: tuple[str, ...]
+    tx: optax.GradientTransformation
+    schedules: Mapping[str, optax.Schedule]  # {group: learning rate}, for logging
+    abstract_state: state_lib.TrainState  # ShapeDtypeStructs
+    state_shardings: state_lib.TrainState
+    batch_shardings: Mapping[str, NamedSharding]  # of data.batch.STEP_KEYS
+    train_step: Any  # jitted (state, batch) -> (state, metrics); the state is donated
+    eval_step: Any  # jitted (params, batch) -> (loss sum, correct, supervised tokens)
+
+    def init_state(self, loaded: Mapping[str, Any], key: jax.Array) -> state_lib.TrainState:
+        """A step-0 state: the ``loaded`` parameter groups as given, the others initialised
+        in their shards (``model.init_kernel_scale`` applied), the optimizer state sharded
+        like the parameters it tracks."""
+        params = state_lib.init_params(
+            self.model, self.mesh, self.config.sharding.rules, key, dict(loaded),
+            self.param_shardings, self.tiles,
+            kernel_scale=self.config.model.get("init_kernel_scale"))
+        return state_lib.create_state(params, self.tx, self.trainable, self.param_shardings,
+                                      self.mesh)
+
+    def state_targets(self) -> state_lib.TrainState:
+        """ShapeDtypeStructs of the state carrying its shardings: what a checkpoint restores
+        onto and what the step is lowered on."""
+        return checkpoint.abstract_like(self.abstract_state, self.state_shardings)
+
+    def global_batch(self, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """What the step reads of this host's batch, as global arrays."""
+        return global_batch(local, self.mesh, self.batch_shardings)
+
+    def step_flops(self) -> float:
+        """Analytic FLOPs of one step on the config's global batch (``flops.py``)."""
+        return flops.train_step_flops(
+            self.model.config, batch=self.config.data.batch_size,
+            length=self.config.data.max_length, tiles=self.tiles,
+            trainable=self.trainable).total
+
+
+def assemble(config: ml_collections.ConfigDict, mesh: Mesh | None = None, *,
+             total_steps: int) -> Run:
+    """The training run of ``config`` on ``mesh`` (default: the config's mesh over all
+    devices): the placed model, the optimizer over the trainable groups (its schedules
+    ``total_steps`` long), the state's shapes and shardings, the batch's shardings, and
+    the train and eval steps jitted with them (the train step donates the state).
+
+    Nothing is allocated; the steps are traced at their first call or ``lower`` (inside
+    ``run.use_mesh()``).
+    """
+    placed = place_model(config, mesh)
+    mesh = placed.mesh
+    trainable = tuple(config.train.trainable)
+    trainable_params = split_trainable(placed.abstract_params, trainable)[0]
+    tx, schedules = make_optimizer(config.optim, trainable_params, total_steps)
+    abstract_state = state_lib.TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32), params=placed.abstract_params,
+        opt_state=jax.eval_shape(tx.init, trainable_params))
+    state_shardings = state_lib.state_shardings(abstract_state, placed.param_shardings, tx,
+                                                trainable, mesh)
+    dims = batch_lib.Dims.of_config(config)
+    batch_shardings = {key: sharding.batch_sharding(mesh, 1 + len(dims.shape(key)))
+                       for key in batch_lib.STEP_KEYS}
+    replicated = NamedSharding(mesh, PartitionSpec())
+    jitted_train = jax.jit(
+        make_train_step(placed.model, tx, trainable, config.train.microbatches),
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, replicated), donate_argnums=0)
+    jitted_eval = jax.jit(make_eval_step(placed.model),
+                          in_shardings=(state_shardings.params, batch_shardings),
+                          out_shardings=replicated)
+    return Run(**vars(placed), trainable=trainable, tx=tx, schedules=schedules,
+               abstract_state=abstract_state, state_shardings=state_shardings,
+               batch_shardings=batch_shardings, train_step=jitted_train,
+               eval_step=jitted_eval)
+
+
+@dataclasses.dataclass
 class TrainedModel:
     """What inference needs from a training run."""
 
@@ -109,22 +228,20 @@ class TrainedModel:
     tokens_per_tile: int
 
 
-def load_trained(workdir: str, *, mesh: jax.sharding.Mesh | None = None,
+def load_trained(workdir: str, *, mesh: Mesh | None = None,
                  step: int | None = None) -> TrainedModel:
     """A run's config, model, parameters (newest checkpoint by default) and tokenizer.
 
     The parameters are restored onto ``mesh`` (default: a one-device mesh), whatever mesh
     the run trained on.
     """
-    from tokenpacker_jax.data import pipeline  # noqa: PLC0415
-    from tokenpacker_jax.tokenizer import load_tokenizer  # noqa: PLC0415
-
     config = saved_config(workdir, step)
-    model = build_model(config)
-    mesh = mesh or sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
-                                      devices=jax.devices()[:1])
-    abstract, shardings = state_lib.param_shardings(
-        model, mesh, config.sharding.rules, pipeline.max_tiles(config.data))
-    params = checkpoint.restore_params(workdir, abstract, shardings, step)
+    if mesh is None:
+        mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
+                                  devices=jax.devices()[:1])
+    placed = place_model(config, mesh)
+    params = checkpoint.restore_params(workdir, placed.abstract_params,
+                                       placed.param_shardings, step)
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.decoder_checkpoint)
-    return TrainedModel(config, model, params, tokenizer, pipeline.tokens_per_tile(model.config))
+    return TrainedModel(config, placed.model, params, tokenizer,
+                        pipeline.tokens_per_tile(placed.model.config))

@@ -27,10 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tokenpacker_jax.data import batch as batch_lib
 from tokenpacker_jax.data.conversation import IMAGE_PLACEHOLDER, ImageSlot, Turn, place_image
 from tokenpacker_jax.data.example import ExampleBuilder
 from tokenpacker_jax.models import mllm
 from tokenpacker_jax.models.decoder import unstack_layers
+from tokenpacker_jax.tokenizer import pad_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +78,7 @@ def build_prompt(builder: ExampleBuilder, question: str, image: Any | None) -> P
     tokens = builder.conversation.tokenize_segments(segments)
     ids = np.asarray(tokens.ids, np.int64)
     visual = np.zeros(len(ids), bool)
-    pixels, tile_mask = builder._empty_pixels()
+    pixels, tile_mask = builder.no_image()
     if image is not None:
         if not any(isinstance(s, ImageSlot) for s in segments):
             raise ValueError(f"template {template.name!r} put no image slot in the prompt")
@@ -89,21 +91,15 @@ def build_prompt(builder: ExampleBuilder, question: str, image: Any | None) -> P
 
 def left_pad(prompts: Sequence[Prompt], pad_id: int, length: int | None = None
              ) -> dict[str, np.ndarray]:
-    """A batch of prompts, left-padded to ``length`` (default: the longest)."""
-    length = length or max(len(p.ids) for p in prompts)
-    batch = len(prompts)
-    ids = np.full((batch, length), pad_id, np.int32)
-    image_mask = np.zeros((batch, length), bool)
-    attention = np.zeros((batch, length), np.int32)
-    for row, prompt in enumerate(prompts):
-        n = len(prompt.ids)
-        if n > length:
-            raise ValueError(f"prompt of {n} tokens is longer than the bucket {length}")
-        ids[row, length - n:] = prompt.ids
-        image_mask[row, length - n:] = prompt.image_mask
-        attention[row, length - n:] = 1
-    return dict(input_ids=ids, image_mask=image_mask, attention_mask=attention,
-                pixel_values=np.stack([p.pixel_values for p in prompts]))
+    """A batch of prompts (the model's inputs), left-padded to ``length`` (default: the
+    longest)."""
+    inputs = {}
+    inputs["input_ids"], inputs["attention_mask"] = pad_rows(
+        [p.ids for p in prompts], pad_id, length)
+    inputs["image_mask"], _ = pad_rows([p.image_mask for p in prompts], False, length,
+                                       dtype=bool)
+    inputs["pixel_values"] = np.stack([p.pixel_values for p in prompts])
+    return batch_lib.select(inputs, batch_lib.MODEL_INPUTS)
 
 
 def bucket_length(length: int, multiple: int = 64) -> int:
@@ -252,9 +248,9 @@ def main(argv):
     del argv
     from absl import flags, logging  # noqa: PLC0415
 
+    from tokenpacker_jax.assembly import load_trained  # noqa: PLC0415
     from tokenpacker_jax.data.image import load_image  # noqa: PLC0415
     from tokenpacker_jax.data.pipeline import example_builder  # noqa: PLC0415
-    from tokenpacker_jax.assembly import load_trained  # noqa: PLC0415
 
     f = flags.FLAGS
     if not f["verbosity"].present:

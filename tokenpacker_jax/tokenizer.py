@@ -61,24 +61,32 @@ class Tokenizer:
 
     def pad_batch(self, sequences: Sequence[Sequence[int]], length: int | None = None, *,
                   side: str = "left") -> tuple[np.ndarray, np.ndarray]:
-        """Pads id lists to ``length`` (default: the longest) with ``pad_id``.
+        """Pads id lists to ``length`` (default: the longest) with ``pad_id`` (``pad_rows``).
+        Returns (ids [B, L] int32, attention mask [B, L] int32)."""
+        return pad_rows(sequences, self.pad_id, length, side=side)
 
-        Left padding is the decoding convention (see ``models.decoder``); right padding is
-        the usual one for training. Returns (ids [B, L] int32, attention mask [B, L] int32).
-        """
-        if side not in ("left", "right"):
-            raise ValueError(f"pad side must be 'left' or 'right', got {side!r}")
-        longest = max((len(s) for s in sequences), default=0)
-        length = longest if length is None else length
-        if longest > length:
-            raise ValueError(f"a sequence of {longest} tokens does not fit length {length}")
-        ids = np.full((len(sequences), length), self.pad_id, np.int32)
-        mask = np.zeros((len(sequences), length), np.int32)
-        for row, seq in enumerate(sequences):
-            start = length - len(seq) if side == "left" else 0
-            ids[row, start:start + len(seq)] = seq
-            mask[row, start:start + len(seq)] = 1
-        return ids, mask
+
+def pad_rows(rows: Sequence[Sequence[Any]], fill: Any, length: int | None = None, *,
+             side: str = "left", dtype: Any = np.int32) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of different lengths as one array [B, L] (L = ``length``, default the longest)
+    padded with ``fill``, and the mask of the rows' own entries [B, L] int32.
+
+    Left padding is the decoding convention (see ``models.decoder``); right padding is the
+    usual one for training.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"pad side must be 'left' or 'right', got {side!r}")
+    longest = max((len(row) for row in rows), default=0)
+    length = longest if length is None else length
+    if longest > length:
+        raise ValueError(f"a sequence of {longest} tokens does not fit length {length}")
+    out = np.full((len(rows), length), fill, dtype)
+    mask = np.zeros((len(rows), length), np.int32)
+    for index, row in enumerate(rows):
+        start = length - len(row) if side == "left" else 0
+        out[index, start:start + len(row)] = row
+        mask[index, start:start + len(row)] = 1
+    return out, mask
 
 
 def _family_from_directory(path: Path, hf_tokenizer: Any) -> str:

@@ -19,6 +19,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tokenpacker_jax import sharding
+from tokenpacker_jax.data import batch as batch_lib
 from tokenpacker_jax.models import mllm
 from tokenpacker_jax.optim import split_trainable
 
@@ -33,7 +34,7 @@ class TrainState:
 def param_shardings(model: mllm.MultimodalLM, mesh: Mesh, rules: Any,
                     tiles: int = 1) -> tuple[Any, Any]:
     """(abstract params, their NamedShardings) of the model, without allocating."""
-    inputs = mllm.init_inputs(model.config, 1, 8, tiles)
+    inputs = batch_lib.example_inputs(batch_lib.Dims.of_model(model.config, 8, tiles))
     # Made before the mesh is current: an eager op under a mesh of compile-only devices (a
     # TPU slice described on another machine, see aot.py) would try to run there.
     key = jax.random.key(0)
@@ -72,7 +73,7 @@ def init_params(model: mllm.MultimodalLM, mesh: Mesh, rules: Any, key: jax.Array
     ``vision_tower/position_embedding``).
     """
     missing = [group for group in mllm.PARAM_GROUPS if group not in loaded]
-    inputs = mllm.init_inputs(model.config, 1, 8, tiles)
+    inputs = batch_lib.example_inputs(batch_lib.Dims.of_model(model.config, 8, tiles))
     kernel_scale = dict(kernel_scale or {})
 
     def init_missing(key):

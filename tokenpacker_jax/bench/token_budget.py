@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tokenpacker_jax.bench import common
+from tokenpacker_jax.data import batch as batch_lib
 from tokenpacker_jax.generate import Generator, SamplingConfig
 from tokenpacker_jax.models import layers, mllm
 from tokenpacker_jax.models.decoder import Decoder, DecoderConfig
@@ -82,22 +83,15 @@ def model_config(sizes: Sizes, projector: str, scale: int) -> mllm.MLLMConfig:
 
 
 def prompt_batch(config: mllm.MLLMConfig, sizes: Sizes, seed: int = 0) -> dict[str, np.ndarray]:
-    """A generation batch as ``generate.left_pad`` builds one: [BOS, M visual positions,
-    prompt_tokens - 1 random text ids], no padding; random pixels."""
-    rng = np.random.default_rng(seed)
+    """A generation batch as ``generate`` builds one, without padding: the model inputs of
+    ``batch.synthetic_batch`` (BOS, M visual positions, prompt_tokens - 1 random text ids;
+    random pixels)."""
     visual = num_output_tokens(config.projector, config.vision.grid_size)
-    length = sizes.prompt_tokens + visual
-    batch = sizes.batch
-    ids = rng.integers(3, config.decoder.vocab_size, (batch, length)).astype(np.int32)
-    ids[:, 0] = config.decoder.bos_token_id or 1
-    image_mask = np.zeros((batch, length), bool)
-    image_mask[:, 1:1 + visual] = True
-    ids[image_mask] = 0
-    size = config.vision.image_size
-    pixels = rng.standard_normal((batch, 1, size, size, config.vision.num_channels),
-                                 np.float32)
-    return dict(input_ids=ids, image_mask=image_mask,
-                attention_mask=np.ones((batch, length), np.int32), pixel_values=pixels)
+    dims = batch_lib.Dims.of_model(config, sizes.prompt_tokens + visual)
+    generated = batch_lib.synthetic_batch(
+        dims, sizes.batch, visual_tokens=visual, vocab_size=config.decoder.vocab_size,
+        seed=seed, bos_id=config.decoder.bos_token_id or 1)
+    return batch_lib.select(generated, batch_lib.MODEL_INPUTS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +129,8 @@ def prepare(sizes: Sizes, projector: str, scale: int, seed: int = 0) -> Prepared
     if key not in _PREPARED:
         config = model_config(sizes, projector, scale)
         model = mllm.MultimodalLM(config)
-        params = common.random_params(model, **mllm.init_inputs(config, 1, 8), seed=seed)
+        params = common.random_params(
+            model, **batch_lib.example_inputs(batch_lib.Dims.of_model(config, 8)), seed=seed)
         batch = prompt_batch(config, sizes, seed)
         generator = Generator(model, params, stop_ids=[], pad_id=0,
                               sampling=SamplingConfig(max_new_tokens=sizes.new_tokens))

@@ -1,7 +1,7 @@
 """Table 4: training throughput of ``configs/tiny.py`` (stage 2) for each projector.
 
-The step is ``train.py``'s own (``train.make_train_step``, jitted with the state and batch
-shardings and the donated state as ``train.run`` does; the mesh of the config over all
+The step is ``train.py``'s own (``assembly.assemble``: jitted with the state and batch
+shardings and the donated state, as ``train.run`` runs it; the mesh of the config over all
 devices): the tower, projector and LLM all train, AdamW. Batches are generated arrays of the
 data pipeline's shapes (``data.batch_size`` x ``data.max_length``, one image each, no
 padding), so the figure is the step's alone, not the input pipeline's (BENCHMARKS.md "Data
@@ -18,15 +18,13 @@ from collections.abc import Callable, Sequence
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
-from tokenpacker_jax import assembly, sharding, train
-from tokenpacker_jax import train_state as state_lib
+from tokenpacker_jax import assembly, sharding
 from tokenpacker_jax.bench import common
 from tokenpacker_jax.configs import tiny
-from tokenpacker_jax.models import mllm
-from tokenpacker_jax.models.projectors import PROJECTORS, num_output_tokens
-from tokenpacker_jax.optim import make_optimizer, split_trainable
+from tokenpacker_jax.data import batch as batch_lib
+from tokenpacker_jax.data import pipeline
+from tokenpacker_jax.models.projectors import PROJECTORS
 
 PREFERRED_ORDER = ("tokenpacker", "mlp2x_gelu", "avgpool", "pixel_shuffle", "resampler",
                    "c_abstractor", "ldpv2")
@@ -62,30 +60,6 @@ def train_config(projector: str,
     return config
 
 
-def synthetic_batch(config: ml_collections.ConfigDict, model_config: mllm.MLLMConfig,
-                    seed: int = 0) -> dict[str, np.ndarray]:
-    """One global batch of the pipeline's keys, shapes and dtypes (``data/example.py``):
-    [BOS, M visual positions, random text]; the text after the image is supervised."""
-    rng = np.random.default_rng(seed)
-    batch, length = config.data.batch_size, config.data.max_length
-    visual = num_output_tokens(model_config.projector, model_config.vision.grid_size)
-    if visual + 2 > length:
-        raise ValueError(f"data.max_length {length} cannot hold {visual} visual tokens")
-    vocab = model_config.decoder.vocab_size
-    ids = rng.integers(3, vocab, (batch, length)).astype(np.int32)
-    ids[:, 0] = 1
-    image_mask = np.zeros((batch, length), bool)
-    image_mask[:, 1:1 + visual] = True
-    loss_mask = np.zeros((batch, length), np.float32)
-    loss_mask[:, 1 + visual:-1] = 1.0
-    size = model_config.vision.image_size
-    return dict(
-        input_ids=ids, target_ids=np.roll(ids, -1, axis=1), loss_mask=loss_mask,
-        attention_mask=np.ones((batch, length), np.int32), image_mask=image_mask,
-        pixel_values=rng.standard_normal((batch, 1, size, size, 3), np.float32),
-        tile_mask=np.ones((batch, 1), bool))
-
-
 @dataclasses.dataclass(frozen=True)
 class Row:
     projector: str
@@ -110,27 +84,18 @@ def measure(config: ml_collections.ConfigDict, runs: int,
     """Compiles the config's training step and times ``runs`` steps after a warm-up, on the
     config's mesh over ``devices`` (default: all, as ``train.run``)."""
     mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
-    rules = config.sharding.rules
-    trainable = tuple(config.train.trainable)
-    model = assembly.build_model(config)
-    _, param_shardings = state_lib.param_shardings(model, mesh, rules)
-    params = jax.device_put(
-        common.random_params(model, **mllm.init_inputs(model.config, 1, 8)), param_shardings)
-    tx, _ = make_optimizer(config.optim, split_trainable(params, trainable)[0],
-                           total_steps=1000)
-    state = state_lib.create_state(params, tx, trainable, param_shardings, mesh)
-    shardings = state_lib.state_shardings(state, param_shardings, tx, trainable, mesh)
-    batch = train.global_batch(synthetic_batch(config, model.config), mesh)
+    assembled = assembly.assemble(config, mesh, total_steps=1000)
+    params = jax.device_put(common.random_params(assembled.model, **batch_lib.example_inputs(
+        batch_lib.Dims.of_model(assembled.model.config, 8))), assembled.param_shardings)
+    state = assembled.init_state(params, jax.random.key(0))  # every group given
+    batch = assembled.global_batch(batch_lib.synthetic_batch(
+        batch_lib.Dims.of_config(config), config.data.batch_size,
+        visual_tokens=pipeline.tokens_per_tile(assembled.model.config),
+        vocab_size=assembled.model.config.decoder.vocab_size))
 
-    with sharding.use_mesh(mesh, rules):
-        batch_shardings = {key: NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-                           for key in batch}
+    with assembled.use_mesh():
         start = time.perf_counter()
-        step = jax.jit(
-            train.make_train_step(model, tx, trainable, config.train.microbatches),
-            in_shardings=(shardings, batch_shardings),
-            out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
-            donate_argnums=0).lower(state, batch).compile()
+        step = assembled.train_step.lower(state, batch).compile()
         compile_s = time.perf_counter() - start
         holder = [state]
 
@@ -139,7 +104,7 @@ def measure(config: ml_collections.ConfigDict, runs: int,
             return holder[0], metrics
 
         timing = common.time_calls(one_step, runs=runs)
-    visual = num_output_tokens(model.config.projector, model.config.vision.grid_size)
+    visual = pipeline.tokens_per_tile(assembled.model.config)
     projector_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params["projector"]))
     return Row(projector=config.model.projector.name, visual_tokens=visual,
                batch=config.data.batch_size, length=config.data.max_length,
@@ -169,8 +134,8 @@ def run(size: str = "full", runs: int = common.MIN_RUNS, log=print, *,
         f"`python -m tokenpacker_jax.bench training` (`--sizes={size}`). Machine: {header}.",
         "",
         f"`configs/tiny.py:stage=2` (tower, projector and LLM trained, AdamW), batch "
-        f"{first.batch} x {first.length} tokens, one image each, `train.make_train_step` "
-        f"jitted as `train.run` does; generated batches (the input pipeline is not timed). "
+        f"{first.batch} x {first.length} tokens, one image each, the step of `train.run` "
+        f"(`assembly.assemble`); generated batches (the input pipeline is not timed). "
         f"Median of {runs} steps after a warm-up step; compile time apart. tokens/s counts "
         "every position of the batch.",
         "",

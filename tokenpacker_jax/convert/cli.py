@@ -53,17 +53,22 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import NamedSharding, PartitionSpec
 
-from tokenpacker_jax import checkpoint, configuration, sharding
+from tokenpacker_jax import assembly, checkpoint, configuration, sharding
+from tokenpacker_jax import train_state as state_lib
 from tokenpacker_jax.convert import checkpoint_io, hf, hf_decoder, hf_vision, llava, reference
+from tokenpacker_jax.data import image
+from tokenpacker_jax.models.decoder import Decoder
 from tokenpacker_jax.models.decoder_config import DecoderConfig
+from tokenpacker_jax.models.vision import VisionTransformer
+from tokenpacker_jax.tokenizer import load_tokenizer
 
 FORMATS = ("reference", "hf", "vision")
 # What a tokenizer directory may hold (config.json is written separately: it is the model's).
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "generation_config.json",
                    "chat_template.jinja", "chat_template.json")
-_DEFAULT_NORMALISATION = {"clip": ("CLIP_MEAN", "CLIP_STD"),
-                          "siglip": ("SIGLIP_MEAN", "SIGLIP_STD")}
+_DEFAULT_NORMALISATION = {"clip": (image.CLIP_MEAN, image.CLIP_STD),
+                          "siglip": (image.SIGLIP_MEAN, image.SIGLIP_STD)}
 
 
 # -- small pieces ----------------------------------------------------------------------------
@@ -93,15 +98,12 @@ def write_tokenizer(source: str | os.PathLike, out: str | os.PathLike,
 
 def image_normalisation(vision_dir: Path, family: str) -> tuple[tuple[float, ...], ...]:
     """(mean, std) from the tower's ``preprocessor_config.json``, else the family's."""
-    from tokenpacker_jax.data import image  # noqa: PLC0415
-
     file = vision_dir / "preprocessor_config.json"
     if file.is_file():
         values = json.loads(file.read_text())
         if "image_mean" in values and "image_std" in values:
             return tuple(values["image_mean"]), tuple(values["image_std"])
-    mean, std = _DEFAULT_NORMALISATION[family]
-    return getattr(image, mean), getattr(image, std)
+    return _DEFAULT_NORMALISATION[family]
 
 
 def preprocessor_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -153,11 +155,6 @@ def import_checkpoint(checkpoint_dir: str | os.PathLike, out: str | os.PathLike,
         ``convert/llava.py``).
       dtype, param_dtype: compute and parameter dtypes of the run config.
     """
-    from tokenpacker_jax import assembly  # noqa: PLC0415
-    from tokenpacker_jax import train_state as state_lib  # noqa: PLC0415
-    from tokenpacker_jax.data import pipeline  # noqa: PLC0415
-    from tokenpacker_jax.tokenizer import load_tokenizer  # noqa: PLC0415
-
     source, out = Path(checkpoint_dir), Path(out).absolute()
     _require_empty(out, "--out")
     ref_config = checkpoint_io.read_config(source)
@@ -205,10 +202,8 @@ def import_checkpoint(checkpoint_dir: str | os.PathLike, out: str | os.PathLike,
         mm_vision_tower=settings.vision_tower))
     configuration.validate(config)
 
-    model = assembly.build_model(config)
-    mesh = sharding.make_mesh(config.mesh.to_dict())
-    abstract, shardings = state_lib.param_shardings(
-        model, mesh, config.sharding.rules, pipeline.max_tiles(config.data))
+    placed = assembly.place_model(config)
+    abstract, shardings = placed.abstract_params, placed.param_shardings
     _, vision_params = hf.load_vision_tower(vision_dir, param_dtype=param_dtype,
                                             shardings=shardings["vision_tower"])
     _, decoder_params = hf.load_decoder(source, param_dtype=param_dtype,
@@ -223,7 +218,7 @@ def import_checkpoint(checkpoint_dir: str | os.PathLike, out: str | os.PathLike,
         _check_like(abstract[group], tree, group)
 
     write_tokenizer(tokenizer_source, tokenizer_dir, decoder_config)
-    step = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, PartitionSpec()))
+    step = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(placed.mesh, PartitionSpec()))
     state = state_lib.TrainState(step=step, params=params, opt_state={})
     manager = checkpoint.make_manager(checkpoint.run_directory(out), keep=1,
                                       asynchronous=False)
@@ -246,13 +241,11 @@ def export_checkpoint(workdir: str | os.PathLike, out: str | os.PathLike, fmt: s
                       max_shard_gb: float = 5.0) -> str:
     """A run workdir (its newest checkpoint, or ``step``) -> ``out`` in ``fmt`` (one of
     FORMATS, see the module docstring); returns ``out``."""
-    from tokenpacker_jax.assembly import load_trained  # noqa: PLC0415
-
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
     out = Path(out).absolute()
     _require_empty(out, "--out")
-    trained = load_trained(str(workdir), mesh=_all_devices_mesh(), step=step)
+    trained = assembly.load_trained(str(workdir), mesh=_all_devices_mesh(), step=step)
     model_config, params = trained.model.config, trained.params
     cast = jnp.dtype(dtype) if dtype else None
     max_bytes = int(max_shard_gb * 2**30)
@@ -260,8 +253,6 @@ def export_checkpoint(workdir: str | os.PathLike, out: str | os.PathLike, fmt: s
     if fmt == "vision":
         _export_vision(trained.config, model_config.vision, params, out, cast)
     elif fmt == "hf":
-        from tokenpacker_jax.models.decoder import Decoder  # noqa: PLC0415
-
         hf.save_decoder(Decoder(model_config.decoder), params["decoder"], out, dtype=cast,
                         max_shard_bytes=max_bytes)
         copy_tokenizer(_tokenizer_source(trained.config), out)
@@ -288,8 +279,6 @@ def export_checkpoint(workdir: str | os.PathLike, out: str | os.PathLike, fmt: s
 
 def _export_vision(config: ml_collections.ConfigDict, vision_config, params: dict,
                    out: Path, dtype: Any) -> None:
-    from tokenpacker_jax.models.vision import VisionTransformer  # noqa: PLC0415
-
     hf.save_vision_tower(VisionTransformer(vision_config), params["vision_tower"], out,
                          dtype=dtype)
     (out / "preprocessor_config.json").write_text(

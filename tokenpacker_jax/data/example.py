@@ -1,19 +1,9 @@
-"""One record -> one training example of static shapes (the per-sample half of the batch
-contract; ``tokenpacker_jax.data.pipeline`` batches them).
+"""One record -> one training example of static shapes (``tokenpacker_jax.data.batch``
+defines its arrays; ``tokenpacker_jax.data.pipeline`` batches them).
 
-Per sample, with T = max_length, N = max tiles, S = image size:
-
-    input_ids      int32   [T]  text ids; the pad id at visual positions and padding
-    target_ids     int32   [T]  the next token (input_ids shifted left; at the last kept
-                                position of a truncated sample, the first token cut off);
-                                the pad id after the last token
-    loss_mask      float32 [T]  1 where target_ids[t] is supervised (answers and their end
-                                marker); 0 at padding and where the target is visual
-    attention_mask int32   [T]  1 for real positions (text or visual), 0 for padding
-    image_mask     bool    [T]  True at the positions the model fills with visual tokens
-    pixel_values   float32 [N, S, S, 3]  valid tiles first, then zeros
-    tile_mask      bool    [N]
-    sample_id      int64   []   the record's index in its source (-1: a padding row)
+What the arrays hold, with T = max_length: ``target_ids`` is ``input_ids`` shifted left (at
+the last kept position of a truncated sample, the first token cut off); ``loss_mask`` is 1
+for answers and their end marker, 0 at padding and where the target is visual.
 
 The image slot of the conversation becomes ``tokens_per_tile`` visual positions
 (``square``/``pad``), or for ``slice`` (TokenPacker-HD, SPEC §3) the tiles' tokens row by
@@ -37,6 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from tokenpacker_jax.data import batch as batch_lib
 from tokenpacker_jax.data import errors, hd
 from tokenpacker_jax.data.conversation import (IMAGE_TOKEN_ID, ConversationTokenizer,
                                                parse_turns)
@@ -44,9 +35,6 @@ from tokenpacker_jax.data.errors import DataError
 from tokenpacker_jax.data.image import (ImageError, load_image, normalize, preprocess,
                                         to_rgb)
 from tokenpacker_jax.data.llava import SourceRecord
-
-EXAMPLE_KEYS = ("input_ids", "target_ids", "loss_mask", "attention_mask", "image_mask",
-                "pixel_values", "tile_mask", "sample_id")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +57,7 @@ class ImageSettings:
 
     @property
     def max_tiles(self) -> int:
-        return hd.max_tiles(self.patch_num) if self.mode == "slice" else 1
+        return batch_lib.tiles_per_sample(self.mode, self.patch_num)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +122,7 @@ class ExampleBuilder:
         self.max_length = int(max_length)
         self.image_folder = image_folder
         self.pad_id = conversation.tokenizer.pad_id
+        self.dims = batch_lib.Dims(self.max_length, image.max_tiles, image.size)
 
     # -- the stream's two kinds of element ----------------------------------------------
 
@@ -145,16 +134,7 @@ class ExampleBuilder:
 
     def padding_example(self) -> dict[str, np.ndarray]:
         """An all-padding row (every mask zero, sample_id -1)."""
-        length, tiles, size = self.max_length, self.image.max_tiles, self.image.size
-        return dict(
-            input_ids=np.full(length, self.pad_id, np.int32),
-            target_ids=np.full(length, self.pad_id, np.int32),
-            loss_mask=np.zeros(length, np.float32),
-            attention_mask=np.zeros(length, np.int32),
-            image_mask=np.zeros(length, bool),
-            pixel_values=np.zeros((tiles, size, size, 3), np.float32),
-            tile_mask=np.zeros(tiles, bool),
-            sample_id=np.int64(-1))
+        return batch_lib.padding_row(self.dims, self.pad_id)
 
     # -- building ------------------------------------------------------------------------
 
@@ -169,7 +149,7 @@ class ExampleBuilder:
         has_image = source.image is not None or record.get("image") not in (None, "")
         turns = parse_turns(record.get("conversations"), has_image=has_image)
         tokens = self.conversation(turns)
-        pixels, tile_mask = self._empty_pixels()
+        pixels, tile_mask = self.no_image()
         span_ids = span_visual = None
         if has_image:
             image, name = _open_image(source, self.image_folder)
@@ -181,9 +161,10 @@ class ExampleBuilder:
                        sample_id=np.int64(source.index))
         return example
 
-    def _empty_pixels(self) -> tuple[np.ndarray, np.ndarray]:
-        tiles, size = self.image.max_tiles, self.image.size
-        return np.zeros((tiles, size, size, 3), np.float32), np.zeros(tiles, bool)
+    def no_image(self) -> tuple[np.ndarray, np.ndarray]:
+        """Pixels [N, S, S, 3] and tile mask [N] of a sample without an image (zeros)."""
+        row = batch_lib.padding_row(self.dims, self.pad_id, ("pixel_values", "tile_mask"))
+        return row["pixel_values"], row["tile_mask"]
 
     def image_tiles(self, image: Image.Image, name: str = "image"
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -245,15 +226,15 @@ class ExampleBuilder:
                                                  f"and no answer token is left before the cut")
         if (ids[:kept] < 0).any():
             raise DataError(errors.TOKENIZATION, "negative token id in the sequence")
-        pad = self.max_length - kept
+        pad = batch_lib.padding_row(self.dims, self.pad_id, batch_lib.SEQUENCE_KEYS)
 
-        def padded(values, fill, dtype):
-            return np.concatenate([values[:kept], np.full(pad, fill)]).astype(dtype)
+        def padded(key, values):
+            return np.concatenate([values[:kept], pad[key][kept:]]).astype(pad[key].dtype)
 
         return dict(
-            input_ids=padded(ids, self.pad_id, np.int32),
-            target_ids=padded(target, self.pad_id, np.int32),
-            loss_mask=padded(loss, 0, np.float32),
-            attention_mask=padded(np.ones(length), 0, np.int32),
-            image_mask=padded(visual, False, bool),
+            input_ids=padded("input_ids", ids),
+            target_ids=padded("target_ids", target),
+            loss_mask=padded("loss_mask", loss),
+            attention_mask=padded("attention_mask", np.ones(length)),
+            image_mask=padded("image_mask", visual),
             image_kept=image_kept)

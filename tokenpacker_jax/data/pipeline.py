@@ -53,11 +53,12 @@ from typing import Any
 import grain
 import numpy as np
 
+from tokenpacker_jax.data import batch as batch_lib
 from tokenpacker_jax.data import errors, hd
 from tokenpacker_jax.data.conversation import ConversationTokenizer, get_template, \
     text_tokenizer
 from tokenpacker_jax.data.errors import DataError, SkipCounter
-from tokenpacker_jax.data.example import EXAMPLE_KEYS, ExampleBuilder, ImageSettings, Skipped
+from tokenpacker_jax.data.example import ExampleBuilder, ImageSettings, Skipped
 from tokenpacker_jax.data.llava import LlavaSource, SourceRecord, split_paths
 
 logger = errors.logger
@@ -189,7 +190,7 @@ def skipped_records(iterator_or_state: Any) -> dict[str, int]:
 
 def collate(examples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Examples -> a batch: every key stacked on a new leading axis."""
-    return {key: np.stack([example[key] for example in examples]) for key in EXAMPLE_KEYS}
+    return {key: np.stack([example[key] for example in examples]) for key in batch_lib.KEYS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,13 +345,6 @@ def tokens_per_tile(model_config: Any) -> int:
     return num_output_tokens(model_config.projector, model_config.vision.grid_size)
 
 
-def max_tiles(data_config: Any) -> int:
-    """Tiles per sample in ``pixel_values`` (1, or the HD maximum for ``slice``)."""
-    if data_config.image.aspect_mode == "slice":
-        return hd.max_tiles(int(data_config.hd.patch_num))
-    return 1
-
-
 def steps_per_epoch(data_config: Any, split: str = "train", *, source: Any = None,
                     process_count: int | None = None) -> int:
     """Batches per epoch of ``split`` on each host (for train: full batches of the host's
@@ -384,7 +378,7 @@ def make_dataset(data_config: Any, tokenizer: Any, tokens_per_tile: int,
       source: a random-access record source (default: from ``config.data``).
       process_index, process_count: this host and the number of hosts (default: jax's).
     Returns:
-      A grain IterDataset of batch dicts (``tokenpacker_jax.data.example`` for the keys),
+      A grain IterDataset of batch dicts (``tokenpacker_jax.data.batch`` for the keys),
       leading axis data.batch_size / process_count.
     """
     if data_config.on_error not in ON_ERROR:

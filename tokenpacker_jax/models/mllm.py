@@ -19,7 +19,6 @@ collections, which is what training stages mask: ``vision_tower``, ``projector``
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -144,15 +143,3 @@ def loss_and_metrics(logits: jax.Array, target_ids: jax.Array,
     loss = loss_sum / denominator
     return loss, {"loss": loss, "accuracy": correct / denominator, "supervised_tokens": count}
 
-
-def init_inputs(config: MLLMConfig, batch: int, length: int,
-                tiles: int = 1) -> dict[str, Any]:
-    """Zero inputs of the right shapes and dtypes, for ``init`` / ``eval_shape``."""
-    size = config.vision.image_size
-    return dict(
-        input_ids=jnp.zeros((batch, length), jnp.int32),
-        image_mask=jnp.zeros((batch, length), jnp.bool_),
-        pixel_values=jnp.zeros((batch, tiles, size, size, config.vision.num_channels),
-                               jnp.float32),
-        attention_mask=jnp.ones((batch, length), jnp.int32),
-    )

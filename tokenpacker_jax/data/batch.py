@@ -1,0 +1,158 @@
+"""The batch contract: every array of a training batch, its dtype, its shape and what pads it.
+
+Per sample, with T = max_length, N = tiles per sample, S = image size, C = channels (3):
+
+    input_ids      int32   [T]           text ids; the pad id at visual positions and padding
+    target_ids     int32   [T]           the next token; the pad id after the last one
+    loss_mask      float32 [T]           1 where target_ids[t] is supervised
+    attention_mask int32   [T]           1 for real positions (text or visual), 0 for padding
+    image_mask     bool    [T]           True where the model puts a visual token
+    pixel_values   float32 [N, S, S, C]  valid tiles first, then zeros
+    tile_mask      bool    [N]
+    sample_id      int64   []            the record's index in its source (-1: a padding row)
+
+A batch stacks samples on a leading axis B. ``FIELDS`` is the one table: the example builder
+pads with it, the pipeline stacks its keys, the trainer and ``aot`` take their inputs from
+it, and adding a key (segment ids, positions) is one entry there. ``MODEL_INPUTS`` are the
+keyword arguments of ``MultimodalLM.__call__`` (a test keeps them equal), ``STEP_KEYS`` what
+the training step reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from tokenpacker_jax import sharding
+from tokenpacker_jax.data import hd
+
+PAD_ID = "pad_id"  # a Field.fill: the tokenizer's pad id
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One array of a sample: its dtype, its dimensions (``Dims`` attribute names) and the
+    value of a padding row (``PAD_ID``: the tokenizer's pad id)."""
+
+    dtype: type
+    dims: tuple[str, ...]
+    fill: Any
+
+
+FIELDS: dict[str, Field] = {
+    "input_ids": Field(np.int32, ("length",), PAD_ID),
+    "target_ids": Field(np.int32, ("length",), PAD_ID),
+    "loss_mask": Field(np.float32, ("length",), 0.0),
+    "attention_mask": Field(np.int32, ("length",), 0),
+    "image_mask": Field(np.bool_, ("length",), False),
+    "pixel_values": Field(np.float32, ("tiles", "image_size", "image_size", "channels"), 0.0),
+    "tile_mask": Field(np.bool_, ("tiles",), False),
+    "sample_id": Field(np.int64, (), -1),
+}
+KEYS = tuple(FIELDS)
+SEQUENCE_KEYS = tuple(key for key, field in FIELDS.items() if field.dims == ("length",))
+MODEL_INPUTS = ("input_ids", "image_mask", "pixel_values", "attention_mask")
+STEP_KEYS = (*MODEL_INPUTS, "target_ids", "loss_mask")
+
+
+def tiles_per_sample(aspect_mode: str, patch_num: int) -> int:
+    """N: 1, or for ``slice`` (TokenPacker-HD) the most tiles an image can take."""
+    return hd.max_tiles(patch_num) if aspect_mode == "slice" else 1
+
+
+def max_tiles(data_config: Any) -> int:
+    """N of ``config.data``."""
+    return tiles_per_sample(data_config.image.aspect_mode, int(data_config.hd.patch_num))
+
+
+@dataclasses.dataclass(frozen=True)
+class Dims:
+    """Per-sample sizes: T positions, N tiles of S x S pixels with C channels."""
+
+    length: int
+    tiles: int
+    image_size: int
+    channels: int = 3
+
+    @classmethod
+    def of_config(cls, config: Any) -> Dims:
+        """The sizes the data pipeline produces for a run config."""
+        data = config.data
+        return cls(int(data.max_length), max_tiles(data), int(data.image.image_size))
+
+    @classmethod
+    def of_model(cls, model_config: Any, length: int, tiles: int = 1) -> Dims:
+        """Sizes of inputs for an ``MLLMConfig``'s tower."""
+        vision = model_config.vision
+        return cls(length, tiles, vision.image_size, vision.num_channels)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The per-sample shape of ``key``."""
+        return tuple(getattr(self, name) for name in FIELDS[key].dims)
+
+
+def select(batch: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """``batch`` restricted to ``keys`` (e.g. MODEL_INPUTS, STEP_KEYS)."""
+    return {key: batch[key] for key in keys}
+
+
+def padding_row(dims: Dims, pad_id: int, keys: Sequence[str] = KEYS) -> dict[str, np.ndarray]:
+    """One all-padding sample: every mask zero, ids the pad id, sample_id -1."""
+    return {key: np.full(dims.shape(key), pad_id if FIELDS[key].fill == PAD_ID
+                         else FIELDS[key].fill, FIELDS[key].dtype) for key in keys}
+
+
+def abstract_batch(dims: Dims, batch_size: int, mesh: jax.sharding.Mesh | None = None,
+                   keys: Sequence[str] = STEP_KEYS) -> dict[str, jax.ShapeDtypeStruct]:
+    """ShapeDtypeStructs of a global batch, with the batch axis over the mesh's (data, fsdp)
+    axes when ``mesh`` is given: what the training step is lowered on."""
+
+    def struct(key):
+        shape = (batch_size, *dims.shape(key))
+        return jax.ShapeDtypeStruct(
+            shape, FIELDS[key].dtype,
+            sharding=None if mesh is None else sharding.batch_sharding(mesh, len(shape)))
+
+    return {key: struct(key) for key in keys}
+
+
+def example_inputs(dims: Dims, batch_size: int = 1) -> dict[str, np.ndarray]:
+    """Model inputs for ``init`` / ``eval_shape``: zeros, every position attended (so that a
+    forward over them is well defined). Parameter shapes depend on S, C and N only."""
+    inputs = {key: np.zeros((batch_size, *dims.shape(key)), FIELDS[key].dtype)
+              for key in MODEL_INPUTS}
+    inputs["attention_mask"][:] = 1
+    return inputs
+
+
+def synthetic_batch(dims: Dims, batch_size: int, *, visual_tokens: int, vocab_size: int,
+                    seed: int = 0, image_every: int = 1, bos_id: int = 1,
+                    pad_id: int = 0) -> dict[str, np.ndarray]:
+    """A generated batch of the contract's keys for benchmarks and tests: every row is [BOS,
+    ``visual_tokens`` visual positions, random text ids in 3..vocab_size), the text after
+    the image supervised; rows 0, ``image_every``, 2 * ``image_every``, ... carry an image
+    (one tile of random pixels; the other rows' image positions are text), no padding."""
+    length = dims.length
+    if visual_tokens + 2 > length:
+        raise ValueError(f"a sample of {length} positions cannot hold {visual_tokens} visual "
+                         f"tokens")
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, vocab_size, (batch_size, length)).astype(np.int32)
+    ids[:, 0] = bos_id
+    image_mask = np.zeros((batch_size, length), bool)
+    image_mask[::image_every, 1:1 + visual_tokens] = True
+    ids[image_mask] = pad_id
+    loss_mask = np.zeros((batch_size, length), np.float32)
+    loss_mask[:, 1 + visual_tokens:-1] = 1.0
+    tile_mask = np.zeros((batch_size, dims.tiles), bool)
+    tile_mask[::image_every, 0] = True
+    pixels = rng.standard_normal((batch_size, *dims.shape("pixel_values")), np.float32)
+    return dict(
+        input_ids=ids, target_ids=np.roll(ids, -1, axis=1), loss_mask=loss_mask,
+        attention_mask=np.ones((batch_size, length), np.int32), image_mask=image_mask,
+        pixel_values=pixels, tile_mask=tile_mask,
+        sample_id=np.arange(batch_size, dtype=np.int64))
