@@ -22,10 +22,10 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from data_helpers import corpus, reference_slice
-from tokenpacker_jax import checkpoint, configuration
+from tokenpacker_jax import checkpoint, configuration, conversion
 from tokenpacker_jax.assembly import load_trained
 from tokenpacker_jax.bench.torch_tokenpacker import TorchTokenPacker
-from tokenpacker_jax.convert import checkpoint_io, cli, llava, reference
+from tokenpacker_jax.convert import checkpoint_io, llava, reference
 from tokenpacker_jax.data import hd
 from tokenpacker_jax.data.conversation import VICUNA_SYSTEM
 from tokenpacker_jax.data.pipeline import example_builder
@@ -125,7 +125,7 @@ def built(tmp_path_factory):
 @pytest.fixture(scope="module")
 def imported(built):
     workdir = built["root"] / "imported"
-    cli.main(["import", f"--checkpoint={built['ref_dir']}", f"--vision={built['clip_dir']}",
+    conversion.main(["import", f"--checkpoint={built['ref_dir']}", f"--vision={built['clip_dir']}",
               f"--out={workdir}", f"--multi_layers={','.join(map(str, MULTI_LAYERS))}",
               f"--projector_heads={HEADS}"])
     return workdir, load_trained(str(workdir))
@@ -135,8 +135,8 @@ def imported(built):
 def exported(built, imported):
     """The imported workdir in each format (float32)."""
     workdir, _ = imported
-    return {fmt: Path(cli.export_checkpoint(workdir, built["root"] / f"export_{fmt}", fmt))
-            for fmt in cli.FORMATS}
+    return {fmt: Path(conversion.export_checkpoint(workdir, built["root"] / f"export_{fmt}", fmt))
+            for fmt in conversion.FORMATS}
 
 
 def flat(params):
@@ -183,7 +183,7 @@ def test_hd_import_uses_the_reference_global_view(built, tmp_path):
     ref_config.update(image_aspect_ratio="slice", patch_num=9)
     (source / "config.json").write_text(json.dumps(ref_config))
     workdir = tmp_path / "imported_hd"
-    cli.main(["import", f"--checkpoint={source}", f"--vision={built['clip_dir']}",
+    conversion.main(["import", f"--checkpoint={source}", f"--vision={built['clip_dir']}",
               f"--out={workdir}", f"--multi_layers={','.join(map(str, MULTI_LAYERS))}",
               f"--projector_heads={HEADS}"])
     trained = load_trained(str(workdir))
@@ -250,7 +250,7 @@ def test_reference_export_is_the_input_and_round_trips_bit_exactly(built, import
     # ... and imports again (the tower from mm_vision_tower, the extra fields read back)
     # into the same parameters, bit for bit, and the same config.
     again_dir = built["root"] / "reimported"
-    cli.main(["import", f"--checkpoint={out}", f"--out={again_dir}"])
+    conversion.main(["import", f"--checkpoint={out}", f"--out={again_dir}"])
     again = load_trained(str(again_dir))
     first, second = flat(trained.params), flat(again.params)
     assert set(first) == set(second)
@@ -459,12 +459,12 @@ def test_llava_mlp_checkpoint_with_tower_keys(built, tmp_path):
     (source / "config.json").write_text(json.dumps(config))
 
     workdir = tmp_path / "imported"
-    cli.main(["import", f"--checkpoint={source}", f"--vision={built['clip_dir']}",
+    conversion.main(["import", f"--checkpoint={source}", f"--vision={built['clip_dir']}",
               f"--out={workdir}", "--multi_layers=1,2,3,4"])
     config = checkpoint.restore_config(checkpoint.run_directory(workdir))
     assert (config["model"]["projector"]["name"], config["model"]["projector"]["scale_factor"],
             config["data"]["image"]["aspect_mode"]) == ("mlp2x_gelu", 1, "square")
-    out = Path(cli.export_checkpoint(workdir, tmp_path / "exported", "reference",
+    out = Path(conversion.export_checkpoint(workdir, tmp_path / "exported", "reference",
                                      mm_vision_tower="openai/clip-vit-large-patch14-336"))
     assert not (out / "vision_tower").exists()
     exported = safetensors_state(out)
@@ -481,7 +481,7 @@ def test_llava_mlp_checkpoint_with_tower_keys(built, tmp_path):
 
 def test_bfloat16_export(built, imported):
     workdir, trained = imported
-    out = cli.main(["export", f"--checkpoint={workdir}", f"--out={built['root'] / 'bf16'}",
+    out = conversion.main(["export", f"--checkpoint={workdir}", f"--out={built['root'] / 'bf16'}",
                     "--format=hf", "--dtype=bfloat16", "--projector_file=mm_projector.safetensors"])
     state = load_file(Path(out) / "model.safetensors")
     assert {v.dtype for v in state.values()} == {np.dtype(ml_dtypes.bfloat16)}
@@ -496,17 +496,17 @@ def test_bfloat16_export(built, imported):
 def test_clear_errors(built, imported, tmp_path):
     workdir, _ = imported
     with pytest.raises(ValueError, match="not a local directory; download the tower"):
-        cli.main(["import", f"--checkpoint={built['ref_dir']}", f"--out={tmp_path / 'a'}"])
+        conversion.main(["import", f"--checkpoint={built['ref_dir']}", f"--out={tmp_path / 'a'}"])
     # Without --multi_layers the reference's hard-coded levels do not exist in a 4-layer tower.
     with pytest.raises(configuration.ConfigError, match="model.features.multi_layers"):
-        cli.main(["import", f"--checkpoint={built['ref_dir']}", f"--vision={built['clip_dir']}",
+        conversion.main(["import", f"--checkpoint={built['ref_dir']}", f"--vision={built['clip_dir']}",
                   f"--out={tmp_path / 'b'}", f"--projector_heads={HEADS}"])
     assert not (tmp_path / "b").exists()  # nothing written before everything was checked
     with pytest.raises(FileExistsError, match="new or empty"):
-        cli.main(["import", f"--checkpoint={built['ref_dir']}", f"--vision={built['clip_dir']}",
+        conversion.main(["import", f"--checkpoint={built['ref_dir']}", f"--vision={built['clip_dir']}",
                   f"--out={workdir}"])
     with pytest.raises(SystemExit):
-        cli.main(["export", f"--checkpoint={workdir}", f"--out={tmp_path / 'c'}",
+        conversion.main(["export", f"--checkpoint={workdir}", f"--out={tmp_path / 'c'}",
                   "--format=onnx"])
     assert checkpoint.restore_config(checkpoint.run_directory(workdir))["data"]["template"] \
         == "vicuna_v1"

@@ -1,6 +1,6 @@
-"""``python -m tokenpacker_jax.convert import|export ...`` (see ``convert/cli.py``)."""
+"""``python -m tokenpacker_jax.convert import|export ...`` (see ``conversion.py``)."""
 
-from tokenpacker_jax.convert.cli import main
+from tokenpacker_jax.conversion import main
 
 if __name__ == "__main__":
     main()
