@@ -40,6 +40,9 @@ os.environ.setdefault("TPU_WORKER_ID", "0")
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
+from absl import flags  # noqa: E402
+from jax.experimental import mesh_utils, topologies  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 from tokenpacker_jax import assembly, configuration, flops, sharding  # noqa: E402
 from tokenpacker_jax.data import batch as batch_lib  # noqa: E402
@@ -123,8 +126,6 @@ def parse_topology(text: str) -> Topology:
 
 def topology_devices(topology: Topology) -> list[Any]:
     """libtpu's compile-only devices of the slice (one per chip)."""
-    from jax.experimental import topologies  # noqa: PLC0415
-
     gen = GENERATIONS[topology.generation]
     shape3 = tuple(topology.shape) + (1,) * (3 - len(topology.shape))
     # Hosts of 2x2x1 chips (a single host for the smallest slices); wrap-around links only
@@ -161,8 +162,6 @@ def keep_jax_on_the_host() -> None:
 
 def _mesh(config: ml_collections.ConfigDict, devices: Sequence[Any]) -> jax.sharding.Mesh:
     """The config's (data, fsdp, tensor) mesh over the slice, laid out along its links."""
-    from jax.experimental import mesh_utils  # noqa: PLC0415
-
     sizes = sharding.mesh_shape(config.mesh.to_dict(), len(devices))
     shape = tuple(sizes[axis] for axis in sharding.MESH_AXES)
     ordered = mesh_utils.create_device_mesh(shape, list(devices),
@@ -336,8 +335,6 @@ def compile_step(config: ml_collections.ConfigDict, topology: str | Topology,
 
 def main(argv):
     del argv
-    from absl import flags  # noqa: PLC0415
-
     FLAGS = flags.FLAGS
     keep_jax_on_the_host()
     if FLAGS.table:
@@ -346,8 +343,6 @@ def main(argv):
             "tokenpacker_jax.bench.tpu_fit --jobs=N to print it)")
     if FLAGS.config is None or not FLAGS.topology:
         raise flags.IllegalFlagValueError("--config and --topology are required")
-    from ml_collections import config_flags  # noqa: PLC0415
-
     overrides = config_flags.get_override_values(FLAGS["config"])
     name = " ".join([config_flags.get_config_filename(FLAGS["config"]),
                      *(f"--config.{key}={value}" for key, value in overrides.items())])
@@ -356,8 +351,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
+    from absl import app
 
     config_flags.DEFINE_config_file("config", None, "Config file (with :variant).",
                                     lock_config=True)

@@ -5,13 +5,15 @@ Errors name the field (``model.projector.scale_factor``) and say what would be v
 
 from __future__ import annotations
 
+import jax
 import ml_collections
 
 from tokenpacker_jax import sharding
+from tokenpacker_jax.data import conversation, hd
 from tokenpacker_jax.data.image import ASPECT_MODES
 from tokenpacker_jax.models.decoder_config import DecoderConfig
-from tokenpacker_jax.models.mllm import PARAM_GROUPS
-from tokenpacker_jax.models.projectors import ProjectorConfig
+from tokenpacker_jax.models.mllm import PARAM_GROUPS, MLLMConfig
+from tokenpacker_jax.models.projectors import ProjectorConfig, num_output_tokens
 from tokenpacker_jax.models.vision import VisionConfig
 
 
@@ -45,11 +47,9 @@ def projector_config(config: ml_collections.ConfigDict, out_dim: int) -> Project
 
 
 def mllm_config(config: ml_collections.ConfigDict, *, vision: VisionConfig | None = None,
-                decoder: DecoderConfig | None = None):
+                decoder: DecoderConfig | None = None) -> MLLMConfig:
     """The MLLMConfig; ``vision`` / ``decoder`` (e.g. read from checkpoints) replace the
     config's sections."""
-    from tokenpacker_jax.models.mllm import MLLMConfig  # noqa: PLC0415
-
     vision = vision or vision_config(config)
     decoder = decoder or decoder_config(config)
     features = config.model.features
@@ -72,8 +72,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       num_devices: devices the mesh must cover (default: all of this process's devices).
     """
     if num_devices is None:
-        import jax  # noqa: PLC0415 (keep config checks importable without a backend)
-
         num_devices = jax.device_count()
     try:
         mesh = sharding.mesh_shape(config.mesh.to_dict(), num_devices)
@@ -126,8 +124,6 @@ def validate_data(config: ml_collections.ConfigDict,
 
     ``mesh``: resolved mesh axis sizes; the global batch must divide over data x fsdp.
     """
-    from tokenpacker_jax.data import conversation, hd  # noqa: PLC0415
-
     data = config.data
     _check(data.source in ("llava", "tfds"), "data.source",
            f"{data.source!r} is not 'llava' or 'tfds'")
@@ -153,8 +149,6 @@ def validate_data(config: ml_collections.ConfigDict,
                f"{data.hd.patch_num} is not one of {sorted(hd.HD_CANDIDATES)}")
     if not config.model.vision_checkpoint:
         # Tokens of the smallest image: one tile (the HD 1x1 grid adds its newline).
-        from tokenpacker_jax.models.projectors import num_output_tokens  # noqa: PLC0415
-
         try:
             tokens = num_output_tokens(
                 projector_config(config, config.model.decoder.width),

@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import os
 
+from absl import app, flags
+
 from tokenpacker_jax.evaluation import files, question_file, suite
+from tokenpacker_jax.evaluation.benchmark import Layout
 
 
 def _print_score(benchmark: str, answers: str, annotations: str | None,
@@ -37,9 +40,8 @@ def _print_score(benchmark: str, answers: str, annotations: str | None,
 
 def run_command(f) -> None:
     """``run`` with parsed flags ``f`` (see the module docstring)."""
-    from tokenpacker_jax.evaluation.benchmark import Layout  # noqa: PLC0415
-    from tokenpacker_jax.evaluation.runner import Answerer, local_mesh  # noqa: PLC0415
-    from tokenpacker_jax.assembly import load_trained  # noqa: PLC0415
+    from tokenpacker_jax.assembly import load_trained  # noqa: PLC0415 (jax: scoring needs none)
+    from tokenpacker_jax.evaluation.runner import Answerer, local_mesh  # noqa: PLC0415 (jax)
 
     bench = suite.benchmark(f.benchmark)
     split = f.split or bench.split
@@ -60,7 +62,7 @@ def run_command(f) -> None:
 
 
 def _answer_question_file(f) -> None:
-    from tokenpacker_jax.assembly import load_trained  # noqa: PLC0415
+    from tokenpacker_jax.assembly import load_trained  # noqa: PLC0415 (jax: scoring needs none)
 
     trained = load_trained(f.checkpoint)
     questions = question_file.read_questions(f.questions)
@@ -84,8 +86,6 @@ def _answer_question_file(f) -> None:
 
 
 def main(argv):
-    from absl import app, flags  # noqa: PLC0415
-
     f = flags.FLAGS
     command = argv[1:]
     if command not in ([], ["run"], ["score"]):
@@ -116,8 +116,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-
     flags.DEFINE_enum("benchmark", None, list(suite.BENCHMARKS),
                       "run: the benchmark to answer; score: the benchmark whose rules score "
                       "--answers.")

@@ -26,10 +26,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags, logging
 
+from tokenpacker_jax.assembly import load_trained
 from tokenpacker_jax.data import batch as batch_lib
 from tokenpacker_jax.data.conversation import IMAGE_PLACEHOLDER, ImageSlot, Turn, place_image
 from tokenpacker_jax.data.example import ExampleBuilder
+from tokenpacker_jax.data.image import load_image
+from tokenpacker_jax.data.pipeline import example_builder
 from tokenpacker_jax.models import mllm
 from tokenpacker_jax.models.decoder import unstack_layers
 from tokenpacker_jax.tokenizer import pad_rows
@@ -246,12 +250,6 @@ def to_json(record: dict[str, Any]) -> str:
 
 def main(argv):
     del argv
-    from absl import flags, logging  # noqa: PLC0415
-
-    from tokenpacker_jax.assembly import load_trained  # noqa: PLC0415
-    from tokenpacker_jax.data.image import load_image  # noqa: PLC0415
-    from tokenpacker_jax.data.pipeline import example_builder  # noqa: PLC0415
-
     f = flags.FLAGS
     if not f["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
@@ -275,7 +273,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import app
 
     flags.DEFINE_string("checkpoint", None, "Training run directory (its newest checkpoint).")
     flags.DEFINE_multi_string("image", [], "Image file(s): one for all prompts or one each.")

@@ -27,7 +27,7 @@ class MetricWriter:
         os.makedirs(workdir, exist_ok=True)
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
         if tensorboard:
-            from tensorboardX import SummaryWriter  # noqa: PLC0415
+            from tensorboardX import SummaryWriter  # noqa: PLC0415 (tensorboardX: seconds to import)
 
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 

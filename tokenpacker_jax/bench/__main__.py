@@ -30,7 +30,14 @@ import sys
 import time
 from collections.abc import Sequence
 
-from tokenpacker_jax.bench import common
+from tokenpacker_jax.bench import (
+    common,
+    llava_torch,
+    paper_table,
+    projector,
+    token_budget,
+    training,
+)
 
 TABLES = ("projector", "token_budget", "llava_torch", "training", "tpu_fit", "paper")
 DEFAULT = TABLES[:5]  # paper (6) trains for hours: by name only
@@ -80,7 +87,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     paper.add_argument("--num_eval", type=int, default=None, help="val / test images each")
     paper.add_argument("--jitter", type=int, default=None,
                        help="px items may sit off their cells' centres (-1: anywhere)")
-    paper.add_argument("--projectors", default=",".join(_paper().PROJECTORS),
+    paper.add_argument("--projectors", default=",".join(paper_table.PROJECTORS),
                        help="projectors compared (mlp2x_gelu: at all tokens; the others at "
                             "each budget)")
     paper.add_argument("--budgets", default="2,3", help="scale factors (2: 9 tokens, 3: 4)")
@@ -103,39 +110,23 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def _paper():
-    from tokenpacker_jax.bench import paper_table  # noqa: PLC0415
-
-    return paper_table
-
-
 def run_table(name: str, args: argparse.Namespace) -> common.Section:
     if name == "projector":
-        from tokenpacker_jax.bench import projector  # noqa: PLC0415
-
         return projector.run(args.sizes, args.runs)
     if name == "token_budget":
-        from tokenpacker_jax.bench import token_budget  # noqa: PLC0415
-
         return token_budget.run(args.sizes, args.runs)
     if name == "llava_torch":
-        from tokenpacker_jax.bench import llava_torch  # noqa: PLC0415
-
         return llava_torch.run(args.sizes, args.runs)
     if name == "training":
-        from tokenpacker_jax.bench import training  # noqa: PLC0415
-
         return training.run(args.sizes, args.runs)
     if name == "tpu_fit":
         return tpu_fit(args.jobs)
-    from tokenpacker_jax.bench import training  # noqa: PLC0415
-
     sizes = dict(stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
                  num=args.num, num_eval=args.num_eval, jitter=args.jitter)
     if args.sizes == "tiny":  # unset sizes: a few steps on a few images
         tiny = dict(stage1_steps=1, stage2_steps=2, num=16, num_eval=2, jitter=0)
         sizes = {k: tiny[k] if v is None else v for k, v in sizes.items()}
-    return _paper().run(
+    return paper_table.run(
         workdir=args.workdir, seeds=args.seeds,
         projectors=[p for p in args.projectors.split(",") if p],
         budgets=[int(b) for b in args.budgets.split(",") if b],
@@ -147,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if common.accelerator() is not None:
         common.full_float32()
     if args.torch_threads:
-        import torch  # noqa: PLC0415
+        import torch  # noqa: PLC0415 (torch: optional, the PyTorch side of a comparison)
 
         torch.set_num_threads(args.torch_threads)
     for name in args.which:

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -98,8 +99,6 @@ def random_params(module: Any, *args, seed: int = 0, **kwargs) -> Any:
     Speed does not depend on the values; drawing them on the host skips compiling the init
     (seconds for each model on a CPU, more than the timed work at small sizes).
     """
-    import flax.linen as nn  # noqa: PLC0415
-
     abstract = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), *args,
                                             **kwargs))["params"]
     rng = np.random.default_rng(seed)
@@ -154,7 +153,7 @@ def accelerator() -> str | None:
 def torch_device() -> Any:
     """The ``torch.device`` of a comparison's PyTorch side: JAX's device kind, so that both
     are measured on the same hardware (CUDA when JAX runs on a GPU)."""
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415 (torch: optional, the PyTorch side of a comparison)
 
     backend = accelerator()
     if backend is None:
@@ -184,7 +183,7 @@ def machine(torch_threads: bool = False) -> str:
         parts.append("float32 matmul precision "
                      f"{jax.config.jax_default_matmul_precision or 'default'}")
     if torch_threads:
-        import torch  # noqa: PLC0415
+        import torch  # noqa: PLC0415 (torch: optional, the PyTorch side of a comparison)
 
         threads = torch.get_num_threads()
         if torch_device().type == "cuda":

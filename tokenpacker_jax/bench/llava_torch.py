@@ -30,8 +30,8 @@ TARGET_DECODE_SPEEDUP = 1.5  # our decode tokens/s at least 1.5x transformers'
 def hf_llava(config, image_seq_length: int) -> Any:
     """A random-weight transformers LlavaForConditionalGeneration of our ``MLLMConfig``'s
     sizes (mlp2x_gelu projector), eval mode, stop token disabled."""
-    import torch  # noqa: PLC0415
-    from transformers import (  # noqa: PLC0415
+    import torch  # noqa: PLC0415 (torch: optional, the PyTorch side of a comparison)
+    from transformers import (  # noqa: PLC0415 (transformers: the PyTorch LLaVA)
         CLIPVisionConfig,
         LlamaConfig,
         LlavaConfig,
@@ -69,7 +69,7 @@ class Speed:
 def hf_generate(config, batch: dict[str, np.ndarray]) -> tuple[Callable[[int], Any], str]:
     """(generate(new_tokens), attention implementation) of transformers' LLaVA of
     ``config``'s sizes on ``batch``'s prompt: ``model.generate``, greedy, exactly new_tokens."""
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415 (torch: optional, the PyTorch side of a comparison)
 
     visual = int(batch["image_mask"][0].sum())
     device = common.torch_device()
@@ -96,7 +96,7 @@ def measure(sizes: token_budget.Sizes, ours: token_budget.Prepared,
     """(ours, theirs, their attention implementation) on ``ours``' model and prompt, timed
     in turns: each round runs our generation, their ``generate(1)`` and their full
     ``generate`` once (see the module docstring)."""
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415 (torch: optional, the PyTorch side of a comparison)
 
     generate, attention = hf_generate(ours.config, ours.batch)
     our_results = []

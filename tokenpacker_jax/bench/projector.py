@@ -100,7 +100,7 @@ def analytic_gflop(sizes: Sizes, scale: int) -> float:
 def peak_matmuls(n: int) -> dict[str, Callable[[], Any]]:
     """Calls of a float32 [n, n] @ [n, n] in JAX (``"jax peak"``) and in PyTorch
     (``"torch peak"``), 2 n^3 FLOP each."""
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415 (torch: optional, the PyTorch side of a comparison)
 
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((n, n), np.float32) for _ in range(2))
@@ -114,9 +114,9 @@ def peak_matmuls(n: int) -> dict[str, Callable[[], Any]]:
 def measure(sizes: Sizes, scale: int, batch: int, runs: int, seed: int = 0) -> Row:
     """Ours and PyTorch's forward at one (scale, batch), same weights and inputs, timed in
     turns with the two peak matmuls."""
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415 (torch: optional, the PyTorch side of a comparison)
 
-    from tokenpacker_jax.bench import torch_tokenpacker  # noqa: PLC0415 (torch)
+    from tokenpacker_jax.bench import torch_tokenpacker  # noqa: PLC0415 (torch, as above)
 
     rng = np.random.default_rng(seed)
     patches = sizes.grid * sizes.grid

@@ -16,7 +16,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -40,8 +43,6 @@ def torch_to_numpy(value) -> np.ndarray:
     if hasattr(value, "detach"):
         value = value.detach().cpu()
         if str(value.dtype) == "torch.bfloat16":
-            import ml_dtypes  # noqa: PLC0415 (only needed for bf16 torch tensors)
-
             return value.float().numpy().astype(ml_dtypes.bfloat16)
         return value.numpy()
     return np.asarray(value)
@@ -53,7 +54,7 @@ def load_torch_state(path: str | os.PathLike) -> Mapping[str, Any]:
 
     Files in PyTorch's legacy (pre-1.6, non-zip) format cannot be mapped and are read whole.
     """
-    import torch  # noqa: PLC0415 (optional: only .bin checkpoints need torch)
+    import torch  # noqa: PLC0415 (torch: optional, only .bin checkpoints need it)
 
     def load(mmap: bool):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -100,8 +101,6 @@ class TensorReader(Mapping):
                 f"{SAFETENSORS_INDEX}, {TORCH_SINGLE}, {TORCH_INDEX})")
 
     def _index_safetensors(self, files: list[Path]) -> None:
-        from safetensors import safe_open  # noqa: PLC0415
-
         for file in files:
             with safe_open(file, framework="numpy") as handle:
                 for name in handle.keys():
@@ -126,8 +125,6 @@ class TensorReader(Mapping):
     def __getitem__(self, name: str) -> np.ndarray:
         file = self._file_of[name]
         if file.suffix == ".safetensors":
-            from safetensors import safe_open  # noqa: PLC0415
-
             with safe_open(file, framework="numpy") as handle:
                 return handle.get_tensor(name)
         return torch_to_numpy(self._torch_state(file)[name])
@@ -135,8 +132,6 @@ class TensorReader(Mapping):
     def shape(self, name: str) -> tuple[int, ...]:
         file = self._file_of[name]
         if file.suffix == ".safetensors":
-            from safetensors import safe_open  # noqa: PLC0415
-
             with safe_open(file, framework="numpy") as handle:
                 return tuple(handle.get_slice(name).get_shape())
         return tuple(self._torch_state(file)[name].shape)
@@ -154,8 +149,6 @@ def write_safetensors(tensors: Iterator[tuple[str, np.ndarray]], path: str | os.
 
     Arrays arrive one at a time and at most one shard is held in memory.
     """
-    from safetensors.numpy import save_file  # noqa: PLC0415
-
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     shards: list[tuple[str, list[str]]] = []

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 from flax import traverse_util
@@ -82,8 +83,6 @@ class RenamedKeys(Mapping):
 
 
 def _unbox(tree: Any) -> Any:
-    import flax.linen as nn  # noqa: PLC0415
-
     return nn.meta.unbox(tree)
 
 

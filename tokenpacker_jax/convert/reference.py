@@ -21,10 +21,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from tokenpacker_jax.convert import checkpoint_io
 from tokenpacker_jax.convert.mapping import (
     FLAT, IDENTITY, LINEAR, LINEAR_IN2, Rule, Transform, export_params, import_params)
+from tokenpacker_jax.models.tokenpacker import TokenPacker
 
 PREFIX = "model.mm_projector."
 
@@ -113,8 +115,6 @@ def _abstract_params(name: str, state: Mapping[str, np.ndarray], num_heads: int)
                           "bias": struct((hidden,), jnp.float32)},
                 "mlp_2": {"kernel": struct((hidden, out), jnp.float32),
                           "bias": struct((out,), jnp.float32)}}
-    from tokenpacker_jax.models.tokenpacker import TokenPacker  # noqa: PLC0415
-
     dim, width = shape["q_proj_1.weight"]
     multi_width = shape["k_proj_1.0.weight"][1]
     out_dim = shape["mlp.0.weight"][0]
@@ -186,8 +186,6 @@ def load_reference_projector(path: str | os.PathLike, **kwargs) -> dict:
     Keyword arguments go to ``projector_params_from_reference``."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file  # noqa: PLC0415
-
         state = load_file(path)
     else:
         state = checkpoint_io.load_torch_file(path)
@@ -202,11 +200,9 @@ def save_reference_projector(params: Any, path: str | os.PathLike, **kwargs) -> 
     state = projector_params_to_reference(params, **kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
-        from safetensors.numpy import save_file  # noqa: PLC0415
-
         save_file(state, path, metadata={"format": "pt"})
         return
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415 (torch: only .bin files need it, and it is optional)
 
     def to_torch(value: np.ndarray) -> torch.Tensor:
         if value.dtype.name == "bfloat16":  # NumPy cannot hand bfloat16 to torch directly

@@ -51,15 +51,19 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain
+import jax
 import numpy as np
+from absl import flags
 
+from tokenpacker_jax import sharding as sharding_lib
 from tokenpacker_jax.data import batch as batch_lib
 from tokenpacker_jax.data import errors, hd
-from tokenpacker_jax.data.conversation import ConversationTokenizer, get_template, \
-    text_tokenizer
+from tokenpacker_jax.data.conversation import ConversationTokenizer, get_template, text_tokenizer
 from tokenpacker_jax.data.errors import DataError, SkipCounter
 from tokenpacker_jax.data.example import ExampleBuilder, ImageSettings, Skipped
 from tokenpacker_jax.data.llava import LlavaSource, SourceRecord, split_paths
+from tokenpacker_jax.data.tfds import TfdsCaptionSource
+from tokenpacker_jax.models.projectors import num_output_tokens
 
 logger = errors.logger
 SPLITS = ("train", "val", "test")
@@ -259,8 +263,6 @@ def make_source(data_config: Any, split: str):
         stamps = tuple(os.stat(p).st_mtime_ns if os.path.exists(p) else None for p in paths)
         return _llava_source(paths, stamps)
     if data_config.source == "tfds":
-        from tokenpacker_jax.data.tfds import TfdsCaptionSource  # noqa: PLC0415
-
         tfds_config = data_config.tfds
         return TfdsCaptionSource(
             tfds_config.name, tfds_config.splits[split], data_dir=tfds_config.data_dir or None,
@@ -303,16 +305,12 @@ def example_builder(data_config: Any, tokenizer: Any, tokens_per_tile: int) -> E
 def _ensure_flags_parsed() -> None:
     """grain's worker processes read absl flags; outside ``absl.app.run`` (scripts, tests,
     notebooks) nobody parsed them, so take the defaults."""
-    from absl import flags  # noqa: PLC0415
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
 
 def _process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     if process_index is None or process_count is None:
-        import jax  # noqa: PLC0415 (keeps worker processes free of a jax import)
-
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
@@ -322,8 +320,6 @@ def _process_info(process_index: int | None, process_count: int | None) -> tuple
 
 def _process_count(process_count: int | None) -> int:
     if process_count is None:
-        import jax  # noqa: PLC0415
-
         process_count = jax.process_count()
     return int(process_count)
 
@@ -340,8 +336,6 @@ def per_host_batch_size(data_config: Any, process_count: int | None = None) -> i
 
 def tokens_per_tile(model_config: Any) -> int:
     """Visual tokens per image tile of an ``MLLMConfig`` (the projector's output count)."""
-    from tokenpacker_jax.models.projectors import num_output_tokens  # noqa: PLC0415
-
     return num_output_tokens(model_config.projector, model_config.vision.grid_size)
 
 
@@ -440,10 +434,6 @@ def global_batch(batch: Mapping[str, np.ndarray], mesh: Any,
     per-host size * process_count. ``shardings`` (name -> NamedSharding) overrides the
     default ``sharding.batch_sharding`` (leading axis over ``('data', 'fsdp')``).
     """
-    import jax  # noqa: PLC0415
-
-    from tokenpacker_jax import sharding as sharding_lib  # noqa: PLC0415
-
     arrays = {}
     for name, value in batch.items():
         value = np.asarray(value)

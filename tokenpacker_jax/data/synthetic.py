@@ -48,7 +48,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import sentencepiece as spm
 from PIL import Image, ImageDraw
+
+from tokenpacker_jax.data.conversation import VICUNA_SYSTEM
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230),
            "yellow": (235, 200, 30), "purple": (150, 60, 200)}
@@ -248,8 +251,6 @@ def _write_json(path: str, value: Any) -> None:
 def train_tokenizer(texts: Sequence[str], out_dir: str, vocab_size: int) -> None:
     """A LLaMA-style sentencepiece BPE tokenizer (byte fallback, ``<unk>`` 0, ``<s>`` 1,
     ``</s>`` 2, digits split) trained on ``texts``, saved for ``load_tokenizer``."""
-    import sentencepiece as spm  # noqa: PLC0415
-
     os.makedirs(out_dir, exist_ok=True)
     model = io.BytesIO()  # no file names enter the model, so its bytes depend on texts only
     spm.SentencePieceTrainer.train(
@@ -293,8 +294,6 @@ def generate(out: str, num: int, seed: int, *, num_eval: int | None = None, size
             "chance": {k: 1 / len(v) for k, v in ANSWERS.items()}}
     _write_json(os.path.join(out, "meta.json"), meta)
     if tokenizer_vocab:
-        from tokenpacker_jax.data.conversation import VICUNA_SYSTEM  # noqa: PLC0415
-
         template_text = [VICUNA_SYSTEM + " USER: ASSISTANT:"] * 50
         train_tokenizer(texts + template_text, os.path.join(out, "tokenizer"),
                         tokenizer_vocab)

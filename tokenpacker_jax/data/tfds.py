@@ -49,7 +49,7 @@ class TfdsCaptionSource:
     def __init__(self, name: str, split: str, *, data_dir: str | None = None,
                  image_key: str = "image", caption_key: str = "caption",
                  id_key: str | None = None, prompt: str = "Describe the image briefly."):
-        import tensorflow_datasets as tfds  # noqa: PLC0415 (only this source needs it)
+        import tensorflow_datasets as tfds  # noqa: PLC0415 (tensorflow_datasets: only this source)
 
         if not name:
             raise ValueError("data.tfds.name: no TFDS dataset named")

@@ -229,7 +229,7 @@ def write_upload(path: str, tsv_path: str, lines: list[dict[str, Any]]
                  ) -> tuple[str, list[str]]:
     """Writes the server's upload file (see the module docstring); returns its path and
     the TSV's header."""
-    import openpyxl  # noqa: PLC0415 (only the upload file needs it)
+    import openpyxl  # noqa: PLC0415 (openpyxl: only the upload file needs it)
 
     header, rows = read_tsv(tsv_path)
     predictions = {line["question_id"]: line["text"] for line in lines}

@@ -252,7 +252,7 @@ def _image(record: Mapping[str, Any], where: str) -> bytes | None:
 
 
 def _questions(layout: Layout) -> list[Question]:
-    import pyarrow.parquet as pq  # noqa: PLC0415 (only MMMU's files need it)
+    import pyarrow.parquet as pq  # noqa: PLC0415 (pyarrow: only MMMU's files need it)
 
     questions = []
     for subject in SUBJECTS:

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 
 from tokenpacker_jax import generate as generation
 from tokenpacker_jax import sharding
@@ -193,8 +194,6 @@ def answer_all(make_answerer: Callable[[], Answerer], questions: Sequence[Questi
         if asked:
             _answer(make_answerer(), asked, write, file, process_index, log)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # noqa: PLC0415
-
         multihost_utils.sync_global_devices("evaluation: every host answered its share")
     if process_index != 0:
         return None

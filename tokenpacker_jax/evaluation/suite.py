@@ -36,8 +36,7 @@ def run(name: str, layout: Layout, make_answerer: Callable[[], "Answerer"], *, l
     """Answers benchmark ``name`` (``layout.split`` empty: its default split) and writes its
     files under ``layout.out``; returns the printed summary on host 0, ``None`` elsewhere.
     ``limit`` answers only the first questions (a smoke run)."""
-    # Deferred: jax is imported only to answer, not to score.
-    from tokenpacker_jax.evaluation.runner import answer_all  # noqa: PLC0415
+    from tokenpacker_jax.evaluation.runner import answer_all  # noqa: PLC0415 (jax: not to score)
 
     bench = benchmark(name)
     if not layout.split and bench.split:
