@@ -30,7 +30,8 @@ from tokenpacker_jax.data import hd
 from tokenpacker_jax.data.conversation import VICUNA_SYSTEM
 from tokenpacker_jax.data.pipeline import example_builder
 from tokenpacker_jax.data.synthetic import train_tokenizer
-from tokenpacker_jax.generate import Generator, SamplingConfig, answer, build_prompt
+from tokenpacker_jax.data.prompt import build_prompt
+from tokenpacker_jax.generate import Generator, SamplingConfig, answer
 from tokenpacker_jax.models.decoder import Decoder
 from tokenpacker_jax.models.projectors import build_projector
 from tokenpacker_jax.models.vision import VisionTransformer
@@ -126,8 +127,8 @@ def built(tmp_path_factory):
 def imported(built):
     workdir = built["root"] / "imported"
     conversion.main(["import", f"--checkpoint={built['ref_dir']}", f"--vision={built['clip_dir']}",
-              f"--out={workdir}", f"--multi_layers={','.join(map(str, MULTI_LAYERS))}",
-              f"--projector_heads={HEADS}"])
+                     f"--out={workdir}", f"--multi_layers={','.join(map(str, MULTI_LAYERS))}",
+                     f"--projector_heads={HEADS}"])
     return workdir, load_trained(str(workdir))
 
 
@@ -460,12 +461,12 @@ def test_llava_mlp_checkpoint_with_tower_keys(built, tmp_path):
 
     workdir = tmp_path / "imported"
     conversion.main(["import", f"--checkpoint={source}", f"--vision={built['clip_dir']}",
-              f"--out={workdir}", "--multi_layers=1,2,3,4"])
+                     f"--out={workdir}", "--multi_layers=1,2,3,4"])
     config = checkpoint.restore_config(checkpoint.run_directory(workdir))
     assert (config["model"]["projector"]["name"], config["model"]["projector"]["scale_factor"],
             config["data"]["image"]["aspect_mode"]) == ("mlp2x_gelu", 1, "square")
     out = Path(conversion.export_checkpoint(workdir, tmp_path / "exported", "reference",
-                                     mm_vision_tower="openai/clip-vit-large-patch14-336"))
+                                            mm_vision_tower="openai/clip-vit-large-patch14-336"))
     assert not (out / "vision_tower").exists()
     exported = safetensors_state(out)
     assert set(exported) == set(state)
@@ -481,8 +482,9 @@ def test_llava_mlp_checkpoint_with_tower_keys(built, tmp_path):
 
 def test_bfloat16_export(built, imported):
     workdir, trained = imported
-    out = conversion.main(["export", f"--checkpoint={workdir}", f"--out={built['root'] / 'bf16'}",
-                    "--format=hf", "--dtype=bfloat16", "--projector_file=mm_projector.safetensors"])
+    out = conversion.main(["export", f"--checkpoint={workdir}",
+                           f"--out={built['root'] / 'bf16'}", "--format=hf", "--dtype=bfloat16",
+                           "--projector_file=mm_projector.safetensors"])
     state = load_file(Path(out) / "model.safetensors")
     assert {v.dtype for v in state.values()} == {np.dtype(ml_dtypes.bfloat16)}
     assert json.loads((Path(out) / "config.json").read_text())["dtype"] == "bfloat16"
@@ -499,14 +501,15 @@ def test_clear_errors(built, imported, tmp_path):
         conversion.main(["import", f"--checkpoint={built['ref_dir']}", f"--out={tmp_path / 'a'}"])
     # Without --multi_layers the reference's hard-coded levels do not exist in a 4-layer tower.
     with pytest.raises(configuration.ConfigError, match="model.features.multi_layers"):
-        conversion.main(["import", f"--checkpoint={built['ref_dir']}", f"--vision={built['clip_dir']}",
-                  f"--out={tmp_path / 'b'}", f"--projector_heads={HEADS}"])
+        conversion.main(["import", f"--checkpoint={built['ref_dir']}",
+                         f"--vision={built['clip_dir']}", f"--out={tmp_path / 'b'}",
+                         f"--projector_heads={HEADS}"])
     assert not (tmp_path / "b").exists()  # nothing written before everything was checked
     with pytest.raises(FileExistsError, match="new or empty"):
-        conversion.main(["import", f"--checkpoint={built['ref_dir']}", f"--vision={built['clip_dir']}",
-                  f"--out={workdir}"])
+        conversion.main(["import", f"--checkpoint={built['ref_dir']}",
+                         f"--vision={built['clip_dir']}", f"--out={workdir}"])
     with pytest.raises(SystemExit):
         conversion.main(["export", f"--checkpoint={workdir}", f"--out={tmp_path / 'c'}",
-                  "--format=onnx"])
+                         "--format=onnx"])
     assert checkpoint.restore_config(checkpoint.run_directory(workdir))["data"]["template"] \
         == "vicuna_v1"

@@ -366,7 +366,7 @@ def test_generation_prompt_follows_the_same_rule(vicuna):
     from PIL import Image
 
     from tokenpacker_jax.data.example import ExampleBuilder, ImageSettings
-    from tokenpacker_jax.generate import build_prompt
+    from tokenpacker_jax.data.prompt import build_prompt
 
     builder = ExampleBuilder(ConversationTokenizer("vicuna_v1", vicuna),
                              ImageSettings(mode="square", size=28), tokens_per_tile=4,

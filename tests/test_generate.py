@@ -13,8 +13,9 @@ from tokenpacker_jax.data import batch as batch_lib
 from tokenpacker_jax.data import synthetic
 from tokenpacker_jax.data.image import load_image
 from tokenpacker_jax.data.pipeline import example_builder, tokens_per_tile
+from tokenpacker_jax.data.prompt import build_prompt, left_pad
 from tokenpacker_jax.evaluation import question_file
-from tokenpacker_jax.generate import Generator, SamplingConfig, build_prompt, left_pad
+from tokenpacker_jax.generate import Generator, SamplingConfig
 from tokenpacker_jax.models import mllm
 from tokenpacker_jax.tokenizer import load_tokenizer
 

@@ -15,11 +15,10 @@ PACKAGE = "tokenpacker_jax"
 LAYERS = (
     ("sharding",),  # the mesh and the logical-axis rules table
     ("models",),  # Flax modules: no I/O
-    ("tokenizer",),  # tokenizers of the decoder families, padding
-    ("data",),  # records -> examples -> batches; the batch contract
+    ("data",),  # records -> examples -> batches; the batch contract; prompts
     ("configs", "configuration"),  # configs and their checks
     ("convert",),  # checkpoint formats (HF, the reference's) both ways
-    ("optim", "train_state", "train_step", "checkpoint", "flops", "metrics"),  # run pieces
+    ("tokenizer", "optim", "train_state", "train_step", "checkpoint", "flops", "metrics"),
     ("assembly",),  # models and runs assembled from configs
     ("generate", "region_maps", "evaluation"),  # inference and scoring
     ("train", "evaluate", "aot", "quickstart", "conversion", "bench"),  # commands

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from tokenpacker_jax import checkpoint, configuration, flops, sharding
 from tokenpacker_jax import train_state as state_lib
@@ -203,7 +203,7 @@ def assemble(config: ml_collections.ConfigDict, mesh: Mesh | None = None, *,
     dims = batch_lib.Dims.of_config(config)
     batch_shardings = {key: sharding.batch_sharding(mesh, 1 + len(dims.shape(key)))
                        for key in batch_lib.STEP_KEYS}
-    replicated = NamedSharding(mesh, PartitionSpec())
+    replicated = sharding.replicated(mesh)
     jitted_train = jax.jit(
         make_train_step(placed.model, tx, trainable, config.train.microbatches),
         in_shardings=(state_shardings, batch_shardings),

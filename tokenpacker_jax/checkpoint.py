@@ -9,7 +9,8 @@ Each step directory holds three items:
   ``tokenpacker_jax.convert``);
 - ``config``: the run's config as JSON, for tools that start from a checkpoint.
 
-Saves are asynchronous; ``wait`` blocks until the last one is durable.
+Saves are asynchronous; the manager's ``wait_until_finished()`` blocks until the last one is
+durable.
 """
 
 from __future__ import annotations

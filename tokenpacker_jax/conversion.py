@@ -51,7 +51,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax.sharding import NamedSharding, PartitionSpec
 
 from tokenpacker_jax import assembly, checkpoint, configuration, sharding
 from tokenpacker_jax import train_state as state_lib
@@ -218,7 +217,7 @@ def import_checkpoint(checkpoint_dir: str | os.PathLike, out: str | os.PathLike,
         _check_like(abstract[group], tree, group)
 
     write_tokenizer(tokenizer_source, tokenizer_dir, decoder_config)
-    step = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(placed.mesh, PartitionSpec()))
+    step = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(placed.mesh))
     state = state_lib.TrainState(step=step, params=params, opt_state={})
     manager = checkpoint.make_manager(checkpoint.run_directory(out), keep=1,
                                       asynchronous=False)

@@ -2,16 +2,16 @@
 
     python -m tokenpacker_jax.generate --checkpoint=WORKDIR --image=FILE --prompt=TEXT
 
-The prompt is the user turn of the checkpoint's conversation template, ending where the
-assistant's answer begins. With an image, the turn is what training makes of a turn holding
-``<image>`` (``conversation.place_image``): ``<image>``, newline, the question stripped; just
-``<image>`` for an empty question. For a question without surrounding whitespace this is
-the reference's evaluation prompt, ``<image>`` + newline + question; its evaluation scripts
-keep surrounding whitespace, and for an empty question leave ``<image>`` + newline, a turn
-its training never produces. Prompts of a batch are LEFT-padded (the decoder's KV-cache
-convention), prefilled once, then decoded one token per step on the device until every row
-has stopped (EOS or a template stop token) or ``max_new_tokens``; greedy at temperature 0,
-else sampled with optional top-k / top-p.
+The prompt (``data/prompt.py``) is the user turn of the checkpoint's conversation template,
+ending where the assistant's answer begins. With an image, the turn is what training makes of
+a turn holding ``<image>`` (``conversation.place_image``): ``<image>``, newline, the question
+stripped; just ``<image>`` for an empty question. For a question without surrounding
+whitespace this is the reference's evaluation prompt, ``<image>`` + newline + question; its
+evaluation scripts keep surrounding whitespace, and for an empty question leave ``<image>`` +
+newline, a turn its training never produces. Prompts of a batch are LEFT-padded (the
+decoder's KV-cache convention), prefilled once, then decoded one token per step on the device
+until every row has stopped (EOS or a template stop token) or ``max_new_tokens``; greedy at
+temperature 0, else sampled with optional top-k / top-p.
 """
 
 from __future__ import annotations
@@ -29,14 +29,12 @@ import numpy as np
 from absl import flags, logging
 
 from tokenpacker_jax.assembly import load_trained
-from tokenpacker_jax.data import batch as batch_lib
-from tokenpacker_jax.data.conversation import IMAGE_PLACEHOLDER, ImageSlot, Turn, place_image
 from tokenpacker_jax.data.example import ExampleBuilder
 from tokenpacker_jax.data.image import load_image
 from tokenpacker_jax.data.pipeline import example_builder
+from tokenpacker_jax.data.prompt import build_prompt, left_pad
 from tokenpacker_jax.models import mllm
 from tokenpacker_jax.models.decoder import unstack_layers
-from tokenpacker_jax.tokenizer import pad_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,65 +43,6 @@ class SamplingConfig:
     temperature: float = 0.0  # 0: greedy
     top_k: int = 0  # 0: no top-k cut
     top_p: float = 1.0  # 1: no nucleus cut
-
-
-@dataclasses.dataclass
-class Prompt:
-    """One tokenized prompt: ids with pad at visual positions, and its image arrays."""
-
-    ids: np.ndarray  # int32 [L]
-    image_mask: np.ndarray  # bool [L]
-    pixel_values: np.ndarray  # float32 [N, S, S, 3]
-    tile_mask: np.ndarray  # bool [N]
-
-
-def build_prompt(builder: ExampleBuilder, question: str, image: Any | None) -> Prompt:
-    """The generation prompt for ``question`` (about ``image``, a PIL image, if given).
-
-    The template renders a one-turn conversation; everything from the first supervised
-    segment of the answer on is dropped, so the prompt ends where the answer would begin.
-    With an image, ``<image>`` goes where training puts it (``place_image``), also when the
-    question names it itself (once at most).
-
-    Raises ValueError: ``<image>`` in the question without an image, or more than once.
-    """
-    count = question.count(IMAGE_PLACEHOLDER)
-    if image is None and count:
-        raise ValueError(f"{IMAGE_PLACEHOLDER} in the question but no image given: "
-                         f"{question!r:.80}")
-    if count > 1:
-        raise ValueError(f"{IMAGE_PLACEHOLDER} appears {count} times in the question; one "
-                         f"image per prompt: {question!r:.80}")
-    text = place_image(question) if image is not None else question
-    template = builder.conversation.template
-    segments = template.segments([Turn("human", text), Turn("gpt", "")])
-    first_answer = next(i for i, s in enumerate(segments) if getattr(s, "supervised", False))
-    segments = segments[:first_answer]
-    tokens = builder.conversation.tokenize_segments(segments)
-    ids = np.asarray(tokens.ids, np.int64)
-    visual = np.zeros(len(ids), bool)
-    pixels, tile_mask = builder.no_image()
-    if image is not None:
-        if not any(isinstance(s, ImageSlot) for s in segments):
-            raise ValueError(f"template {template.name!r} put no image slot in the prompt")
-        pixels, tile_mask, span_ids, span_visual = builder.image_tiles(image)
-        slot = int(np.flatnonzero(ids < 0)[0])
-        ids = np.concatenate([ids[:slot], span_ids, ids[slot + 1:]])
-        visual = np.concatenate([visual[:slot], span_visual, visual[slot + 1:]])
-    return Prompt(ids.astype(np.int32), visual, pixels, tile_mask)
-
-
-def left_pad(prompts: Sequence[Prompt], pad_id: int, length: int | None = None
-             ) -> dict[str, np.ndarray]:
-    """A batch of prompts (the model's inputs), left-padded to ``length`` (default: the
-    longest)."""
-    inputs = {}
-    inputs["input_ids"], inputs["attention_mask"] = pad_rows(
-        [p.ids for p in prompts], pad_id, length)
-    inputs["image_mask"], _ = pad_rows([p.image_mask for p in prompts], False, length,
-                                       dtype=bool)
-    inputs["pixel_values"] = np.stack([p.pixel_values for p in prompts])
-    return batch_lib.select(inputs, batch_lib.MODEL_INPUTS)
 
 
 def bucket_length(length: int, multiple: int = 64) -> int:

@@ -156,6 +156,7 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh,
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """Sharding of an array every device holds whole (scalars, counters, metrics)."""
     return NamedSharding(mesh, PartitionSpec())
 
 

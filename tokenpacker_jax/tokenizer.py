@@ -29,7 +29,12 @@ from typing import Any
 
 import numpy as np
 
-TOKENIZER_FAMILIES = ("llama", "gemma", "gemma2", "gemma3")
+from tokenpacker_jax.convert.hf_decoder import family_of_model_type
+from tokenpacker_jax.data.batch import pad_rows
+from tokenpacker_jax.data.conversation import default_pad_id
+from tokenpacker_jax.models.decoder_config import DECODER_FAMILIES
+
+TOKENIZER_FAMILIES = DECODER_FAMILIES
 # Chat-turn terminators that generation should stop at, besides EOS.
 _EXTRA_STOP_TOKENS = ("<|eot_id|>", "<end_of_turn>")
 
@@ -61,44 +66,18 @@ class Tokenizer:
 
     def pad_batch(self, sequences: Sequence[Sequence[int]], length: int | None = None, *,
                   side: str = "left") -> tuple[np.ndarray, np.ndarray]:
-        """Pads id lists to ``length`` (default: the longest) with ``pad_id`` (``pad_rows``).
+        """Pads id lists to ``length`` (default: the longest) with ``pad_id``
+        (``data.batch.pad_rows``).
         Returns (ids [B, L] int32, attention mask [B, L] int32)."""
         return pad_rows(sequences, self.pad_id, length, side=side)
-
-
-def pad_rows(rows: Sequence[Sequence[Any]], fill: Any, length: int | None = None, *,
-             side: str = "left", dtype: Any = np.int32) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of different lengths as one array [B, L] (L = ``length``, default the longest)
-    padded with ``fill``, and the mask of the rows' own entries [B, L] int32.
-
-    Left padding is the decoding convention (see ``models.decoder``); right padding is the
-    usual one for training.
-    """
-    if side not in ("left", "right"):
-        raise ValueError(f"pad side must be 'left' or 'right', got {side!r}")
-    longest = max((len(row) for row in rows), default=0)
-    length = longest if length is None else length
-    if longest > length:
-        raise ValueError(f"a sequence of {longest} tokens does not fit length {length}")
-    out = np.full((len(rows), length), fill, dtype)
-    mask = np.zeros((len(rows), length), np.int32)
-    for index, row in enumerate(rows):
-        start = length - len(row) if side == "left" else 0
-        out[index, start:start + len(row)] = row
-        mask[index, start:start + len(row)] = 1
-    return out, mask
 
 
 def _family_from_directory(path: Path, hf_tokenizer: Any) -> str:
     config_path = path / "config.json"
     if config_path.is_file():
-        model_type = json.loads(config_path.read_text()).get("model_type", "")
-        if model_type in ("llama", "llava_llama"):
-            return "llama"
-        if model_type in ("gemma", "gemma2"):
-            return model_type
-        if model_type in ("gemma3", "gemma3_text"):
-            return "gemma3"
+        family = family_of_model_type(json.loads(config_path.read_text()).get("model_type"))
+        if family is not None:
+            return family
     vocab = hf_tokenizer.get_vocab()
     if "<start_of_turn>" in vocab or "<bos>" in vocab:
         return "gemma"
@@ -137,9 +116,7 @@ def load_tokenizer(path: str | os.PathLike, *, family: str | None = None) -> Tok
     eos_id = hf_tokenizer.eos_token_id
     if eos_id is None:
         raise ValueError(f"{path}: the tokenizer defines no EOS token")
-    pad_id = hf_tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = hf_tokenizer.unk_token_id if hf_tokenizer.unk_token_id is not None else eos_id
+    pad_id = default_pad_id(hf_tokenizer)
     vocab = hf_tokenizer.get_vocab()
     stops = [eos_id, *_config_eos_ids(path), *(vocab[t] for t in _EXTRA_STOP_TOKENS
                                                if t in vocab)]

@@ -16,7 +16,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from tokenpacker_jax import sharding
 from tokenpacker_jax.data import batch as batch_lib
@@ -104,7 +104,7 @@ def create_state(params: dict, tx: optax.GradientTransformation,
     trainable_params, _ = split_trainable(params, trainable)
     opt_shardings = optimizer_shardings(tx, trainable_params, shardings, mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable_params)
-    step = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(mesh, PartitionSpec()))
+    step = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
     return TrainState(step=step, params=params, opt_state=opt_state)
 
 
@@ -121,7 +121,7 @@ def optimizer_shardings(tx: optax.GradientTransformation, trainable_params: Any,
     for path, leaf in jax.tree_util.tree_leaves_with_path(trainable_params):
         keys = tuple(str(k.key) for k in path)
         by_path[keys] = (tuple(leaf.shape), _lookup(shardings, keys))
-    replicated = NamedSharding(mesh, PartitionSpec())
+    replicated = sharding.replicated(mesh)
 
     def leaf_sharding(path, leaf):
         keys = tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
@@ -144,5 +144,5 @@ def state_shardings(state_like: TrainState, shardings: Any, tx: optax.GradientTr
                     trainable: Sequence[str], mesh: Mesh) -> TrainState:
     """Shardings of a TrainState (a concrete or abstract one), for jit and for restoring."""
     trainable_params, _ = split_trainable(state_like.params, trainable)
-    return TrainState(step=NamedSharding(mesh, PartitionSpec()), params=shardings,
+    return TrainState(step=sharding.replicated(mesh), params=shardings,
                       opt_state=optimizer_shardings(tx, trainable_params, shardings, mesh))

@@ -88,15 +88,6 @@ def abstract_decoder_params(config: DecoderConfig) -> Any:
     return jax.eval_shape(Decoder(config).init, jax.random.key(0), ids)["params"]
 
 
-def decoder_param_shardings(config: DecoderConfig, mesh: jax.sharding.Mesh,
-                            rules: Any = None) -> Any:
-    """NamedShardings of a decoder's parameters under the logical rules. Dimensions a mesh
-    axis does not divide (one KV head of a multi-query model under tensor parallelism)
-    stay replicated along that axis."""
-    abstract = abstract_decoder_params(config)
-    return sharding.logical_shardings(abstract, mesh, rules)
-
-
 def load_decoder(path: str | os.PathLike, *, dtype: str = "float32",
                  param_dtype: str = "float32", remat_policy: str = "none",
                  attention_impl: str | None = None, shardings: Any = None,

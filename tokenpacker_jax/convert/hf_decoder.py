@@ -20,8 +20,10 @@ from tokenpacker_jax.models.decoder_config import DecoderConfig
 
 # model_type -> family. ``llava_llama`` is the reference LLaVA / TokenPacker checkpoint: a
 # LLaMA config with extra multimodal fields, whose LLM keys are the LLaMA keys.
-_FAMILY_OF_MODEL_TYPE = {"llama": "llama", "llava_llama": "llama", "gemma": "gemma",
-                         "gemma2": "gemma2", "gemma3_text": "gemma3"}
+FAMILY_OF_MODEL_TYPE = {"llama": "llama", "llava_llama": "llama", "gemma": "gemma",
+                        "gemma2": "gemma2", "gemma3_text": "gemma3"}
+# A multimodal model_type -> the model_type of its LLM (``text_config``).
+TEXT_MODEL_TYPE = {"gemma3": "gemma3_text"}
 _ARCHITECTURE = {"llama": "LlamaForCausalLM", "gemma": "GemmaForCausalLM",
                  "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
 _MODEL_TYPE = {"llama": "llama", "gemma": "gemma", "gemma2": "gemma2",
@@ -72,6 +74,12 @@ _FAMILY_TRAITS = {
     "gemma3": dict(norm_plus_one=True, scale_embeddings=True, post_norms=True, qk_norm=True,
                    attention_bias=False, mlp_bias=False),
 }
+
+
+def family_of_model_type(model_type: str | None) -> str | None:
+    """Our decoder family of a config.json ``model_type`` (a multimodal one's: its LLM's), or
+    None for an unknown one."""
+    return FAMILY_OF_MODEL_TYPE.get(TEXT_MODEL_TYPE.get(model_type, model_type))
 
 
 def _rope_from_hf(values: Mapping[str, Any], family: str) -> dict[str, Any]:
@@ -127,13 +135,13 @@ def _eos_tuple(eos: Any) -> tuple[int, ...]:
 def decoder_config_from_hf(hf_config: Mapping[str, Any], **overrides) -> DecoderConfig:
     """Our DecoderConfig from a LLaMA / Gemma / Gemma 2 ``config.json`` (4.x or 5.x)."""
     model_type = hf_config.get("model_type")
-    if model_type == "gemma3" and "text_config" in hf_config:  # multimodal: its LLM
-        hf_config = {"model_type": "gemma3_text", **hf_config["text_config"]}
-        model_type = "gemma3_text"
-    if model_type not in _FAMILY_OF_MODEL_TYPE:
+    if model_type in TEXT_MODEL_TYPE and "text_config" in hf_config:  # multimodal: its LLM
+        model_type = TEXT_MODEL_TYPE[model_type]
+        hf_config = {"model_type": model_type, **hf_config["text_config"]}
+    if model_type not in FAMILY_OF_MODEL_TYPE:
         raise ValueError(f"config.json: model_type {model_type!r} is not a supported decoder "
-                         f"(expected one of {sorted(_FAMILY_OF_MODEL_TYPE)})")
-    family = _FAMILY_OF_MODEL_TYPE[model_type]
+                         f"(expected one of {sorted(FAMILY_OF_MODEL_TYPE)})")
+    family = FAMILY_OF_MODEL_TYPE[model_type]
     # None is a real value for some keys (pad_token_id, soft-capping off), so no filtering.
     v = {**_HF_DEFAULTS[family], **hf_config}
     heads = int(v["num_attention_heads"])

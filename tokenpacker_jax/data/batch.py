@@ -106,6 +106,29 @@ def padding_row(dims: Dims, pad_id: int, keys: Sequence[str] = KEYS) -> dict[str
                          else FIELDS[key].fill, FIELDS[key].dtype) for key in keys}
 
 
+def pad_rows(rows: Sequence[Sequence[Any]], fill: Any, length: int | None = None, *,
+             side: str = "left", dtype: Any = np.int32) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of different lengths as one array [B, L] (L = ``length``, default the longest)
+    padded with ``fill``, and the mask of the rows' own entries [B, L] int32.
+
+    Left padding is the decoding convention (see ``models.decoder``); right padding is the
+    usual one for training.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"pad side must be 'left' or 'right', got {side!r}")
+    longest = max((len(row) for row in rows), default=0)
+    length = longest if length is None else length
+    if longest > length:
+        raise ValueError(f"a sequence of {longest} tokens does not fit length {length}")
+    out = np.full((len(rows), length), fill, dtype)
+    mask = np.zeros((len(rows), length), np.int32)
+    for index, row in enumerate(rows):
+        start = length - len(row) if side == "left" else 0
+        out[index, start:start + len(row)] = row
+        mask[index, start:start + len(row)] = 1
+    return out, mask
+
+
 def abstract_batch(dims: Dims, batch_size: int, mesh: jax.sharding.Mesh | None = None,
                    keys: Sequence[str] = STEP_KEYS) -> dict[str, jax.ShapeDtypeStruct]:
     """ShapeDtypeStructs of a global batch, with the batch axis over the mesh's (data, fsdp)

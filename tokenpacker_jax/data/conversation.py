@@ -88,12 +88,21 @@ class HFTextTokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=False)
 
 
+def default_pad_id(hf_tokenizer: Any) -> int:
+    """The pad id of a transformers tokenizer: its pad token; else UNK (LLaMA-2 has no pad
+    token, and the reference's training pads with UNK); else EOS (LLaMA-3 has neither)."""
+    for candidate in (hf_tokenizer.pad_token_id, hf_tokenizer.unk_token_id,
+                      hf_tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    raise ValueError("the tokenizer defines no pad, unknown or EOS token")
+
+
 def text_tokenizer(tokenizer: Any) -> TextTokenizer:
     """``tokenpacker_jax.tokenizer.Tokenizer``, a transformers tokenizer, or anything with
     ``encode(text)``, ``bos_id``, ``eos_id``, ``pad_id`` -> ``TextTokenizer``.
 
-    A transformers tokenizer without a pad token pads with UNK, else EOS (as
-    ``tokenpacker_jax.tokenizer`` does).
+    A transformers tokenizer pads as ``default_pad_id`` says.
     """
     if isinstance(tokenizer, HFTextTokenizer):
         return tokenizer
@@ -105,12 +114,8 @@ def text_tokenizer(tokenizer: Any) -> TextTokenizer:
     if hasattr(tokenizer, "eos_token_id"):  # a transformers tokenizer
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer defines no EOS token")
-        pad = tokenizer.pad_token_id
-        if pad is None:
-            pad = tokenizer.unk_token_id if tokenizer.unk_token_id is not None \
-                else tokenizer.eos_token_id
         return HFTextTokenizer(tokenizer, tokenizer.bos_token_id, int(tokenizer.eos_token_id),
-                               int(pad))
+                               default_pad_id(tokenizer))
     raise TypeError(f"cannot use {type(tokenizer).__name__} as a tokenizer: need encode(text) "
                     f"and bos_id / eos_id / pad_id, or a transformers tokenizer")
 
@@ -326,10 +331,6 @@ class TokenizedConversation:
 
     ids: list[int]
     supervised: list[bool]
-
-    @property
-    def image_slots(self) -> list[int]:
-        return [i for i, token in enumerate(self.ids) if token == IMAGE_TOKEN_ID]
 
 
 class ConversationTokenizer:

@@ -98,6 +98,37 @@ def _open_image(source: SourceRecord, image_folder: str) -> tuple[Image.Image, s
         raise DataError(errors.CORRUPT_IMAGE, f"{path}: {err}") from err
 
 
+def splice_image(ids: Sequence[int], supervised: Sequence[bool], span_ids: np.ndarray | None,
+                 span_visual: np.ndarray | None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int] | None]:
+    """Text ids with the image slot (``IMAGE_TOKEN_ID``) -> the image's positions in its place.
+
+    Args:
+      ids, supervised: [L] the text's ids and supervision.
+      span_ids, span_visual: [P] the image's positions (``ExampleBuilder.image_tiles``), or
+        None for a sample without an image.
+    Returns:
+      (ids int64 [L - 1 + P], supervised bool, visual bool (True where a visual token goes),
+      the image's (start, end) or None).
+    Raises DataError (bad_record) when the ids hold no slot for the image, or a slot for none.
+    """
+    ids = np.asarray(ids, np.int64)
+    supervised = np.asarray(supervised, bool)
+    slots = np.flatnonzero(ids == IMAGE_TOKEN_ID)
+    if len(slots) != (0 if span_ids is None else 1):
+        raise DataError(errors.BAD_RECORD, f"{len(slots)} image slots in the tokens for "
+                                           f"{0 if span_ids is None else 1} image")
+    visual = np.zeros(len(ids), bool)
+    if span_ids is None:
+        return ids, supervised, visual, None
+    slot = int(slots[0])
+    ids = np.concatenate([ids[:slot], span_ids, ids[slot + 1:]])
+    supervised = np.concatenate([supervised[:slot], np.zeros(len(span_ids), bool),
+                                 supervised[slot + 1:]])
+    visual = np.concatenate([visual[:slot], span_visual, visual[slot + 1:]])
+    return ids, supervised, visual, (slot, slot + len(span_ids))
+
+
 class ExampleBuilder:
     """Callable: SourceRecord -> example dict (see the module docstring) or ``Skipped``.
 
@@ -191,21 +222,7 @@ class ExampleBuilder:
                  span_ids: np.ndarray | None, span_visual: np.ndarray | None
                  ) -> dict[str, Any]:
         """Text ids with the image slot -> the padded sequence arrays (+ ``image_kept``)."""
-        ids = np.asarray(ids, np.int64)
-        supervised = np.asarray(supervised, bool)
-        slots = np.flatnonzero(ids == IMAGE_TOKEN_ID)
-        if len(slots) != (0 if span_ids is None else 1):
-            raise DataError(errors.BAD_RECORD, f"{len(slots)} image slots in the tokens for "
-                                               f"{0 if span_ids is None else 1} image")
-        visual = np.zeros(len(ids), bool)
-        span = None
-        if span_ids is not None:
-            slot = int(slots[0])
-            span = (slot, slot + len(span_ids))
-            ids = np.concatenate([ids[:slot], span_ids, ids[slot + 1:]])
-            supervised = np.concatenate([supervised[:slot], np.zeros(len(span_ids), bool),
-                                         supervised[slot + 1:]])
-            visual = np.concatenate([visual[:slot], span_visual, visual[slot + 1:]])
+        ids, supervised, visual, span = splice_image(ids, supervised, span_ids, span_visual)
         length = len(ids)
         target = np.full(length, self.pad_id, np.int64)
         target[:-1] = ids[1:]

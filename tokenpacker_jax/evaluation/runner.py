@@ -33,6 +33,7 @@ from jax.experimental import multihost_utils
 from tokenpacker_jax import generate as generation
 from tokenpacker_jax import sharding
 from tokenpacker_jax.data.pipeline import example_builder
+from tokenpacker_jax.data.prompt import build_prompt, left_pad
 from tokenpacker_jax.evaluation.benchmark import Question
 
 PARTS = "parts"
@@ -76,7 +77,7 @@ class Answerer:
 
     def prompts(self, questions: Sequence[tuple[str, Any]]) -> list[Any]:
         """Tokenised prompts of (message after the image, PIL image or None) pairs."""
-        return [generation.build_prompt(self.builder, text, image) for text, image in questions]
+        return [build_prompt(self.builder, text, image) for text, image in questions]
 
     def generate(self, prompts: Sequence[Any]) -> list[str]:
         """The answers to at most ``batch_size`` prompts."""
@@ -84,7 +85,7 @@ class Answerer:
             raise ValueError(f"{len(prompts)} prompts for a batch of {self.batch_size}")
         padded = list(prompts) + [prompts[-1]] * (self.batch_size - len(prompts))
         length = generation.bucket_length(max(len(p.ids) for p in padded), self.bucket)
-        batch = generation.left_pad(padded, self.generator.pad_id, length)
+        batch = left_pad(padded, self.generator.pad_id, length)
         with sharding.use_mesh(self.mesh, self.rules):
             placed = {name: jax.device_put(value, sharding.batch_sharding(self.mesh,
                                                                           value.ndim))

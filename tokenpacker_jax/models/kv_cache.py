@@ -11,17 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
-from jax.sharding import Mesh
 
-from tokenpacker_jax import sharding
 from tokenpacker_jax.models.decoder_config import DecoderConfig
 
-# Logical axis names of the cache arrays (used for constraints and for shardings).
-KV_AXES = ("layers", "activation_batch", "activation_length", "activation_kv_heads", None)
+# Logical axis names of ``KVCache.positions`` (for sharding constraints).
 POSITION_AXES = ("activation_batch", "activation_length")
 
 
@@ -91,27 +87,3 @@ def init_cache(config: DecoderConfig, batch: int, max_length: int,
         index=jnp.zeros((), jnp.int32),
         next_position=jnp.zeros((batch,), jnp.int32),
     )
-
-
-def cache_logical_axes() -> KVCache:
-    """The logical axis names of each cache field (a KVCache of tuples)."""
-    return KVCache(keys=KV_AXES, values=KV_AXES, positions=POSITION_AXES, index=(),
-                   next_position=("activation_batch",))
-
-
-def cache_shardings(config: DecoderConfig, batch: int, max_length: int, mesh: Mesh,
-                    rules: Any = None) -> KVCache:
-    """NamedShardings of a cache under the logical rules (batch over data/fsdp, KV heads
-    over tensor where they divide), e.g. for ``jax.jit`` out_shardings of ``prefill``."""
-    abstract = jax.eval_shape(lambda: init_cache(config, batch, max_length))
-    axes = cache_logical_axes()
-    rules = sharding.rules_from_config(rules)
-    leaves, treedef = jax.tree_util.tree_flatten(abstract)
-    axes_leaves = treedef.flatten_up_to(axes)
-    out = []
-    for leaf, names in zip(leaves, axes_leaves):
-        spec = jax.sharding.PartitionSpec(*[None] * leaf.ndim)
-        if names:
-            spec = nn.logical_to_mesh_axes(names, rules)
-        out.append(sharding.fit_to_shape(jax.sharding.NamedSharding(mesh, spec), leaf.shape))
-    return jax.tree_util.tree_unflatten(treedef, out)
