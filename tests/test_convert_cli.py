@@ -185,8 +185,8 @@ def test_hd_import_uses_the_reference_global_view(built, tmp_path):
     (source / "config.json").write_text(json.dumps(ref_config))
     workdir = tmp_path / "imported_hd"
     conversion.main(["import", f"--checkpoint={source}", f"--vision={built['clip_dir']}",
-              f"--out={workdir}", f"--multi_layers={','.join(map(str, MULTI_LAYERS))}",
-              f"--projector_heads={HEADS}"])
+                     f"--out={workdir}", f"--multi_layers={','.join(map(str, MULTI_LAYERS))}",
+                     f"--projector_heads={HEADS}"])
     trained = load_trained(str(workdir))
     config = trained.config
     assert (config.data.image.aspect_mode, config.data.hd.patch_num) == ("slice", 9)

@@ -1,12 +1,11 @@
 """Run configs read back from checkpoints: configs saved by earlier versions keep the meaning
 they were trained with; an HD run resumes only with the global view it trained on."""
 
+import ml_collections
 import pytest
 
-import ml_collections
-
-from configs import common
 from tokenpacker_jax import assembly, configuration
+from tokenpacker_jax.configs import common
 
 
 def saved(**hd_fields):
