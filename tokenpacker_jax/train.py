@@ -2,8 +2,9 @@
 
     python -m tokenpacker_jax.train --config=configs/tiny.py:stage=1 --workdir=/tmp/run
 
-Rerunning the same command resumes from the newest checkpoint in ``workdir``. SIGTERM
-(preemption) saves and exits; a non-finite loss stops the run and keeps the last good
+Rerunning the same command resumes from the newest checkpoint in ``workdir`` whose files
+verify (a damaged one is moved aside; ``--config.checkpoint.restore_step=N`` picks a step).
+SIGTERM (preemption) saves and exits; a non-finite loss stops the run and keeps the last good
 checkpoint. The loop reads top to bottom: config -> the run (``assembly.assemble``: mesh,
 model, state shapes and shardings, jitted steps) -> data -> state (restored, or built from
 shapes with pretrained weights loaded into their shards) -> loop with metrics, evaluation and
@@ -92,7 +93,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     manager = checkpoint.make_manager(checkpoint.run_directory(workdir),
                                       keep=config.checkpoint.keep,
                                       asynchronous=config.checkpoint.asynchronous)
-    latest = manager.latest_step()
+    latest = checkpoint.choose_step(manager, config.checkpoint.restore_step)
     if latest is not None:
         assembly.check_resumable(config, assembly.saved_config(workdir, latest), workdir)
         state = checkpoint.restore(manager, latest, assembled.state_targets(), train_iter)
