@@ -5,10 +5,10 @@
 Rerunning the same command resumes from the newest checkpoint in ``workdir`` whose files
 verify (a damaged one is moved aside; ``--config.checkpoint.restore_step=N`` picks a step).
 SIGTERM (preemption) saves and exits; a non-finite loss stops the run and keeps the last good
-checkpoint. The loop reads top to bottom: config -> the run (``assembly.assemble``: mesh,
-model, state shapes and shardings, jitted steps) -> data -> state (restored, or built from
-shapes with pretrained weights loaded into their shards) -> loop with metrics, evaluation and
-checkpoints.
+checkpoint (right after a resume, it names the checkpoint resumed from as suspect). The loop
+reads top to bottom: config -> the run (``assembly.assemble``: mesh, model, state shapes and
+shardings, jitted steps) -> data -> state (restored, or built from shapes with pretrained
+weights loaded into their shards) -> loop with metrics, evaluation and checkpoints.
 """
 
 from __future__ import annotations
@@ -29,10 +29,33 @@ from tokenpacker_jax import assembly, checkpoint, configuration, flops, metrics
 from tokenpacker_jax.data import pipeline
 from tokenpacker_jax.tokenizer import load_tokenizer
 from tokenpacker_jax.train_step import make_eval_step, make_train_step  # noqa: F401 (re-exported)
+from tokenpacker_jax.user_error import UserError
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or Inf; the message says which step and what was kept."""
+
+
+# A loss that turns non-finite this many steps or fewer after a resume, with no checkpoint
+# saved since, points at the checkpoint it resumed from.
+SUSPECT_AFTER_RESUME = 10
+
+
+def divergence_message(step: int, resumed: int | None, last_saved: int | None,
+                       kept: list[int], directory: str) -> str:
+    """What TrainingDiverged says: the step, and which checkpoint to go on from."""
+    what = f"non-finite loss or gradient at step {step}"
+    if resumed is not None and last_saved == resumed and step - resumed <= SUSPECT_AFTER_RESUME:
+        earlier = sorted(s for s in kept if s < resumed)
+        how = (f"resume from an earlier one with --config.checkpoint.restore_step=N (N one of "
+               f"{earlier})" if earlier else "no earlier checkpoint is kept: start again in a "
+               "new workdir")
+        return (f"{what}, {step - resumed} step(s) after resuming from step {resumed}: the "
+                f"checkpoint of step {resumed} in {directory} is suspect (damaged, or saved "
+                f"when the run was already diverging); {how}")
+    if last_saved is None:
+        return f"{what}; no checkpoint was saved in {directory}"
+    return f"{what}; the last good checkpoint (step {last_saved}) is kept in {directory}"
 
 
 @dataclasses.dataclass
@@ -125,10 +148,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
             for step_done, finite in pending_finite:
                 if not bool(finite):
                     writer.close()
-                    raise TrainingDiverged(
-                        f"non-finite loss or gradient at step {step_done}; the last good "
-                        f"checkpoint (step {last_good_step}) is kept in "
-                        f"{checkpoint.run_directory(workdir)}")
+                    raise TrainingDiverged(divergence_message(
+                        step_done, latest, last_good_step, manager.all_steps(),
+                        checkpoint.run_directory(workdir)))
             pending_finite.clear()
 
         def save(step: int, force: bool = False):
