@@ -14,6 +14,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
+
+# The repository, where the package is not installed; its user_error imports no dependency.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tokenpacker_jax import user_error  # noqa: E402
+# For gpu.py and tpu.py:
+from tokenpacker_jax.user_error import ArgumentParser, UserError  # noqa: E402, F401
 
 # Pinned like requirements.txt; the accelerator's jax build replaces the CPU one.
 JAX_TPU = "jax[tpu]==0.10.2"
@@ -77,11 +84,19 @@ def parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str]
 
 
 def main(steps: dict[str, Callable[[argparse.Namespace, Runner], None]],
-         parse_args: Callable[[list[str]], argparse.Namespace],
+         parse_args: Callable[[list[str]], argparse.Namespace], prog: str,
          argv: list[str] | None = None) -> None:
-    """Runs the step ``argv`` (default: the command line) names, for real or as a dry run."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    steps[args.step](args, Runner(args.dry_run))
+    """Runs the step ``argv`` (default: the command line) names, for real or as a dry run;
+    a mistake (a flag, a command that failed) is one line on stderr."""
+    def run(argv: list[str]) -> None:
+        args = parse_args(argv)
+        try:
+            steps[args.step](args, Runner(args.dry_run))
+        except subprocess.CalledProcessError as err:
+            raise UserError(f"{shlex.join(err.cmd)} failed (exit status {err.returncode})"
+                            ) from err
+
+    user_error.run_argparse(run, prog, argv)
 
 
 def train_command(config: str, workdir: str, overrides: Sequence[str],
@@ -93,7 +108,7 @@ def train_command(config: str, workdir: str, overrides: Sequence[str],
         argv.append("--config.distributed.initialize=true")
     for override in overrides:
         if not override.startswith("--config."):
-            raise SystemExit(f"overrides must look like --config.a.b=value, got {override!r}")
+            raise UserError(f"overrides must look like --config.a.b=value, got {override!r}")
         argv.append(override)
     return argv
 

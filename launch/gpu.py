@@ -44,7 +44,7 @@ def install(args, runner: common.Runner) -> None:
 
 def _train(args, distributed: bool) -> list[str]:
     if not args.config or not args.workdir:
-        raise SystemExit(f"{args.step}: --config and --workdir are required")
+        raise common.UserError(f"{args.step}: --config and --workdir are required")
     return common.train_command(args.config, args.workdir, args.overrides,
                                 distributed=distributed, python=args.python)
 
@@ -100,7 +100,7 @@ STEPS = {"install": install, "run": run, "srun": srun, "slurm": slurm}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+    parser = common.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", choices=sorted(STEPS))
     parser.add_argument("--config", default="", help="configs/FILE.py[:variant]")
@@ -125,7 +125,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    common.main(STEPS, parse_args, argv)
+    common.main(STEPS, parse_args, "launch/gpu.py", argv)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def accelerator_type(text: str) -> str:
     if family == "v5e":
         family = "v5litepod"
     if family not in RUNTIME_VERSIONS or not size.isdigit():
-        raise SystemExit(f"--accelerator-type {text!r}: expected one of "
+        raise common.UserError(f"--accelerator-type {text!r}: expected one of "
                          f"{sorted(RUNTIME_VERSIONS)} (or v5e) and a size, e.g. v5litepod-16")
     return f"{family}-{size}"
 
@@ -106,7 +106,7 @@ def install(args, runner: common.Runner) -> None:
 
 def run(args, runner: common.Runner) -> None:
     if not args.config or not args.workdir:
-        raise SystemExit("run: --config and --workdir are required")
+        raise common.UserError("run: --config and --workdir are required")
     train = common.train_command(args.config, args.workdir, args.overrides, distributed=True,
                                  python="python3")
     # setsid + nohup: the run outlives the ssh session; every worker logs to its own file.
@@ -140,7 +140,7 @@ STEPS = {"create": create, "install": install, "run": run, "logs": logs, "delete
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+    parser = common.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", choices=sorted(STEPS))
     parser.add_argument("--name", required=True, help="TPU VM (and queued resource) name.")
@@ -169,7 +169,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    common.main(STEPS, parse_args, argv)
+    common.main(STEPS, parse_args, "launch/tpu.py", argv)
 
 
 if __name__ == "__main__":

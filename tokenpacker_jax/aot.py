@@ -44,8 +44,9 @@ from absl import flags  # noqa: E402
 from jax.experimental import mesh_utils, topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from tokenpacker_jax import assembly, configuration, flops, sharding  # noqa: E402
+from tokenpacker_jax import assembly, configuration, flops, sharding, user_error  # noqa: E402
 from tokenpacker_jax.data import batch as batch_lib  # noqa: E402
+from tokenpacker_jax.user_error import InputError, UserError  # noqa: E402
 
 GiB = 1024**3
 
@@ -103,20 +104,20 @@ def parse_topology(text: str) -> Topology:
     """``v5e:4x4``, ``v5p:2x2x1``, ``v5e-16`` or ``v5p-8`` -> Topology."""
     match = re.fullmatch(r"(v\d+[a-z]?)(?::([\dx]+)|-(\d+))", text.strip().lower())
     if not match or match.group(1) not in GENERATIONS:
-        raise ValueError(f"topology {text!r}: expected GEN:AxB[xC] or GEN-N with GEN one of "
+        raise InputError(f"topology {text!r}: expected GEN:AxB[xC] or GEN-N with GEN one of "
                          f"{sorted(GENERATIONS)} (e.g. v5e:4x4, v5e-16, v5p:2x2x2, v5p-16)")
     generation = GENERATIONS[match.group(1)]
     if match.group(2):
         shape = tuple(int(d) for d in match.group(2).split("x"))
         if len(shape) != generation.dims or min(shape) < 1:
-            raise ValueError(f"topology {text!r}: {match.group(1)} slices have "
+            raise InputError(f"topology {text!r}: {match.group(1)} slices have "
                              f"{generation.dims} dimensions of chips")
     else:
         count = int(match.group(3))
         chips, rest = divmod(count, generation.cores_per_chip_in_name)
         shapes = _SHAPES_2D if generation.dims == 2 else _SHAPES_3D
         if rest or chips not in shapes:
-            raise ValueError(f"topology {text!r}: no known {match.group(1)} slice of {count} "
+            raise InputError(f"topology {text!r}: no known {match.group(1)} slice of {count} "
                              f"(known: {[c * generation.cores_per_chip_in_name for c in shapes]};"
                              f" or give the shape, e.g. {match.group(1)}:"
                              f"{'x'.join(['2'] * generation.dims)})")
@@ -143,8 +144,8 @@ def topology_devices(topology: Topology) -> list[Any]:
             wrap=wrap)
     except RuntimeError as err:
         if "TPU support not installed" in str(err):
-            raise RuntimeError('aot needs libtpu: pip install "jax[tpu]==0.10.2" (it runs on '
-                               "a machine without TPUs too)") from err
+            raise UserError('aot needs libtpu: pip install "jax[tpu]==0.10.2" (it runs on '
+                            "a machine without TPUs too)") from err
         raise
     devices = list(description.devices)
     if len(devices) != topology.chips:
@@ -351,10 +352,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app
-
     config_flags.DEFINE_config_file("config", None, "Config file (with :variant).",
                                     lock_config=True)
     flags.DEFINE_string("topology", "", "TPU slice: v5e:4x4, v5e-16, v5p:2x2x2, v5p-16, ...")
     flags.DEFINE_bool("table", False, "Moved: python -m tokenpacker_jax.bench tpu_fit.")
-    app.run(main)
+    user_error.run_absl(main, "tokenpacker_jax.aot")

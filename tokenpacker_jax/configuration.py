@@ -15,9 +15,10 @@ from tokenpacker_jax.models.decoder_config import DecoderConfig
 from tokenpacker_jax.models.mllm import PARAM_GROUPS, MLLMConfig
 from tokenpacker_jax.models.projectors import ProjectorConfig, num_output_tokens
 from tokenpacker_jax.models.vision import VisionConfig
+from tokenpacker_jax.user_error import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value that cannot work; the message names the field."""
 
 

@@ -40,11 +40,12 @@ most ``--max_shard_gb``); ``--dtype`` casts them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from tokenpacker_jax import assembly, checkpoint, configuration, sharding
+from tokenpacker_jax import assembly, checkpoint, configuration, sharding, user_error
 from tokenpacker_jax import train_state as state_lib
 from tokenpacker_jax.convert import checkpoint_io, hf, hf_decoder, hf_vision, llava, reference
 from tokenpacker_jax.data import image
@@ -60,6 +61,7 @@ from tokenpacker_jax.models.decoder import Decoder
 from tokenpacker_jax.models.decoder_config import DecoderConfig
 from tokenpacker_jax.models.vision import VisionTransformer
 from tokenpacker_jax.tokenizer import load_tokenizer
+from tokenpacker_jax.user_error import CheckpointError, InputError
 
 FORMATS = ("reference", "hf", "vision")
 # What a tokenizer directory may hold (config.json is written separately: it is the model's).
@@ -127,8 +129,19 @@ def _check_like(abstract: Any, params: Any, group: str) -> None:
     want = jax.tree.map(lambda x: tuple(x.shape), abstract)
     got = jax.tree.map(lambda x: tuple(x.shape), params)
     if want != got:
-        raise ValueError(f"{group}: the checkpoint's parameters do not fit the model "
-                         f"(expected {want}, got {got})")
+        raise CheckpointError(f"{group}: the checkpoint's parameters do not fit the model "
+                              f"(expected {want}, got {got})")
+
+
+@contextlib.contextmanager
+def _naming(directory: Path) -> Iterator[None]:
+    """A CheckpointError raised while reading ``directory`` says which directory."""
+    try:
+        yield
+    except CheckpointError as err:
+        if str(directory) in str(err):
+            raise
+        raise CheckpointError(f"{directory}: {err}") from err
 
 
 def _all_devices_mesh() -> jax.sharding.Mesh:
@@ -161,17 +174,19 @@ def import_checkpoint(checkpoint_dir: str | os.PathLike, out: str | os.PathLike,
     if vision_dir is None:
         named = ref_config.get("mm_vision_tower")
         if not named or not Path(named).is_dir():
-            raise ValueError(f"{source}/config.json: mm_vision_tower {named!r} is not a local "
+            raise InputError(f"{source}/config.json: mm_vision_tower {named!r} is not a local "
                              "directory; download the tower and pass --vision=DIR")
         vision_dir = Path(named)
 
-    reader = checkpoint_io.TensorReader(source)
-    projector_state = llava.projector_state(reader)
-    projector_name = reference.detect_projector(reference.strip_prefix(projector_state))
-    vision_config = hf_vision.vision_config_from_hf(
-        checkpoint_io.read_config(vision_dir), dtype=dtype, param_dtype=param_dtype)
-    decoder_config = hf_decoder.decoder_config_from_hf(ref_config, dtype=dtype,
-                                                       param_dtype=param_dtype)
+    with _naming(source):
+        reader = checkpoint_io.TensorReader(source)
+        projector_state = llava.projector_state(reader)
+        projector_name = reference.detect_projector(reference.strip_prefix(projector_state))
+        decoder_config = hf_decoder.decoder_config_from_hf(ref_config, dtype=dtype,
+                                                           param_dtype=param_dtype)
+    with _naming(vision_dir):
+        vision_config = hf_vision.vision_config_from_hf(
+            checkpoint_io.read_config(vision_dir), dtype=dtype, param_dtype=param_dtype)
     q_proj = projector_state.get(reference.PREFIX + "q_proj_1.weight")
     embed_dim = int(q_proj.shape[0]) if q_proj is not None else vision_config.width
     settings = llava.settings_from_reference(
@@ -190,7 +205,7 @@ def import_checkpoint(checkpoint_dir: str | os.PathLike, out: str | os.PathLike,
         write_tokenizer(tokenizer_source, staging, decoder_config)
         hf_tokenizer = load_tokenizer(staging).hf
     if len(hf_tokenizer) > decoder_config.vocab_size:
-        raise ValueError(f"the tokenizer has {len(hf_tokenizer)} tokens, more than the LLM's "
+        raise InputError(f"the tokenizer has {len(hf_tokenizer)} tokens, more than the LLM's "
                          f"vocab_size {decoder_config.vocab_size}")
     # The reference looks the HD separators up as tokens (SPEC §3): ',' and a literal '\n'
     # (the unknown token with the Vicuna vocabulary).
@@ -295,8 +310,8 @@ def _layers(text: str) -> tuple[int, ...]:
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="python -m tokenpacker_jax.convert",
-                                   description=__doc__.split("\n\n")[0])
+    root = user_error.ArgumentParser(prog="python -m tokenpacker_jax.convert",
+                                     description=__doc__.split("\n\n")[0])
     commands = root.add_subparsers(dest="command", required=True)
 
     imp = commands.add_parser("import", help="reference TokenPacker / LLaVA checkpoint -> "

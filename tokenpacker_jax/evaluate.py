@@ -28,6 +28,7 @@ import os
 
 from absl import app, flags
 
+from tokenpacker_jax import user_error
 from tokenpacker_jax.evaluation import files, question_file, suite
 from tokenpacker_jax.evaluation.benchmark import Layout
 
@@ -64,8 +65,8 @@ def run_command(f) -> None:
 def _answer_question_file(f) -> None:
     from tokenpacker_jax.assembly import load_trained  # noqa: PLC0415 (jax: scoring needs none)
 
+    questions = question_file.read_questions(f.questions)  # a bad file fails before the model
     trained = load_trained(f.checkpoint)
-    questions = question_file.read_questions(f.questions)
     if f.limit:
         questions = questions[:f.limit]
     image_folder = f.image_folder or os.path.dirname(os.path.abspath(f.questions))
@@ -143,4 +144,4 @@ if __name__ == "__main__":
                                        "tokens (one compile per multiple).")
     flags.DEFINE_integer("limit", 0, "Answer only the first N questions (0: all).")
     flags.DEFINE_string("annotations", "", "The benchmark's annotations (see 'score').")
-    app.run(main)
+    user_error.run_absl(main, "tokenpacker_jax.evaluate")

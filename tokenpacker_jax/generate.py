@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags, logging
 
+from tokenpacker_jax import user_error
 from tokenpacker_jax.assembly import load_trained
 from tokenpacker_jax.data.example import ExampleBuilder
 from tokenpacker_jax.data.image import load_image
@@ -194,13 +195,13 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     if f.image and len(f.image) not in (1, len(f.prompt)):
         raise flags.ValidationError("--image: give one image, or one per --prompt")
+    images = [load_image(path) for path in f.image] if f.image else [None]  # before the model
     trained = load_trained(f.checkpoint)
     sampling = SamplingConfig(max_new_tokens=f.max_new_tokens, temperature=f.temperature,
                               top_k=f.top_k, top_p=f.top_p)
     generator = Generator(trained.model, trained.params, trained.tokenizer.stop_ids,
                           trained.tokenizer.pad_id, sampling)
     builder = example_builder(trained.config.data, trained.tokenizer, trained.tokens_per_tile)
-    images = [load_image(path) for path in f.image] if f.image else [None]
     if len(images) == 1:
         images = images * len(f.prompt)
     results = answer(generator, builder, trained.tokenizer, list(zip(f.prompt, images)))
@@ -212,7 +213,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app
 
     flags.DEFINE_string("checkpoint", None, "Training run directory (its newest checkpoint).")
     flags.DEFINE_multi_string("image", [], "Image file(s): one for all prompts or one each.")
@@ -224,4 +224,4 @@ if __name__ == "__main__":
     flags.DEFINE_bool("json", False, "One JSON object per prompt: text, token_ids, "
                                      "time_to_first_token_s, tokens_per_s.")
     flags.mark_flags_as_required(["checkpoint", "prompt"])
-    app.run(main)
+    user_error.run_absl(main, "tokenpacker_jax.generate")

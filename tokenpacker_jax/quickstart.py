@@ -19,7 +19,9 @@ import json
 import os
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from tokenpacker_jax import user_error
 
 from tokenpacker_jax import train
 from tokenpacker_jax.assembly import load_trained
@@ -88,4 +90,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    user_error.run_absl(main, "tokenpacker_jax.quickstart")

@@ -25,14 +25,13 @@ import numpy as np
 from absl import flags, logging
 from tqdm.auto import tqdm
 
-from tokenpacker_jax import assembly, checkpoint, configuration, flops, metrics
+from tokenpacker_jax import assembly, checkpoint, configuration, flops, metrics, user_error
 from tokenpacker_jax.data import pipeline
 from tokenpacker_jax.tokenizer import load_tokenizer
 from tokenpacker_jax.train_step import make_eval_step, make_train_step  # noqa: F401 (re-exported)
-from tokenpacker_jax.user_error import UserError
 
 
-class TrainingDiverged(UserError, RuntimeError):
+class TrainingDiverged(user_error.UserError, RuntimeError):
     """The loss became NaN or Inf; the message says which step and what was kept."""
 
 
@@ -222,11 +221,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "Config file (with :variant).",
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    user_error.run_absl(main, "tokenpacker_jax.train")

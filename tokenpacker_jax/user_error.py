@@ -3,9 +3,8 @@
 ``UserError`` is the base of the project's errors whose message is the whole report: it names
 the thing (file, flag, config field, checkpoint step) and says what is wrong or what to do.
 ``configuration.ConfigError``, ``data.errors.DataError``, ``data.image.ImageError`` and the
-checkpoint errors derive from it. A file the command cannot open (an ``OSError`` that carries
-a file name: missing, a directory, not writable) and a flag absl or argparse rejects count
-too (``is_user_error``).
+checkpoint errors derive from it. An ``OSError`` (a path the command cannot open or create,
+a full disk) and a flag absl or argparse rejects count too (``is_user_error``).
 
 Every entry point runs its ``main`` through ``run_absl`` or ``run_argparse``: such an error is
 printed as one line on stderr, ``PROG: error: MESSAGE``, and the command exits with status 2;
@@ -41,12 +40,12 @@ class CheckpointNotFound(CheckpointError, FileNotFoundError):
 
 
 def is_user_error(err: BaseException) -> bool:
-    """UserError, an OSError about a named file, or a rejected flag (absl)."""
-    from absl import app, flags  # noqa: PLC0415 (absl's modules only where absl runs)
-
-    if isinstance(err, (UserError, flags.Error, app.UsageError)):
-        return True
-    return isinstance(err, OSError) and err.filename is not None
+    """UserError, an OSError (a path that cannot be opened or created, a full disk, ...), or
+    a flag absl rejected."""
+    # absl's error types where absl was imported (argparse commands need not have it).
+    absl = [getattr(sys.modules[module], name) for module, name in
+            (("absl.flags", "Error"), ("absl.app", "UsageError")) if module in sys.modules]
+    return isinstance(err, (UserError, OSError, *absl))
 
 
 def one_line(err: BaseException) -> str:
@@ -73,6 +72,21 @@ def _guarded(prog: str, main: Callable[..., Any], verbose: Callable[[], bool],
         sys.exit(EXIT_STATUS)
 
 
+def _flag_error(argv: Sequence[str], err: Exception) -> str:
+    """One line for an error raised while absl parsed ``argv``."""
+    text = str(err)
+    if "Traceback (most recent call last)" in text:  # config_flags: a config file's error
+        flag = text.split(": Error whilst", 1)[0]
+        text = f"{flag}: {text.strip().splitlines()[-1]}"
+    elif isinstance(err, (AttributeError, KeyError)):  # config_flags: an unknown field
+        field = text.strip("\"'")
+        for arg in argv:
+            name = arg.split("=")[0]
+            if name.startswith("--") and field in name.lstrip("-").split("."):
+                return f"{name}: the config has no field {field!r}"
+    return " ".join(text.split())
+
+
 def run_absl(main: Callable[[list[str]], Any], prog: str) -> None:
     """``absl.app.run(main)``, with flag errors and user errors as one line each."""
     from absl import app, flags  # noqa: PLC0415
@@ -80,8 +94,10 @@ def run_absl(main: Callable[[list[str]], Any], prog: str) -> None:
     def parse_flags(argv: list[str]) -> list[str]:
         try:
             return flags.FLAGS(argv)
-        except flags.Error as err:
-            report(prog, err)
+        except Exception as err:  # anything the command line's parsing raises is about it
+            if any(a.startswith(("--verbosity", "-v")) for a in argv[1:]):
+                raise
+            print(f"{prog}: error: {_flag_error(argv, err)}", file=sys.stderr, flush=True)
             sys.exit(EXIT_STATUS)
 
     def verbose() -> bool:

@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from tokenpacker_jax import user_error
 from tokenpacker_jax.bench import (
     common,
     llava_torch,
@@ -64,7 +65,7 @@ def tpu_fit(jobs: int, log=print) -> common.Section:
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tokenpacker_jax.bench",
+    parser = user_error.ArgumentParser(prog="python -m tokenpacker_jax.bench",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("which", nargs="*", default=[],
                         help=f"tables by name or number 1-6: {', '.join(TABLES)} "
@@ -153,4 +154,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    user_error.run_argparse(main, "tokenpacker_jax.bench")

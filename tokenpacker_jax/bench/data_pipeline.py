@@ -13,7 +13,6 @@ real LLaVA data costs; ``synthetic`` PNGs are mostly flat and decode faster.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -23,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from tokenpacker_jax import user_error
 from tokenpacker_jax.configs import common
 from tokenpacker_jax.data import pipeline, synthetic
 from tokenpacker_jax.tokenizer import load_tokenizer
@@ -76,7 +76,7 @@ def measure(data_dir: str, *, size: int, mode: str, workers: int, threads: int, 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = user_error.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="", help="a synthetic dataset folder to reuse")
     parser.add_argument("--images", choices=("synthetic", "photo"), default="synthetic")
     parser.add_argument("--size", type=int, default=336)
@@ -102,4 +102,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    user_error.run_argparse(main, "tokenpacker_jax.bench.data_pipeline")

@@ -13,7 +13,6 @@ writes the table into BENCHMARKS.md.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import multiprocessing
@@ -22,7 +21,7 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from tokenpacker_jax import aot, sharding
+from tokenpacker_jax import aot, sharding, user_error
 from tokenpacker_jax.configs import tokenpacker
 
 TABLE_SLICES = ("v5e-8", "v5e-16", "v5e-32", "v5p-8", "v5p-16")
@@ -129,8 +128,8 @@ def fit_table_markdown(reports: Sequence[aot.FitReport]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tokenpacker_jax.bench.tpu_fit",
-                                     description=__doc__.split("\n\n")[0])
+    parser = user_error.ArgumentParser(prog="python -m tokenpacker_jax.bench.tpu_fit",
+                                       description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=1,
                         help="compile this many entries at once (worker processes)")
     args = parser.parse_args(argv)
@@ -140,4 +139,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    user_error.run_argparse(main, "tokenpacker_jax.bench.tpu_fit")

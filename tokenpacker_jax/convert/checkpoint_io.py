@@ -21,6 +21,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from tokenpacker_jax.user_error import CheckpointError
+
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_SINGLE = "pytorch_model.bin"
@@ -35,7 +37,7 @@ def read_config(path: str | os.PathLike) -> dict:
     try:
         return json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path}: not valid JSON ({err})") from err
+        raise CheckpointError(f"{config_path}: not valid JSON ({err})") from err
 
 
 def torch_to_numpy(value) -> np.ndarray:
@@ -67,9 +69,10 @@ def load_torch_state(path: str | os.PathLike) -> Mapping[str, Any]:
                 raise
             state = load(mmap=False)
     except Exception as err:
-        raise ValueError(f"{path}: cannot read as a PyTorch state dict ({err})") from err
+        raise CheckpointError(f"{path}: cannot read as a PyTorch state dict ({err})") from err
     if not isinstance(state, Mapping):
-        raise ValueError(f"{path}: expected a state dict (mapping), got {type(state).__name__}")
+        raise CheckpointError(f"{path}: expected a state dict (mapping), got "
+                              f"{type(state).__name__}")
     return {str(k): v for k, v in state.items()}
 
 
@@ -110,7 +113,7 @@ class TensorReader(Mapping):
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as err:
-            raise ValueError(f"{index_path}: not a checkpoint index ({err})") from err
+            raise CheckpointError(f"{index_path}: not a checkpoint index ({err})") from err
         for name, file in weight_map.items():
             shard = self.path / file
             if not shard.is_file():

@@ -17,6 +17,7 @@ from typing import Any
 from tokenpacker_jax.convert.mapping import (
     FLAT, IDENTITY, LINEAR, LINEAR_IN2, RenamedKeys, Rule)
 from tokenpacker_jax.models.decoder_config import DecoderConfig
+from tokenpacker_jax.user_error import CheckpointError
 
 # model_type -> family. ``llava_llama`` is the reference LLaVA / TokenPacker checkpoint: a
 # LLaMA config with extra multimodal fields, whose LLM keys are the LLaMA keys.
@@ -98,14 +99,14 @@ def _rope_from_hf(values: Mapping[str, Any], family: str) -> dict[str, Any]:
             local.setdefault("rope_theta", values["rope_local_base_freq"])
             params = dict(params.get("full_attention") or {})
         elif any(isinstance(v, Mapping) for v in params.values()):
-            raise ValueError("config.json: per-layer-type rope_parameters are not supported "
-                             f"for {family} ({sorted(params)})")
+            raise CheckpointError("config.json: per-layer-type rope_parameters are not supported "
+                                  f"for {family} ({sorted(params)})")
         params.setdefault("rope_theta", values.get("rope_theta", 10000.0))
     out = _one_rope(params, values)
     if local is not None:
         if local.get("rope_type", local.get("type", "default")) != "default":
-            raise ValueError(f"config.json: scaled RoPE on sliding layers ({local}) is not "
-                             "supported")
+            raise CheckpointError(f"config.json: scaled RoPE on sliding layers ({local}) is not "
+                                  "supported")
         out["rope_local_theta"] = float(local["rope_theta"])
     return out
 
@@ -121,8 +122,8 @@ def _one_rope(params: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str,
         out["rope_original_max_position"] = int(params.get(
             "original_max_position_embeddings", values["max_position_embeddings"]))
     if rope_type not in ("default", "linear", "llama3"):
-        raise ValueError(f"config.json: rope type {rope_type!r} is not supported "
-                         "(default, linear, llama3)")
+        raise CheckpointError(f"config.json: rope type {rope_type!r} is not supported "
+                              "(default, linear, llama3)")
     return out
 
 
@@ -139,8 +140,8 @@ def decoder_config_from_hf(hf_config: Mapping[str, Any], **overrides) -> Decoder
         model_type = TEXT_MODEL_TYPE[model_type]
         hf_config = {"model_type": model_type, **hf_config["text_config"]}
     if model_type not in FAMILY_OF_MODEL_TYPE:
-        raise ValueError(f"config.json: model_type {model_type!r} is not a supported decoder "
-                         f"(expected one of {sorted(FAMILY_OF_MODEL_TYPE)})")
+        raise CheckpointError(f"config.json: model_type {model_type!r} is not a supported decoder "
+                              f"(expected one of {sorted(FAMILY_OF_MODEL_TYPE)})")
     family = FAMILY_OF_MODEL_TYPE[model_type]
     # None is a real value for some keys (pad_token_id, soft-capping off), so no filtering.
     v = {**_HF_DEFAULTS[family], **hf_config}
@@ -176,8 +177,8 @@ def decoder_config_from_hf(hf_config: Mapping[str, Any], **overrides) -> Decoder
         fields.update(norm_plus_one=True, scale_embeddings=True)
     if family in ("gemma2", "gemma3"):
         if v.get("use_bidirectional_attention"):
-            raise ValueError("config.json: use_bidirectional_attention (embedding models) is "
-                             "not supported")
+            raise CheckpointError("config.json: use_bidirectional_attention (embedding models) is "
+                                  "not supported")
         num_layers = fields["num_layers"]
         # Gemma 2 alternates from a sliding layer 0; Gemma 3 repeats 5 sliding + 1 global.
         pattern = 2 if family == "gemma2" else int(v.get("sliding_window_pattern") or 6)
@@ -341,8 +342,8 @@ class DecoderKeys(RenamedKeys):
     def __init__(self, state: Mapping, config: DecoderConfig):
         prefix = next((p for p in _BODY_PREFIXES if f"{p}embed_tokens.weight" in state), None)
         if prefix is None:
-            raise ValueError("checkpoint has no token embedding (looked for "
-                             f"{[p + 'embed_tokens.weight' for p in _BODY_PREFIXES]})")
+            raise CheckpointError("checkpoint has no token embedding (looked for "
+                                  f"{[p + 'embed_tokens.weight' for p in _BODY_PREFIXES]})")
         names: dict[str, str] = {}
         for key in state:
             if key.endswith("rotary_emb.inv_freq"):

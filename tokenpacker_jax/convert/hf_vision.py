@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from tokenpacker_jax.convert.mapping import (
     CONV, FLAT, IDENTITY, LINEAR, LINEAR_IN2, RenamedKeys, Rule)
 from tokenpacker_jax.models.vision import VisionConfig
+from tokenpacker_jax.user_error import CheckpointError
 
 # model_type of a vision-only config / of the full (image + text) model -> our family.
 _VISION_ONLY_TYPES = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
@@ -41,9 +42,9 @@ def vision_config_from_hf(hf_config: Mapping, **overrides) -> VisionConfig:
         family = _VISION_ONLY_TYPES[model_type]
         values = dict(hf_config)
     else:
-        raise ValueError(f"config.json: model_type {model_type!r} is not a CLIP or SigLIP "
-                         f"model (expected one of {sorted(_FULL_MODEL_TYPES)} or "
-                         f"{sorted(_VISION_ONLY_TYPES)})")
+        raise CheckpointError(f"config.json: model_type {model_type!r} is not a CLIP or SigLIP "
+                              f"model (expected one of {sorted(_FULL_MODEL_TYPES)} or "
+                              f"{sorted(_VISION_ONLY_TYPES)})")
     merged = {**_HF_DEFAULTS[family], **values}
     return VisionConfig(
         family=family,

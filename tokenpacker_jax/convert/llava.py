@@ -44,6 +44,7 @@ from tokenpacker_jax.convert import hf_decoder, mapping, reference
 from tokenpacker_jax.data import hd
 from tokenpacker_jax.models.decoder_config import DecoderConfig
 from tokenpacker_jax.models.vision import VisionConfig
+from tokenpacker_jax.user_error import CheckpointError, InputError
 
 MODEL_TYPE = "llava_llama"
 ARCHITECTURE = "LlavaLlamaForCausalLM"
@@ -90,15 +91,15 @@ def settings_from_reference(config: Mapping[str, Any], *, projector: str, embed_
     """
     select_feature = config.get("mm_vision_select_feature", "patch")
     if select_feature != "patch":
-        raise ValueError(f"config.json: mm_vision_select_feature {select_feature!r} is not "
-                         "supported (only 'patch': the class token is dropped)")
+        raise CheckpointError(f"config.json: mm_vision_select_feature {select_feature!r} is not "
+                              "supported (only 'patch': the class token is dropped)")
     if "mm_vision_select_layer" not in config:
-        raise ValueError("config.json: no mm_vision_select_layer; not a LLaVA / TokenPacker "
-                         "checkpoint")
+        raise CheckpointError("config.json: no mm_vision_select_layer; not a LLaVA / TokenPacker "
+                              "checkpoint")
     ratio = config.get("image_aspect_ratio")
     if ratio not in _ASPECT_MODES:
-        raise ValueError(f"config.json: image_aspect_ratio {ratio!r} is not supported "
-                         f"(pad, square or slice)")
+        raise CheckpointError(f"config.json: image_aspect_ratio {ratio!r} is not supported "
+                              f"(pad, square or slice)")
     aspect_mode = _ASPECT_MODES[ratio]
     if multi_layers is None:
         multi_layers = tuple(config.get(MULTI_LAYERS_FIELD) or REFERENCE_MULTI_LAYERS)
@@ -106,7 +107,7 @@ def settings_from_reference(config: Mapping[str, Any], *, projector: str, embed_
         num_heads = config.get(NUM_HEADS_FIELD)
     if num_heads is None:
         if projector == "tokenpacker" and embed_dim % REFERENCE_HEAD_DIM:
-            raise ValueError(f"projector width {embed_dim} is not a multiple of the "
+            raise InputError(f"projector width {embed_dim} is not a multiple of the "
                              f"reference's head width {REFERENCE_HEAD_DIM}; give the number "
                              "of heads (--projector_heads)")
         num_heads = max(1, embed_dim // REFERENCE_HEAD_DIM)
@@ -114,8 +115,8 @@ def settings_from_reference(config: Mapping[str, Any], *, projector: str, embed_
         patch_num = config.get("patch_num")
     if patch_num is None:
         if aspect_mode == "slice":
-            raise ValueError("config.json: image_aspect_ratio is 'slice' but there is no "
-                             "patch_num; give it (--patch_num)")
+            raise CheckpointError("config.json: image_aspect_ratio is 'slice' but there is no "
+                                  "patch_num; give it (--patch_num)")
         patch_num = 9
     global_view = config.get(GLOBAL_VIEW_FIELD) or hd.REFERENCE_CANVAS
     if global_view not in hd.GLOBAL_VIEWS:
@@ -184,7 +185,7 @@ def reference_config(settings: MultimodalSettings, vision: VisionConfig,
                      decoder: DecoderConfig, *, dtype: str) -> dict[str, Any]:
     """A reference ``config.json`` (transformers 4.x layout, as the reference runs on)."""
     if decoder.family != "llama":
-        raise ValueError(f"the reference layout is LLaVA-LLaMA; a {decoder.family} decoder "
+        raise InputError(f"the reference layout is LLaVA-LLaMA; a {decoder.family} decoder "
                          "exports with --format=hf")
     config = hf_decoder.decoder_config_to_hf(decoder, layout="4")
     config.update(
@@ -217,7 +218,7 @@ def projector_state(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
     without touching any other key."""
     keys = [key for key in state if key.startswith(reference.PREFIX)]
     if not keys:
-        raise ValueError(f"checkpoint has no {reference.PREFIX}* keys (no projector)")
+        raise CheckpointError(f"checkpoint has no {reference.PREFIX}* keys (no projector)")
     return {key: np.asarray(state[key]) for key in keys}
 
 

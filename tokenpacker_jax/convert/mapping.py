@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from tokenpacker_jax.user_error import CheckpointError
+
 Path = tuple[str, ...]
 
 
@@ -130,8 +132,8 @@ def import_params(table: list[Rule], state: Mapping[str, np.ndarray], abstract_p
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{where}: checkpoint does not match the model: missing keys "
-                         f"{missing}; unexpected keys {unexpected}")
+        raise CheckpointError(f"{where}: checkpoint does not match the model: missing keys "
+                              f"{missing}; unexpected keys {unexpected}")
     flat_abstract = traverse_util.flatten_dict(_unbox(abstract_params))
     flat_shardings = (traverse_util.flatten_dict(_unbox(shardings))
                       if shardings is not None else {})
@@ -158,8 +160,8 @@ def _convert_one(rule: Rule, state: Mapping[str, np.ndarray], key: str,
     try:
         converted = rule.transform.to_ours(value, shape)
     except ValueError as err:
-        raise ValueError(f"{where}: {key} has shape {value.shape}, which does not fit "
-                         f"{'/'.join(rule.ours)} {shape} ({err})") from err
+        raise CheckpointError(f"{where}: {key} has shape {value.shape}, which does not fit "
+                              f"{'/'.join(rule.ours)} {shape} ({err})") from err
     return converted
 
 

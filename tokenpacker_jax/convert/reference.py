@@ -27,6 +27,7 @@ from tokenpacker_jax.convert import checkpoint_io
 from tokenpacker_jax.convert.mapping import (
     FLAT, IDENTITY, LINEAR, LINEAR_IN2, Rule, Transform, export_params, import_params)
 from tokenpacker_jax.models.tokenpacker import TokenPacker
+from tokenpacker_jax.user_error import CheckpointError
 
 PREFIX = "model.mm_projector."
 
@@ -101,8 +102,8 @@ def detect_projector(keys: Iterable[str]) -> str:
     closest = min(REFERENCE_TABLES, key=lambda n: len(
         keys ^ {rule.torch_key for rule in REFERENCE_TABLES[n]}))
     expected = {rule.torch_key for rule in REFERENCE_TABLES[closest]}
-    raise ValueError(f"not a reference projector state dict; closest is {closest!r}: missing "
-                     f"{sorted(expected - keys)}, unexpected {sorted(keys - expected)}")
+    raise CheckpointError(f"not a reference projector state dict; closest is {closest!r}: missing "
+                          f"{sorted(expected - keys)}, unexpected {sorted(keys - expected)}")
 
 
 def _abstract_params(name: str, state: Mapping[str, np.ndarray], num_heads: int) -> dict:

@@ -12,6 +12,8 @@ import collections
 import logging
 from collections.abc import Mapping
 
+from tokenpacker_jax.user_error import UserError
+
 logger = logging.getLogger("tokenpacker_jax.data")
 
 # Reason codes, in the order summaries print them.
@@ -29,7 +31,7 @@ REASONS = (BAD_JSON, BAD_RECORD, EMPTY_CONVERSATION, ROLE_ORDER, PLACEHOLDER_WIT
            IMAGE_WITHOUT_PLACEHOLDER, MISSING_IMAGE, CORRUPT_IMAGE, TOO_LONG, TOKENIZATION)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A record that cannot be used; ``reason`` is one of ``REASONS``."""
 
     def __init__(self, reason: str, message: str):

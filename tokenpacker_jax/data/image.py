@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from tokenpacker_jax.data.hd import select_hd_grid
+from tokenpacker_jax.user_error import UserError
 
 __all__ = ["ASPECT_MODES", "CLIP_MEAN", "CLIP_STD", "ImageError", "expand_to_square",
            "load_image", "mean_colour", "normalize", "preprocess",
@@ -38,7 +39,7 @@ ASPECT_MODES = ("square", "pad", "slice")
 _CROP_BEFORE_RESIZE_RATIO = 64
 
 
-class ImageError(ValueError):
+class ImageError(UserError, ValueError):
     """An image that cannot be read or used; the message names the file."""
 
 

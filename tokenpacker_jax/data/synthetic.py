@@ -40,7 +40,6 @@ bytes, and a larger ``--num`` extends a smaller one.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -51,7 +50,9 @@ import numpy as np
 import sentencepiece as spm
 from PIL import Image, ImageDraw
 
+from tokenpacker_jax import user_error
 from tokenpacker_jax.data.conversation import VICUNA_SYSTEM
+from tokenpacker_jax.user_error import InputError
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230),
            "yellow": (235, 200, 30), "purple": (150, 60, 200)}
@@ -272,9 +273,9 @@ def generate(out: str, num: int, seed: int, *, num_eval: int | None = None, size
              jitter: int | None = None, tokenizer_vocab: int = 0) -> dict[str, Any]:
     """Writes the dataset (see the module docstring); returns meta.json's content."""
     if size < 24:
-        raise ValueError(f"--size {size}: images below 24 px cannot hold the scenes")
+        raise InputError(f"--size {size}: images below 24 px cannot hold the scenes")
     if jitter is not None and jitter < 0:
-        raise ValueError(f"--jitter {jitter}: must be >= 0 (or left out: anywhere in the cell)")
+        raise InputError(f"--jitter {jitter}: must be >= 0 (or left out: anywhere in the cell)")
     num_eval = max(20, num // 10) if num_eval is None else num_eval
     os.makedirs(out, exist_ok=True)
     texts = []
@@ -301,7 +302,7 @@ def generate(out: str, num: int, seed: int, *, num_eval: int | None = None, size
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = user_error.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--num", type=int, required=True, help="training images")
     parser.add_argument("--seed", type=int, default=0)
@@ -320,4 +321,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    user_error.run_argparse(main, "tokenpacker_jax.data.synthetic")

@@ -14,6 +14,8 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from tokenpacker_jax.user_error import InputError
+
 Where = str  # "FILE:LINE" or "FILE: record N": where a record came from
 
 
@@ -48,9 +50,9 @@ def read_jsonl(path: str) -> list[tuple[Where, dict[str, Any]]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err})") from err
+                raise InputError(f"{where}: not valid JSON ({err})") from err
             if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got "
+                raise InputError(f"{where}: expected a JSON object, got "
                                  f"{type(record).__name__}")
             records.append((where, record))
     return records
@@ -63,7 +65,7 @@ def read_json(path: str, what: str = "a JSON file") -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err})") from err
+        raise InputError(f"{path}:{err.lineno}: not valid JSON ({err})") from err
 
 
 def read_records(path: str, list_key: str | None = None) -> list[tuple[Where, dict[str, Any]]]:
@@ -78,7 +80,7 @@ def read_records(path: str, list_key: str | None = None) -> list[tuple[Where, di
         try:
             json.loads(first_line)
         except json.JSONDecodeError:
-            raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err})") from err
+            raise InputError(f"{path}:{err.lineno}: not valid JSON ({err})") from err
         return read_jsonl(path)  # one object per line
     if isinstance(value, list):
         return [(f"{path}: record {i}", r) for i, r in enumerate(value)]
@@ -91,17 +93,17 @@ def read_records(path: str, list_key: str | None = None) -> list[tuple[Where, di
             return [(f"{path}: question {key!r}", {"question_id": key, **r})
                     for key, r in value.items()]
     expected = f'{{"{list_key}": [...]}}, ' if list_key else ""
-    raise ValueError(f"{path}: expected JSON lines, a JSON list of records, {expected}or an "
+    raise InputError(f"{path}: expected JSON lines, a JSON list of records, {expected}or an "
                      f"object keyed by question id")
 
 
 def check_fields(where: Where, record: Any, fields: Iterable[str]) -> None:
     """An error naming ``where`` unless ``record`` is an object holding ``fields``."""
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
     missing = [k for k in fields if k not in record]
     if missing:
-        raise ValueError(f"{where}: missing fields {missing}")
+        raise InputError(f"{where}: missing fields {missing}")
 
 
 def read_annotations(path: str, fields: Sequence[str],
@@ -113,7 +115,7 @@ def read_annotations(path: str, fields: Sequence[str],
         check_fields(where, record, ("question_id", *fields))
         key = str(record["question_id"])
         if key in annotations:
-            raise ValueError(f"{where}: question_id {record['question_id']!r} repeats "
+            raise InputError(f"{where}: question_id {record['question_id']!r} repeats "
                              f"{annotations[key][0]}")
         annotations[key] = (where, record)
     return annotations
@@ -126,7 +128,7 @@ def read_answer_lines(path: str, fields: Sequence[str] = ("question_id", "text")
     for where, record in records:
         check_fields(where, record, fields)
         if not isinstance(record[text_field], str):
-            raise ValueError(f"{where}: {text_field} must be a string, got "
+            raise InputError(f"{where}: {text_field} must be a string, got "
                              f"{type(record[text_field]).__name__}")
     return records
 
@@ -139,11 +141,11 @@ def read_answers(path: str, annotations: dict[str, tuple[Where, dict[str, Any]]]
     for where, record in read_answer_lines(path):
         key = str(record["question_id"])
         if key in seen:
-            raise ValueError(f"{where}: question_id {record['question_id']!r} was already "
+            raise InputError(f"{where}: question_id {record['question_id']!r} was already "
                              f"answered at {seen[key]}")
         seen[key] = where
         if key not in annotations:
-            raise ValueError(f"{where}: question_id {record['question_id']!r} is not in "
+            raise InputError(f"{where}: question_id {record['question_id']!r} is not in "
                              f"{annotations_path}")
         pairs.append((record, annotations[key][1]))
     return pairs

@@ -21,6 +21,7 @@ from tokenpacker_jax.evaluation import files
 from tokenpacker_jax.evaluation.benchmark import Benchmark, Layout, finish_with_score
 from tokenpacker_jax.evaluation.question_file import reader
 from tokenpacker_jax.evaluation.vqa import accuracy_lines, accuracy_score
+from tokenpacker_jax.user_error import InputError
 
 
 def gqa_prediction(text: str) -> str:
@@ -38,7 +39,7 @@ def score_gqa(answers_path: str, annotations_path: str) -> dict[str, Any]:
     annotations = files.read_annotations(annotations_path, ("answer",))
     for where, record in annotations.values():
         if not isinstance(record["answer"], str):
-            raise ValueError(f"{where}: answer must be a string")
+            raise InputError(f"{where}: answer must be a string")
     balanced = {key for key, (_, r) in annotations.items() if r.get("isBalanced", True)}
     pairs = files.read_answers(answers_path, annotations, annotations_path)
     scores, kinds = [], collections.defaultdict(list)

@@ -44,6 +44,7 @@ from typing import Any
 
 from tokenpacker_jax.evaluation import files
 from tokenpacker_jax.evaluation.benchmark import Benchmark, Layout, Question, llava_answer_line
+from tokenpacker_jax.user_error import InputError
 
 LETTERS = ("A", "B", "C", "D")
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -79,14 +80,14 @@ def read_tsv(path: str) -> tuple[list[str], list[tuple[str, dict[str, str]]]]:
             where = f"{path}:{start}"
             start = reader.line_num + 1
             if len(cells) != len(header):
-                raise ValueError(f"{where}: {len(cells)} cells, the header has {len(header)}")
+                raise InputError(f"{where}: {len(cells)} cells, the header has {len(header)}")
             row = dict(zip(header, cells))
             try:
                 row["index"] = int(row["index"])
             except ValueError as err:
-                raise ValueError(f"{where}: index {row['index']!r} is not an integer") from err
+                raise InputError(f"{where}: index {row['index']!r} is not an integer") from err
             if row["index"] in seen:
-                raise ValueError(f"{where}: index {row['index']} repeats {seen[row['index']]}")
+                raise InputError(f"{where}: index {row['index']} repeats {seen[row['index']]}")
             seen[row["index"]] = where
             rows.append((where, row))
     return header, rows
@@ -114,11 +115,11 @@ def _questions(layout: Layout) -> list[Question]:
     for where, row in rows:
         options = row_options(row)
         if not options:
-            raise ValueError(f"{where}: the question has no options")
+            raise InputError(f"{where}: the question has no options")
         try:
             image = base64.b64decode(row["image"], validate=True)
         except (binascii.Error, ValueError) as err:
-            raise ValueError(f"{where}: image is not base64 ({err})") from err
+            raise InputError(f"{where}: image is not base64 ({err})") from err
         letters = list(LETTERS[:len(options)])
         for round_id in range(len(options) if layout.all_rounds else 1):
             prompt = message(row, options)
@@ -174,18 +175,18 @@ def score_mmbench(answers_path: str, tsv_path: str) -> dict[str, Any]:
     a row or round not answered)."""
     header, rows = read_tsv(tsv_path)
     if "answer" not in header:
-        raise ValueError(f"{tsv_path}: no answer column (the test split is scored by the "
+        raise InputError(f"{tsv_path}: no answer column (the test split is scored by the "
                          f"server only)")
     by_index = {row["index"]: (where, row) for where, row in rows}
     hits = collections.defaultdict(list)  # group -> [right or not per line]
     for where, line in files.read_answer_lines(answers_path, ("question_id", "text")):
         if line["question_id"] not in by_index:
-            raise ValueError(f"{where}: question_id {line['question_id']!r} is not in "
+            raise InputError(f"{where}: question_id {line['question_id']!r} is not in "
                              f"{tsv_path}")
         row_where, row = by_index[line["question_id"]]
         options = row_options(row)
         if row["answer"] not in LETTERS[:len(options)]:
-            raise ValueError(f"{row_where}: answer {row['answer']!r} is not an option letter")
+            raise InputError(f"{row_where}: answer {row['answer']!r} is not an option letter")
         shift = int(line.get("round_id", 0))
         shown = options[shift:] + options[:shift]
         right = LETTERS[(LETTERS.index(row["answer"]) - shift) % len(options)]

@@ -37,6 +37,7 @@ from typing import Any
 from tokenpacker_jax.evaluation import files
 from tokenpacker_jax.evaluation.benchmark import Benchmark, Layout, finish_with_score
 from tokenpacker_jax.evaluation.question_file import reader
+from tokenpacker_jax.user_error import InputError
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene",
               "landmark", "artwork", "OCR")
@@ -66,7 +67,7 @@ def read_truth(release: str) -> dict[tuple[str, str], dict[str, str]]:
                         continue
                     fields = line.strip().split("\t")
                     if len(fields) != 2 or fields[1].lower() not in ("yes", "no"):
-                        raise ValueError(f"{path}:{number}: expected 'question<TAB>yes|no'")
+                        raise InputError(f"{path}:{number}: expected 'question<TAB>yes|no'")
                     truth[task, name][fields[0]] = fields[1]
     if not truth:
         raise files.LayoutError(f"{release}: no task directories with question files")
@@ -105,7 +106,7 @@ def converted_lines(answers_path: str, release: str) -> dict[str, list[dict[str,
         questions = truth.get((task, name), {})
         question = mme_question(line["prompt"], questions)
         if question not in questions:
-            raise ValueError(f"{where}: no question {mme_question(line['prompt'])!r} for "
+            raise InputError(f"{where}: no question {mme_question(line['prompt'])!r} for "
                              f"{image} in {release}/{task}")
         tasks[task].append({"image": image, "file": name, "question": question,
                             "truth": questions[question],
@@ -119,7 +120,7 @@ def score_mme(answers_path: str, release: str) -> dict[str, Any]:
     tasks = converted_lines(answers_path, release)
     unknown = sorted(set(tasks) - set(PERCEPTION) - set(COGNITION))
     if unknown:
-        raise ValueError(f"{answers_path}: tasks {unknown} are not MME's")
+        raise InputError(f"{answers_path}: tasks {unknown} are not MME's")
     per_task = {}
     for task in PERCEPTION + COGNITION:
         if task not in tasks:
@@ -131,7 +132,7 @@ def score_mme(answers_path: str, release: str) -> dict[str, Any]:
         for image, rights in by_image.items():
             if len(rights) != 2:
                 where = next(i["where"] for i in tasks[task] if i["image"] == image)
-                raise ValueError(f"{where}: MME asks two questions about {image}; the "
+                raise InputError(f"{where}: MME asks two questions about {image}; the "
                                  f"answer file has {len(rights)}")
         rights = [right for pair in by_image.values() for right in pair]
         acc = sum(rights) / len(rights)

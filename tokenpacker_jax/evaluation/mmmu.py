@@ -51,6 +51,7 @@ from typing import Any
 
 from tokenpacker_jax.evaluation import files
 from tokenpacker_jax.evaluation.benchmark import Benchmark, Layout, Question
+from tokenpacker_jax.user_error import InputError
 
 SUBJECTS = (
     "Accounting", "Agriculture", "Architecture_and_Engineering", "Art", "Art_Theory",
@@ -247,7 +248,7 @@ def _image(record: Mapping[str, Any], where: str) -> bytes | None:
     if value is None:
         return None
     if not isinstance(value, dict) or not isinstance(value.get("bytes"), bytes):
-        raise ValueError(f"{where}: image_1 must be {{bytes, path}}")
+        raise InputError(f"{where}: image_1 must be {{bytes, path}}")
     return value["bytes"]
 
 
@@ -268,7 +269,7 @@ def _questions(layout: Layout) -> list[Question]:
                 try:
                     options = ast.literal_eval(record["options"])
                 except (ValueError, SyntaxError) as err:
-                    raise ValueError(f"{where}: options {record['options']!r} is not a "
+                    raise InputError(f"{where}: options {record['options']!r} is not a "
                                      f"list literal") from err
                 option_images = [m for o in options for m in _OPTION_IMAGE.findall(str(o))]
                 image = None if len(option_images) > 1 else _image(record, where)

@@ -33,6 +33,7 @@ from typing import Any
 
 from tokenpacker_jax.evaluation import files
 from tokenpacker_jax.evaluation.benchmark import Benchmark, Layout, Question, image_file
+from tokenpacker_jax.user_error import InputError
 
 SHORT = "Answer the question using a single word or phrase."
 RECOGNITION = ("Regular Text Recognition", "Irregular Text Recognition",
@@ -70,7 +71,7 @@ def score_ocrbench(records: Sequence[dict[str, Any]], where: str) -> dict[str, A
         files.check_fields(f"{where}: record {i}", record,
                            ("dataset_name", "answers", "type"))
         if record["type"] not in per_type:
-            raise ValueError(f"{where}: record {i}: type {record['type']!r} is not one of "
+            raise InputError(f"{where}: record {i}: type {record['type']!r} is not one of "
                              f"OCRBench's {list(per_type)}")
         if "predict" not in record:
             per_dataset[record["dataset_name"]].append(0.0)
@@ -97,7 +98,7 @@ def _ocrbench_score(answers: str, annotations: str | None = None,
                     questions: str | None = None) -> list[str]:
     records = files.read_json(answers, "OCRBench results (the benchmark's list + predict)")
     if not isinstance(records, list):
-        raise ValueError(f"{answers}: expected OCRBench's JSON list with 'predict' fields")
+        raise InputError(f"{answers}: expected OCRBench's JSON list with 'predict' fields")
     return ocrbench_lines(score_ocrbench(records, answers))
 
 
@@ -110,7 +111,7 @@ def _ocrbench_questions(layout: Layout) -> list[Question]:
     path = _ocrbench_file(layout)
     records = files.read_json(path, "OCRBench.json")
     if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of questions")
+        raise InputError(f"{path}: expected a JSON list of questions")
     folder = layout.images("OCRBench_Images")
     questions = []
     for i, record in enumerate(records):
@@ -179,7 +180,7 @@ def score_docvqa(answers_path: str, annotations_path: str) -> dict[str, Any]:
     scores = []
     for where, line in lines:
         if line["questionId"] not in truth:
-            raise ValueError(f"{where}: questionId {line['questionId']!r} is not in "
+            raise InputError(f"{where}: questionId {line['questionId']!r} is not in "
                              f"{annotations_path}")
         submitted = docvqa_submission([line])[0]["answer"]
         scores.append(anls(submitted, truth[line["questionId"]]))
@@ -202,7 +203,7 @@ def _docvqa_score(answers: str, annotations: str, questions: str | None = None) 
 def _docvqa_records(path: str) -> list[tuple[str, dict[str, Any]]]:
     data = files.read_json(path, "DocVQA's question file")
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-        raise ValueError(f'{path}: expected {{"data": [...]}}')
+        raise InputError(f'{path}: expected {{"data": [...]}}')
     records = []
     for i, record in enumerate(data["data"]):
         where = f"{path}: data[{i}]"

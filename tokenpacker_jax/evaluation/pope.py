@@ -29,6 +29,7 @@ from typing import Any
 from tokenpacker_jax.evaluation import files
 from tokenpacker_jax.evaluation.benchmark import Benchmark, Layout, finish_with_score, image_file
 from tokenpacker_jax.evaluation.question_file import reader
+from tokenpacker_jax.user_error import InputError
 
 LABEL_PREFIX, LABEL_SUFFIX = "coco_pope_", ".json"
 
@@ -63,7 +64,7 @@ def score_pope(answers_path: str, annotations_path: str) -> dict[str, Any]:
     annotations = files.read_annotations(annotations_path, ("label",))
     for where, record in annotations.values():
         if record["label"] not in ("yes", "no"):
-            raise ValueError(f"{where}: label must be 'yes' or 'no', got {record['label']!r}")
+            raise InputError(f"{where}: label must be 'yes' or 'no', got {record['label']!r}")
     pairs = files.read_answers(answers_path, annotations, annotations_path)
     by_category = collections.defaultdict(lambda: ([], []))
     predictions, labels = [], []
@@ -84,7 +85,7 @@ def _read_labels(path: str) -> list[bool]:
     for where, record in files.read_jsonl(path):
         files.check_fields(where, record, ("label",))
         if record["label"] not in ("yes", "no"):
-            raise ValueError(f"{where}: label must be 'yes' or 'no', got {record['label']!r}")
+            raise InputError(f"{where}: label must be 'yes' or 'no', got {record['label']!r}")
         labels.append(record["label"] == "yes")
     return labels
 
@@ -101,7 +102,7 @@ def score_pope_by_category(answers_path: str, label_dir: str,
     for where, line in files.read_answer_lines(answers_path):
         key = json_key(line["question_id"])
         if key not in categories:
-            raise ValueError(f"{where}: question_id {line['question_id']!r} is not in "
+            raise InputError(f"{where}: question_id {line['question_id']!r} is not in "
                              f"{questions_path}")
         answers[categories[key]].append(pope_says_yes(line["text"]))
     names = sorted(name for name in os.listdir(files.require(label_dir, "POPE's label files"))
@@ -114,7 +115,7 @@ def score_pope_by_category(answers_path: str, label_dir: str,
         labels = _read_labels(os.path.join(label_dir, name))
         predictions = answers.get(category, [])
         if len(predictions) > len(labels):
-            raise ValueError(f"{answers_path}: {len(predictions)} answers in category "
+            raise InputError(f"{answers_path}: {len(predictions)} answers in category "
                              f"{category!r} but {len(labels)} labels in {name}")
         per_category[category] = pope_metrics(predictions, labels[:len(predictions)])
     keys = ("accuracy", "precision", "recall", "f1", "yes_ratio")
@@ -150,7 +151,7 @@ def score_lines(result: dict[str, Any]) -> list[str]:
 def _score(answers: str, annotations: str, questions: str | None = None) -> list[str]:
     if os.path.isdir(annotations):
         if not questions:
-            raise ValueError("POPE's label directory pairs answers with labels per category: "
+            raise InputError("POPE's label directory pairs answers with labels per category: "
                              "give --questions=llava_pope_test.jsonl too")
         return score_lines(score_pope_by_category(answers, annotations, questions))
     return score_lines(score_pope(answers, annotations))

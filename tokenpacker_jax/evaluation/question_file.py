@@ -21,6 +21,7 @@ from typing import Any
 
 from tokenpacker_jax.evaluation import files
 from tokenpacker_jax.evaluation.benchmark import Layout, Question, image_file, llava_answer_line
+from tokenpacker_jax.user_error import InputError
 
 # The reference's evaluation suffixes (LLaVA-1.5), appended after a newline.
 SUFFIXES = {
@@ -49,7 +50,7 @@ def llava_questions(path: str, image_folder: str, *, suffix: str = "",
     for index, (where, record) in enumerate(files.read_jsonl(path)):
         files.check_fields(where, record, ("question_id", "text"))
         if not isinstance(record["text"], str):
-            raise ValueError(f"{where}: text must be a string")
+            raise InputError(f"{where}: text must be a string")
         image = record.get("image")
         text = record["text"] + (f"\n{suffix}" if suffix else "")
         questions.append(Question(
@@ -80,7 +81,7 @@ def answer_questions(trained: Any, questions: Sequence[dict[str, Any]], image_fo
     from tokenpacker_jax.evaluation.runner import Answerer  # noqa: PLC0415 (jax)
 
     if suffix not in SUFFIXES:
-        raise ValueError(f"--suffix must be one of {sorted(SUFFIXES)}, got {suffix!r}")
+        raise InputError(f"--suffix must be one of {sorted(SUFFIXES)}, got {suffix!r}")
     answerer = Answerer(trained, batch_size=batch_size, max_new_tokens=max_new_tokens)
     lines = []
     for start in range(0, len(questions), batch_size):

@@ -35,6 +35,7 @@ from tokenpacker_jax import sharding
 from tokenpacker_jax.data.pipeline import example_builder
 from tokenpacker_jax.data.prompt import build_prompt, left_pad
 from tokenpacker_jax.evaluation.benchmark import Question
+from tokenpacker_jax.user_error import InputError
 
 PARTS = "parts"
 
@@ -64,7 +65,7 @@ class Answerer:
                                                devices=jax.devices()[:1])
         parallel = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         if batch_size % parallel:
-            raise ValueError(f"--batch_size {batch_size} is not a multiple of the "
+            raise InputError(f"--batch_size {batch_size} is not a multiple of the "
                              f"{parallel} data-parallel devices")
         self.batch_size, self.bucket = batch_size, bucket
         self.rules = trained.config.sharding.rules
@@ -127,21 +128,21 @@ def read_parts(parts_dir: str, questions: Sequence[Question]) -> dict[int, dict[
             except json.JSONDecodeError as err:
                 if unterminated:
                     continue
-                raise ValueError(f"{where}: not valid JSON ({err})") from err
+                raise InputError(f"{where}: not valid JSON ({err})") from err
             if (not isinstance(entry, dict) or not isinstance(entry.get("index"), int)
                     or "answer" not in entry or "question_id" not in entry):
-                raise ValueError(f"{where}: expected {{'index', 'question_id', 'answer'}}")
+                raise InputError(f"{where}: expected {{'index', 'question_id', 'answer'}}")
             index = entry["index"]
             if index >= len(questions):
                 continue
             expected = questions[index]
             if json.dumps(entry["question_id"]) != json.dumps(expected.question_id):
-                raise ValueError(
+                raise InputError(
                     f"{where}: question {index} is {entry['question_id']!r} here but "
                     f"{expected.question_id!r} in {expected.where}: these answers were "
                     f"written for other questions (use another --out)")
             if index in seen:
-                raise ValueError(f"{where}: question {index} was already answered at "
+                raise InputError(f"{where}: question {index} was already answered at "
                                  f"{seen[index]}")
             seen[index] = where
             done[index] = entry["answer"]

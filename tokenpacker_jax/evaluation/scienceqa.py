@@ -31,6 +31,7 @@ from typing import Any
 
 from tokenpacker_jax.evaluation import files
 from tokenpacker_jax.evaluation.benchmark import Benchmark, Layout, Question, image_file
+from tokenpacker_jax.user_error import InputError
 
 OPTIONS = ("A", "B", "C", "D", "E")
 INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -59,18 +60,18 @@ def score_scienceqa(answers_path: str, base_dir: str, split: str = "test"
     splits = files.read_json(f"{base_dir}/pid_splits.json", "ScienceQA's pid_splits.json")
     problems = files.read_json(f"{base_dir}/problems.json", "ScienceQA's problems.json")
     if not isinstance(splits, dict) or split not in splits:
-        raise ValueError(f"{base_dir}/pid_splits.json: no split {split!r}")
+        raise InputError(f"{base_dir}/pid_splits.json: no split {split!r}")
     predictions = {}
     for where, line in files.read_answer_lines(answers_path, ("question_id", "prompt", "text")):
         key = str(line["question_id"])
         if key not in problems:
-            raise ValueError(f"{where}: question_id {key!r} is not in {base_dir}/problems.json")
+            raise InputError(f"{where}: question_id {key!r} is not in {base_dir}/problems.json")
         predictions[key] = line
     output = {"correct": [], "incorrect": []}
     result = {"acc": None, "correct": None, "count": None, "results": {}, "outputs": {}}
     for pid in splits[split]:
         if pid not in problems:
-            raise ValueError(f"{base_dir}/pid_splits.json: {split} problem {pid!r} is not in "
+            raise InputError(f"{base_dir}/pid_splits.json: {split} problem {pid!r} is not in "
                              f"problems.json")
         problem = problems[pid]
         files.check_fields(f"{base_dir}/problems.json: problem {pid!r}", problem,
@@ -107,7 +108,7 @@ def _questions(layout: Layout) -> list[Question]:
     path = f"{layout.data}/llava_{layout.split}_CQM-A.json"
     records = files.read_json(path, "the LLaVA ScienceQA question file")
     if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of questions")
+        raise InputError(f"{path}: expected a JSON list of questions")
     folder = layout.images(os.path.join("images", layout.split))
     questions = []
     for index, record in enumerate(records):
@@ -116,7 +117,7 @@ def _questions(layout: Layout) -> list[Question]:
         turns = record["conversations"]
         if not (isinstance(turns, list) and turns and isinstance(turns[0], dict)
                 and isinstance(turns[0].get("value"), str)):
-            raise ValueError(f"{where}: conversations[0] must be {{'from', 'value': TEXT}}")
+            raise InputError(f"{where}: conversations[0] must be {{'from', 'value': TEXT}}")
         text = turns[0]["value"].replace("<image>", "").strip() + "\n" + INSTRUCTION
         image = image_file(folder, record["image"], where) if "image" in record else None
         prompt = f"<image>\n{text}" if image else text

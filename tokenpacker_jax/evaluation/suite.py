@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from tokenpacker_jax.evaluation import gqa, mmbench, mme, mmmu, mmvet, ocr, pope, scienceqa, vqa
 from tokenpacker_jax.evaluation.benchmark import Benchmark, Layout
+from tokenpacker_jax.user_error import InputError
 
 if TYPE_CHECKING:
     from tokenpacker_jax.evaluation.runner import Answerer
@@ -26,7 +27,7 @@ SCORED = tuple(name for name, b in BENCHMARKS.items() if b.score is not None)
 
 def benchmark(name: str) -> Benchmark:
     if name not in BENCHMARKS:
-        raise ValueError(f"--benchmark must be one of {list(BENCHMARKS)}, got {name!r}")
+        raise InputError(f"--benchmark must be one of {list(BENCHMARKS)}, got {name!r}")
     return BENCHMARKS[name]
 
 
@@ -61,5 +62,5 @@ def score(name: str, answers: str, annotations: str | None = None,
     """The printable score of an answer file (the last line the headline)."""
     bench = benchmark(name)
     if bench.score is None:
-        raise ValueError(f"{name} is scored by its server: 'run' writes the submission file")
+        raise InputError(f"{name} is scored by its server: 'run' writes the submission file")
     return bench.score(answers, annotations, questions)

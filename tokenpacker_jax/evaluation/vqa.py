@@ -43,6 +43,7 @@ from typing import Any
 from tokenpacker_jax.evaluation import files
 from tokenpacker_jax.evaluation.benchmark import Benchmark, Layout, finish_with_score
 from tokenpacker_jax.evaluation.question_file import reader
+from tokenpacker_jax.user_error import InputError
 
 # -- the official VQA normalisation ----------------------------------------------------------
 
@@ -142,7 +143,7 @@ def vqa_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
     evaluation does (only when the humans disagree). ``prediction`` is used as given (see
     ``evalai_answer``)."""
     if not human_answers:
-        raise ValueError("vqa_accuracy: no human answers")
+        raise InputError("vqa_accuracy: no human answers")
     humans = [_strip_lines(answer) for answer in human_answers]
     prediction = _strip_lines(prediction)
     if len(set(humans)) > 1:
@@ -155,7 +156,7 @@ def textvqa_accuracy(prediction: str, human_answers: Sequence[str]) -> float:
     """One TextVQA question's accuracy as the m4c evaluator computes it: the prediction
     and the 10 humans' answers EvalAI-processed, then ``_leave_one_out``."""
     if len(human_answers) != 10:
-        raise ValueError(f"TextVQA questions have 10 human answers, got {len(human_answers)}")
+        raise InputError(f"TextVQA questions have 10 human answers, got {len(human_answers)}")
     return _leave_one_out(evalai_answer(prediction), [evalai_answer(a) for a in human_answers])
 
 
@@ -171,7 +172,7 @@ def score_vqav2(answers_path: str, annotations_path: str) -> dict[str, Any]:
         humans = record["answers"]
         if not isinstance(humans, list) or not humans or not all(
                 isinstance(h, dict) and isinstance(h.get("answer"), str) for h in humans):
-            raise ValueError(f"{where}: answers must be a non-empty list of "
+            raise InputError(f"{where}: answers must be a non-empty list of "
                              f'{{"answer": TEXT}}')
     pairs = files.read_answers(answers_path, annotations, annotations_path)
     scores, per_answer, per_question = [], collections.defaultdict(list), \
@@ -238,7 +239,7 @@ def _vizwiz_finish(layout: Layout, lines: list[dict[str, Any]]) -> list[str]:
     upload = []
     for where, record in questions:
         if record["question_id"] not in answers:
-            raise ValueError(f"{where}: question {record['question_id']!r} has no answer")
+            raise InputError(f"{where}: question {record['question_id']!r} has no answer")
         upload.append({"image": record["image"], "answer": answers[record["question_id"]]})
     files.write_jsonl(layout.output("answers.jsonl"), lines)
     path = files.write_json(layout.output("submission.json"), upload)
@@ -254,7 +255,7 @@ def textvqa_question(prompt: str, where: str) -> str:
     if prompt.startswith("OCR tokens: "):
         match = _OCR_QUESTION.search(prompt)
         if match is None:
-            raise ValueError(f"{where}: prompt starts with 'OCR tokens: ' but has no "
+            raise InputError(f"{where}: prompt starts with 'OCR tokens: ' but has no "
                              f"'Question: ... Short answer:'")
         question = match.group(1)
     elif "Reference OCR token: " in prompt and len(lines) == 3:
@@ -262,7 +263,7 @@ def textvqa_question(prompt: str, where: str) -> str:
     elif len(lines) == 2:
         question = lines[0]
     else:
-        raise ValueError(f"{where}: cannot find the question in prompt {prompt!r} (expected "
+        raise InputError(f"{where}: cannot find the question in prompt {prompt!r} (expected "
                          f"a question line, an optional OCR-token line and the suffix)")
     return question.lower()
 
@@ -272,19 +273,19 @@ def score_textvqa(answers_path: str, annotations_path: str) -> dict[str, Any]:
     and ``unanswered``."""
     data = files.read_json(annotations_path, "TextVQA_0.5.1_val.json")
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-        raise ValueError(f'{annotations_path}: expected {{"data": [...]}}')
+        raise InputError(f'{annotations_path}: expected {{"data": [...]}}')
     annotations = {}
     for i, record in enumerate(data["data"]):
         where = f"{annotations_path}: data[{i}]"
         files.check_fields(where, record, ("image_id", "question", "answers"))
         if not isinstance(record["answers"], list) or len(record["answers"]) != 10:
-            raise ValueError(f"{where}: answers must be the 10 human answers")
+            raise InputError(f"{where}: answers must be the 10 human answers")
         annotations[(record["image_id"], record["question"].lower())] = record
     scores = []
     for where, line in files.read_answer_lines(answers_path, ("question_id", "prompt", "text")):
         key = (line["question_id"], textvqa_question(line["prompt"], where))
         if key not in annotations:
-            raise ValueError(f"{where}: no question {key[1]!r} about image {key[0]!r} in "
+            raise InputError(f"{where}: no question {key[1]!r} about image {key[0]!r} in "
                              f"{annotations_path}")
         scores.append(textvqa_accuracy(line["text"], annotations[key]["answers"]))
     return {**files.mean(scores), "unanswered": len(annotations) - len(scores)}
