@@ -78,6 +78,10 @@ class Manager(ocp.CheckpointManager):
             async_options=ocp.AsyncOptions(post_finalization_callback=self._write_checksums))
         super().__init__(os.path.abspath(directory) if "://" not in str(directory)
                          else directory, options=options, item_names=ITEMS)
+        # Orbax removes them in a thread of its own; a run that stops at once (a mistake)
+        # would leave that thread to fail at interpreter exit, and a resume decides which
+        # steps there are: wait for it.
+        self._maybe_await_cleanup_tmp_directory()
 
     def step_dir(self, step: int) -> epath.Path:
         return self.directory / str(step)
@@ -153,9 +157,24 @@ def _verify_or_warn(step_dir: epath.Path, items=ITEMS, **kwargs: Any) -> None:
                         step_dir.parent, integrity.MANIFEST)
 
 
+def _saved_restore_step(manager: Manager, step: int) -> int | None:
+    """``checkpoint.restore_step`` of the run that saved ``step`` (None: unreadable)."""
+    try:
+        _verify_or_warn(manager.step_dir(step), ("config",))
+    except integrity.DamagedCheckpoint:
+        return None
+    config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return config["config"].get("checkpoint", {}).get("restore_step")
+
+
 def _choose_here(manager: Manager, requested: int) -> int | None:
     steps = sorted(manager.all_steps(), reverse=True)
     where = manager.directory
+    if requested >= 0 and steps and steps[0] > requested and (
+            _saved_restore_step(manager, steps[0]) == requested):
+        # The run started with this restore_step saved since (and was restarted with the
+        # same command, e.g. after a preemption): it goes on from its own newest step.
+        requested = -1
     if requested >= 0:
         if requested not in steps:
             raise CheckpointNotFound(f"checkpoint.restore_step: no step {requested} in {where} "
@@ -198,8 +217,10 @@ def choose_step(manager: Manager, requested: int = -1) -> int | None:
     None when the directory has no checkpoint.
 
     Steps that fail verification, and with ``requested`` the steps after it (which the run
-    will write again), are moved to ``DIR.set_aside/`` with a warning. The primary process
-    checks and moves; the others follow its choice.
+    will write again), are moved to ``DIR.set_aside/`` with a warning. A run restarted with
+    the same ``requested`` after it has saved a later step goes on from its newest step (the
+    step's config records the restore_step it was started with). The primary process checks
+    and moves; the others follow its choice.
     """
     if jax.process_count() == 1:
         step = _choose_here(manager, requested)

@@ -175,8 +175,9 @@ def base_config() -> ml_collections.ConfigDict:
         eps=1e-8,
         grad_clip=1.0,
     ))
-    # restore_step: the step a rerun resumes from (its later steps are moved aside); -1: the
-    # newest whose files verify.
+    # restore_step: the step a rerun resumes from (its later steps are moved aside; restarted
+    # with the same command once it has saved again, the run goes on from its newest step);
+    # -1: the newest step whose files verify.
     config.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3,
                                                        asynchronous=True, restore_step=-1))
     # Multi-host (TPU pods, SLURM): jax.distributed.initialize before anything else.
