@@ -190,7 +190,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                 save(done, force=done == total_steps)
             if preemption.requested or manager.reached_preemption(done):
                 logging.warning("preemption at step %d: saving and exiting", done)
-                save(done, force=True)
+                if last_good_step != done:  # (a step saved already cannot be saved again)
+                    save(done, force=True)
                 break
         progress.close()
         manager.wait_until_finished()
