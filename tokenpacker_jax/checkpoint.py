@@ -103,18 +103,20 @@ class Manager(ocp.CheckpointManager):
             if started and not self._asynchronous:
                 super().wait_until_finished()
         except Exception as err:
-            raise self._write_error(err) from err
+            if _disk_full(err):
+                raise self._no_space() from err
+            raise
         return started
 
     def wait_until_finished(self) -> None:
         try:
             super().wait_until_finished()
         except Exception as err:
-            raise self._write_error(err) from err
+            if _disk_full(err):
+                raise self._no_space() from err
+            raise
 
-    def _write_error(self, err: Exception) -> Exception:
-        if not _disk_full(err):
-            return err
+    def _no_space(self) -> CheckpointWriteError:
         kept = self.all_steps()
         resume = (f"rerun the same command to resume from step {max(kept)}" if kept else
                   "rerun the same command to start again")
