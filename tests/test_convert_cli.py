@@ -205,12 +205,14 @@ def test_hd_import_uses_the_reference_global_view(built, tmp_path):
     np.testing.assert_allclose(prompt.pixel_values[:len(expected)], expected, atol=1e-5,
                                rtol=0)
 
-    # The same workdir as an earlier import wrote it: the boolean field, left False.
+    # The same workdir as an earlier import wrote it: the boolean field, left False (and no
+    # checksums, which came later).
     saved_file = workdir / "checkpoints" / "0" / "config" / "metadata"
     saved = json.loads(saved_file.read_text())
     del saved["data"]["hd"]["global_view"]
     saved["data"]["hd"]["reference_global_view"] = False
     saved_file.write_text(json.dumps(saved))
+    (workdir / "checkpoints" / "0" / "checksums.json").unlink()
     assert load_trained(str(workdir)).config.data.hd.global_view == "reference_canvas"
 
 

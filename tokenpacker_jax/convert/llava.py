@@ -120,8 +120,8 @@ def settings_from_reference(config: Mapping[str, Any], *, projector: str, embed_
         patch_num = 9
     global_view = config.get(GLOBAL_VIEW_FIELD) or hd.REFERENCE_CANVAS
     if global_view not in hd.GLOBAL_VIEWS:
-        raise ValueError(f"config.json: {GLOBAL_VIEW_FIELD} {global_view!r} is not one of "
-                         f"{hd.GLOBAL_VIEWS}")
+        raise CheckpointError(f"config.json: {GLOBAL_VIEW_FIELD} {global_view!r} is not one of "
+                              f"{hd.GLOBAL_VIEWS}")
     if projector == "tokenpacker":
         # Early TokenPacker code hard-coded 2 and wrote no field.
         scale_factor = int(config.get("scale_factor") or 2)
