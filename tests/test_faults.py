@@ -30,7 +30,8 @@ import test_train_run
 from test_train_run import STEPS, _final_params, _sample_ids, small_config
 from tokenpacker_jax import checkpoint, train
 from tokenpacker_jax import checkpoint_integrity as integrity
-from tokenpacker_jax.loading import load_trained
+from tokenpacker_jax.assembly import load_trained
+from tokenpacker_jax.configs import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 # test_train_run's module fixtures, set up once for this module: the generated data and an
@@ -333,8 +334,6 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_arrays(uninterrupte
                                                                   tmp_path):
     """The run's workdir with another config (configs/tiny.py unshrunk: 4 tower layers, 2
     decoder layers, stage 1); at the command line this is one line (see MISTAKES)."""
-    from configs import tiny
-
     workdir = copy_run(uninterrupted[0], tmp_path / "run")
     with pytest.raises(checkpoint.CheckpointError,
                        match=r"checkpoint step 6 in .* is not of this model .*: params\.\S+ "

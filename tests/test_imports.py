@@ -13,20 +13,22 @@ PACKAGE = "tokenpacker_jax"
 # longest name that matches a module places it. ``__main__`` modules are command-line shims:
 # they run their folder's command and may import anything.
 LAYERS = (
-    ("sharding",),  # the mesh and the logical-axis rules table
+    ("sharding", "user_error"),  # the mesh and the logical-axis rules table; error types
     ("models",),  # Flax modules: no I/O
     ("data",),  # records -> examples -> batches; the batch contract; prompts
     ("configs", "configuration"),  # configs and their checks
     ("convert",),  # checkpoint formats (HF, the reference's) both ways
-    ("tokenizer", "optim", "train_state", "train_step", "checkpoint", "flops", "metrics"),
+    ("tokenizer", "optim", "train_state", "train_step", "checkpoint", "checkpoint_integrity",
+     "flops", "metrics"),
     ("assembly",),  # models and runs assembled from configs
     ("generate", "region_maps", "evaluation"),  # inference and scoring
     ("train", "evaluate", "aot", "quickstart", "conversion", "bench"),  # commands
 )
 # What an import inside a function may defer (the reason must name one): optional or
-# seconds-long imports; jax, for the evaluation commands that only score.
+# seconds-long imports; jax, for the evaluation commands that only score; absl, which the
+# launch scripts (user_error's argparse side) run without.
 HEAVY = ("torch", "transformers", "tensorflow_datasets", "tensorboardX", "pyarrow", "openpyxl",
-         "jax")
+         "jax", "absl")
 NOQA = re.compile(r"#\s*noqa:[^#]*\bPLC0415\b\s*\((?P<reason>[^)]*)\)")
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from tokenpacker_jax import checkpoint_integrity as integrity
 from tokenpacker_jax.user_error import CheckpointError, CheckpointNotFound, UserError
@@ -227,8 +228,6 @@ def choose_step(manager: Manager, requested: int = -1) -> int | None:
     if jax.process_count() == 1:
         step = _choose_here(manager, requested)
     else:
-        from jax.experimental import multihost_utils  # noqa: PLC0415 (pods only)
-
         failed = -2
         try:
             step = _choose_here(manager, requested) if jax.process_index() == 0 else None

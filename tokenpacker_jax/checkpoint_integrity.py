@@ -25,6 +25,7 @@ import os
 import zlib
 from collections.abc import Iterable, Sequence
 
+import tensorstore as ts
 from etils import epath
 
 from tokenpacker_jax.user_error import CheckpointError
@@ -79,8 +80,6 @@ def _checksums(step_dir: epath.Path, files: Sequence[str]) -> dict[str, tuple[in
 def ocdbt_arrays(item_dir: epath.Path) -> dict[str, list[str]]:
     """File (relative to ``item_dir``) -> names of the arrays with bytes in it, read from the
     item's OCDBT index (Orbax's array store: one key per zarr chunk, ``ARRAY/CHUNK``)."""
-    import tensorstore as ts  # noqa: PLC0415 (only where a state item is checksummed)
-
     if not (item_dir / "manifest.ocdbt").exists():
         return {}
     url = str(item_dir) if "://" in str(item_dir) else f"file://{os.path.abspath(item_dir)}"

@@ -89,7 +89,7 @@ def _flag_error(argv: Sequence[str], err: Exception) -> str:
 
 def run_absl(main: Callable[[list[str]], Any], prog: str) -> None:
     """``absl.app.run(main)``, with flag errors and user errors as one line each."""
-    from absl import app, flags  # noqa: PLC0415
+    from absl import app, flags  # noqa: PLC0415 (absl: launch/*.py run without it)
 
     def parse_flags(argv: list[str]) -> list[str]:
         try:
