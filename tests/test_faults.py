@@ -8,6 +8,7 @@ every rerun ends with the parameters of an uninterrupted run, bit for bit.
 """
 
 import errno
+import inspect
 import json
 import logging
 import os
@@ -258,17 +259,18 @@ def test_sigterm_during_evaluation_finishes_it_then_saves_and_exits(data_dir, tm
     evaluate_loss = train.evaluate_loss
     evaluated = []  # batches per evaluation
 
-    def preempted_midway(eval_step, params, batches, mesh, num_batches):
+    def batches_then_sigterm(batches):
+        for batch in batches:
+            if len(evaluated) == 1 and evaluated[0] == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            evaluated[-1] += 1
+            yield batch
+
+    def preempted_midway(*args, **kwargs):
         evaluated.append(0)
-
-        def batches_then_sigterm():
-            for batch in batches:
-                if len(evaluated) == 1 and evaluated[0] == 1:
-                    os.kill(os.getpid(), signal.SIGTERM)
-                evaluated[-1] += 1
-                yield batch
-
-        return evaluate_loss(eval_step, params, batches_then_sigterm(), mesh, num_batches)
+        call = inspect.signature(evaluate_loss).bind(*args, **kwargs)
+        call.arguments["batches"] = batches_then_sigterm(call.arguments["batches"])
+        return evaluate_loss(*call.args, **call.kwargs)
 
     monkeypatch.setattr(train, "evaluate_loss", preempted_midway)
     previous = signal.getsignal(signal.SIGTERM)
