@@ -69,7 +69,7 @@ def test_projector_table_against_torch():
     section = projector.run(sizes=sizes, log=quiet)
     rows = table_rows(section.body)
     assert len(rows) == 2 and column(rows, "tokens") == ["16"]
-    # The PyTorch side computes SPEC §2 with our weights: the comparison is like for like.
+    # The PyTorch side computes docs/reference.md §3 with our weights: like for like.
     assert float(column(rows, "max rel diff")[0]) < 1e-5
     assert "Machine: " in section.body and "met**" in section.body
 
@@ -84,7 +84,7 @@ def test_token_budget_and_torch_llava_tables():
     rows = table_rows(section.body)
     assert [row[1] for row in rows[1:]] == ["144", "144"]
     assert all(float(v) > 0 for v in column(rows, "decode tokens/s"))
-    assert "Target (issue 8): our decode" in section.body
+    assert "Target: our decode" in section.body
 
 
 def test_training_table():

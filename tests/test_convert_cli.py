@@ -1,6 +1,6 @@
 """``python -m tokenpacker_jax.convert import|export`` against PyTorch: a tiny checkpoint in
 the reference TokenPacker / LLaVA layout is built here (a random transformers LLaMA, a
-TokenPacker written from SPEC §2 in torch, a sentencepiece tokenizer, a random HF CLIP
+TokenPacker written from docs/reference.md §3 in torch, a sentencepiece tokenizer, a random HF CLIP
 tower), imported, exported in every format and checked against transformers and torch;
 then the whole MLLM against a PyTorch assembly of the exported parts (CLIP hidden states ->
 torch projector -> LLaMA with the visual tokens spliced at ``<image>``), logits and greedy
@@ -355,7 +355,8 @@ def tokenizer_image_token(prompt, tokenizer):
 
 
 class TorchAssembly:
-    """transformers CLIP -> torch projector (SPEC §2) -> transformers LLaMA, float64."""
+    """transformers CLIP -> torch projector (docs/reference.md §3) -> transformers LLaMA,
+    float64."""
 
     def __init__(self, exported):
         from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
@@ -371,8 +372,8 @@ class TorchAssembly:
 
     @staticmethod
     def pixels(image):
-        """SPEC §1 ``pad``: a square canvas of the mean colour, image centred (already the
-        tower's size here, so no resize), then CLIP normalisation."""
+        """docs/reference.md §2 ``pad``: a square canvas of the mean colour, image centred
+        (already the tower's size here, so no resize), then CLIP normalisation."""
         side = max(image.size)
         canvas = Image.new("RGB", (side, side), tuple(int(255 * m) for m in CLIP_MEAN))
         canvas.paste(image, ((side - image.size[0]) // 2, (side - image.size[1]) // 2))

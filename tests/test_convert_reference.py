@@ -1,7 +1,7 @@
-"""The projector in the reference PyTorch layout: a PyTorch TokenPacker written from SPEC §2
-(``bench/torch_tokenpacker.py``: torch's own nn.MultiheadAttention and F.interpolate)
-loaded with our exported weights, export -> import round trips, the SPEC key/shape table,
-and the file formats."""
+"""The projector in the reference PyTorch layout: a PyTorch TokenPacker written from
+docs/reference.md §3 (``bench/torch_tokenpacker.py``: torch's own nn.MultiheadAttention and
+F.interpolate) loaded with our exported weights, export -> import round trips, the key/shape
+table of docs/reference.md §3.3, and the file formats."""
 
 import math
 
@@ -103,7 +103,7 @@ def test_in_proj_packs_q_k_v_in_that_order(tiny):
 
 
 def spec_table(hidden):
-    """SPEC §2's state dict: key -> shape, for LLM width ``hidden``."""
+    """The state dict of docs/reference.md §3.3: key -> shape, for LLM width ``hidden``."""
     table = {"q_proj_1.weight": (1024, 1024)}
     for part in ("k", "v"):
         table.update({f"{part}_proj_1.0.weight": (1024, 4096), f"{part}_proj_1.0.bias": (1024,),

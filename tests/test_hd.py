@@ -1,4 +1,5 @@
-"""TokenPacker-HD tiling (SPEC §3): grid choice, canvas, tiles, global view, token layout."""
+"""TokenPacker-HD tiling (docs/reference.md §4): grid choice, canvas, tiles, global view,
+token layout."""
 
 import numpy as np
 import pytest
@@ -42,8 +43,8 @@ def test_candidate_lists():
 
 
 def torch_scores(sizes, candidates):
-    """SPEC §3's score written with torch integer boxes, as the reference computes it:
-    [len(sizes), len(candidates)] float32."""
+    """The score of docs/reference.md §4.1 written with torch integer boxes, as the reference
+    computes it: [len(sizes), len(candidates)] float32."""
     boxes = torch.tensor([[0, 0, r * T, c * T] for r, c in candidates])[None]
     image = torch.tensor([[0, 0, h, w] for h, w in sizes])[:, None]
     height, width = image[..., 2], image[..., 3]

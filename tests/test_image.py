@@ -1,4 +1,4 @@
-"""Image preprocessing against transformers' CLIPImageProcessor and SPEC §1."""
+"""Image preprocessing against transformers' CLIPImageProcessor and docs/reference.md §2."""
 
 import numpy as np
 import pytest
@@ -77,7 +77,8 @@ def test_extreme_aspect_ratio_crops_before_resizing(processor):
 
 
 def _pad_mode_from_spec(image, size=336):
-    """SPEC §1 pad mode, written out: canvas of (122, 116, 104), image centred, then resize."""
+    """docs/reference.md §2 pad mode, written out: canvas of (122, 116, 104), image centred,
+    then resize."""
     width, height = image.size
     side = max(width, height)
     canvas = np.empty((side, side, 3), np.uint8)
@@ -124,6 +125,6 @@ def test_unknown_mode_is_rejected():
 
 
 def test_hd_grid_selection_is_public_here():
-    # The issue's public name; the implementation and its tests are in data/hd.py.
+    # Re-exported beside the other modes; the implementation and its tests are in data/hd.py.
     assert image_lib.select_hd_grid(480, 640, 9) == (2, 3)
     assert image_lib.select_hd_grid(1000, 1000, 16) == (4, 4)

@@ -1,5 +1,5 @@
 """Region maps: the packed tokens and attention of a whole MLLM, laid out on the patch grid
-as SPEC §2 step 5 says."""
+as docs/algorithm.md §4 says."""
 
 import dataclasses
 

@@ -1,8 +1,8 @@
-"""TokenPacker against SPEC §2: an independent float64 NumPy formulation, PyTorch's bilinear
-resize, initialisation, parameter counts and input validation.
+"""TokenPacker against docs/reference.md §3: an independent float64 NumPy formulation,
+PyTorch's bilinear resize, initialisation, parameter counts and input validation.
 
-The NumPy reference reads the reference (PyTorch) state dict layout of SPEC §2 and loops
-over regions explicitly; the module gets the same weights through the converter.
+The NumPy reference reads the reference (PyTorch) state dict layout of docs/reference.md
+§3.3 and loops over regions explicitly; the module gets the same weights through the converter.
 """
 
 import math
@@ -69,7 +69,7 @@ def half_pixel_taps(index, in_size, out_size):
 
 
 def numpy_tokenpacker(state, x, x_multi, scale, heads):
-    """SPEC §2 in float64 with explicit loops over regions and heads.
+    """docs/reference.md §3 in float64 with explicit loops over regions and heads.
 
     Returns tokens [B, M, out] and attention weights [B, M, heads, s*s] (slot ki*s + kj).
     """

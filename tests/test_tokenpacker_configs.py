@@ -1,5 +1,5 @@
 """configs/tokenpacker.py: the paper's variants (LLM, scale, stage, HD) and Gemma-2-2B, with
-SPEC §5's hyperparameters, validated for the slices they are meant for."""
+The hyperparameters of docs/reference.md §7, validated for the slices they are meant for."""
 
 import pytest
 
@@ -91,7 +91,7 @@ def test_hd_variants(patch_num, scale, tiles, max_length):
     assert config.data.hd.global_view == "reference_canvas"
     assert pipeline.image_settings(config.data).global_view == "reference_canvas"
     assert batch_lib.max_tiles(config.data) == tiles
-    # The largest tiling (SPEC §3's count) leaves room for text.
+    # The largest tiling (docs/algorithm.md §6's count) leaves room for text.
     assert config.data.max_length == max_length
     assert config.data.max_length <= config.model.decoder.max_position_embeddings
 

@@ -207,8 +207,8 @@ def import_checkpoint(checkpoint_dir: str | os.PathLike, out: str | os.PathLike,
     if len(hf_tokenizer) > decoder_config.vocab_size:
         raise InputError(f"the tokenizer has {len(hf_tokenizer)} tokens, more than the LLM's "
                          f"vocab_size {decoder_config.vocab_size}")
-    # The reference looks the HD separators up as tokens (SPEC §3): ',' and a literal '\n'
-    # (the unknown token with the Vicuna vocabulary).
+    # The reference looks the HD separators up as tokens (docs/reference.md §4.4): ',' and a
+    # literal '\n' (the unknown token with the Vicuna vocabulary).
     config.data.hd.comma_id = int(hf_tokenizer.convert_tokens_to_ids(","))
     config.data.hd.newline_id = int(hf_tokenizer.convert_tokens_to_ids("\n"))
     config.convert = ml_collections.ConfigDict(dict(

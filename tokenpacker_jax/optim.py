@@ -1,4 +1,4 @@
-"""Optimizer of a training stage (SPEC §5): which parameter groups train, and how.
+"""Optimizer of a training stage (docs/reference.md §7): which parameter groups train, and how.
 
 Stages are masks, not code paths: ``config.train.trainable`` names the parameter groups that
 train (``projector``; ``projector`` + ``decoder``; ``vision_tower`` only if asked). The

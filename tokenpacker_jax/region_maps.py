@@ -1,7 +1,7 @@
 """What each packed token looked at: TokenPacker's region attention on the patch grid.
 
 Token (i, j) of the G x G output grid attends over the s x s patches (s*i + ki, s*j + kj) of
-the G0 x G0 patch grid, key slot ki * s + kj (SPEC §2 step 5; G0 = G * s). The regions tile
+the G0 x G0 patch grid, key slot ki * s + kj (docs/algorithm.md §4; G0 = G * s). The regions tile
 the patch grid, so one G0 x G0 map per head holds every token's weights, and each s x s
 block of it sums to 1.
 

@@ -1,4 +1,4 @@
-"""The tables of BENCHMARKS.md (issue 8), as scripts: ``python -m tokenpacker_jax.bench``.
+"""The tables of BENCHMARKS.md, as scripts: ``python -m tokenpacker_jax.bench``.
 
 =====  ==============  ===========================================================  ==========
 table  name            what                                                         module

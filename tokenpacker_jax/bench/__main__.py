@@ -15,7 +15,7 @@ them alone. ``--sizes=tiny`` runs tables 1-4 and 6 on toy sizes in seconds (what
 do; ``tpu_fit`` has no toy size) and never writes. Timings are polluted by other jobs: run
 on an otherwise idle machine.
 
-Tables 1-4 run where JAX runs. With jax on a GPU (issue 8, item 7: ``python -m
+Tables 1-4 run where JAX runs. With jax on a GPU (``python -m
 tokenpacker_jax.bench 1 2 3 4 --write``) their sections are ``projector_gpu``, ... titled
 with the device's name, beside the CPU's; float32 matmuls run at full precision on both
 sides (``common.full_float32``) and the PyTorch side of tables 1 and 3 runs on the same GPU.

@@ -1,13 +1,13 @@
 """What every benchmark table shares: timing, the machine, Markdown, BENCHMARKS.md sections.
 
-Timing rule (issue 8): a figure is the median of at least ``runs`` (5) calls after
+Timing rule: a figure is the median of at least ``runs`` (5) calls after
 ``warmup`` calls; compilation is done beforehand (``compile_jit``: ``lower().compile()``) and
 reported apart; every call ends in ``wait`` (JAX's ``block_until_ready``, and PyTorch's CUDA
 queue drained), so asynchronous dispatch does not hide work. The sides of a comparison are
 timed in turns (``time_interleaved``), so a machine whose speed drifts slows both alike.
 
 Tables run where JAX runs: on the CPU their sections are ``projector``, ``training``, ...; on
-a GPU (issue 8, item 7) ``projector_gpu``, ... titled with the device's name, so both stay in
+a GPU ``projector_gpu``, ... titled with the device's name, so both stay in
 BENCHMARKS.md, and the PyTorch side of a comparison runs on the same GPU (``torch_device``).
 """
 

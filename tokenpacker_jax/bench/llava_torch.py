@@ -147,7 +147,7 @@ def run(size: str = "full", runs: int = common.MIN_RUNS, log=print, *,
         "",
         table,
         "",
-        f"Target (issue 8): our decode at least {TARGET_DECODE_SPEEDUP}x theirs "
+        f"Target: our decode at least {TARGET_DECODE_SPEEDUP}x theirs "
         f"({speedup:.2f}x): {common.verdict(speedup >= TARGET_DECODE_SPEEDUP)}",
     ])
     return common.section("llava_torch", "Against transformers' PyTorch LLaVA", body)

@@ -3,7 +3,7 @@ the machine's matmul peak measured in the same run.
 
 Inputs at the paper's sizes: x_last [B, 576, 1024], x_multi [B, 576, 4096] -> tokens
 [B, M, 4096], M = 144 / 64 / 36 for scale 2 / 3 / 4, batch 1 and 8, float32. The PyTorch
-side is SPEC §2 in torch (``bench/torch_tokenpacker.py``: ``nn.MultiheadAttention``,
+side is docs/reference.md §3 in torch (``bench/torch_tokenpacker.py``: ``nn.MultiheadAttention``,
 ``F.interpolate``) holding the same weights, fed the same inputs; the largest difference of
 the two outputs is reported (relative to the largest output), so the two compute the same
 thing.
@@ -85,7 +85,8 @@ class Row:
 
 
 def analytic_gflop(sizes: Sizes, scale: int) -> float:
-    """GFLOP of one image through the projector (``flops.py``'s count, from SPEC §2)."""
+    """GFLOP of one image through the projector (``flops.py``'s count of docs/reference.md
+    §3)."""
     patch = 14
     config = MLLMConfig(
         vision=VisionConfig(image_size=sizes.grid * patch, patch_size=patch,
@@ -190,7 +191,8 @@ def run(size: str = "full", runs: int = common.MIN_RUNS, log=print, *,
         f"{sizes.width * sizes.levels}] -> [B, M, {sizes.out_dim}], float32. Median of "
         f"{runs} runs after warm-up; in each round JAX, PyTorch and the two peak matmuls run "
         "once, in turns; JAX compiled beforehand (compile time apart). PyTorch: "
-        "SPEC §2 in eager torch (`bench/torch_tokenpacker.py`) with the same weights and "
+        "docs/reference.md §3 in eager torch (`bench/torch_tokenpacker.py`) with the same "
+        "weights and "
         "inputs (max rel diff: the largest difference of the two outputs over the largest "
         "output). GFLOP: analytic (`flops.py`, matmuls). Peak: a float32 "
         f"[{sizes.peak_n}, {sizes.peak_n}] matmul in JAX and in PyTorch, timed in the same "
@@ -198,7 +200,7 @@ def run(size: str = "full", runs: int = common.MIN_RUNS, log=print, *,
         "",
         table,
         "",
-        "Targets (issue 8):",
+        "Targets:",
         *targets,
     ])
     return common.section("projector", "Projector forward: JAX against PyTorch", body)

@@ -1,16 +1,17 @@
-"""SPEC §2 in PyTorch: the reference TokenPacker projector as a ``torch.nn.Module``.
+"""docs/reference.md §3 in PyTorch: the reference TokenPacker projector as a ``torch.nn.Module``.
 
-Written from the SPEC with torch's own ``nn.MultiheadAttention`` and ``F.interpolate``, sizes
-as arguments (the reference hard-codes CLIP-L/14-336). Its ``state_dict`` has exactly the
-reference's keys (without the ``model.mm_projector.`` prefix), so it loads what
-``reference.projector_params_to_reference`` exports. Used by the parity tests and by the
-projector benchmark (``python -m tokenpacker_jax.bench projector``) as the PyTorch side.
+Written from docs/reference.md with torch's own ``nn.MultiheadAttention`` and
+``F.interpolate``, sizes as arguments (the reference hard-codes CLIP-L/14-336). Its
+``state_dict`` has exactly the reference's keys (without the ``model.mm_projector.``
+prefix), so it loads what ``reference.projector_params_to_reference`` exports. Used by the
+parity tests and by the projector benchmark (``python -m tokenpacker_jax.bench projector``)
+as the PyTorch side.
 Needs torch (requirements-test.txt).
 
     x [B, N, W], x_multi [B, N, W * levels]  ->  tokens [B, M, out_dim],
                                                   attention [B, M, heads, s*s]
 
-N = grid^2 patches, M = (grid / scale)^2; attention slot k = ki * s + kj as in SPEC §2 step 5.
+N = grid^2 patches, M = (grid / scale)^2; attention slot k = ki * s + kj as in docs/algorithm.md §4.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tokenpacker_jax.convert import reference
 
 
 class TorchTokenPacker(torch.nn.Module):
-    """SPEC §2 in PyTorch (eager, float32 or float64 after ``.double()``)."""
+    """docs/reference.md §3 in PyTorch (eager, float32 or float64 after ``.double()``)."""
 
     def __init__(self, width: int, levels: int, dim: int, heads: int, out_dim: int,
                  scale: int):

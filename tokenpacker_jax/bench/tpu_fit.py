@@ -47,7 +47,8 @@ def one_sequence_per_shard(config: ml_collections.ConfigDict, topology: aot.Topo
 
 def paper_table_entries(slices: Sequence[str] = TABLE_SLICES,
                         models: Sequence[tuple[str, int]] = TABLE_MODELS) -> list[TableEntry]:
-    """The paper's 7B / 13B stages (scale 2, 2048 tokens, SPEC §5 batches) on each slice."""
+    """The paper's 7B / 13B stages (scale 2, 2048 tokens, docs/reference.md §7 batches) on
+    each slice."""
     entries = []
     for llm, stage in models:
         for name in slices:

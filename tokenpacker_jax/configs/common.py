@@ -49,7 +49,7 @@ def parse_variant(arg: str | None, defaults: Mapping[str, Any]) -> dict[str, Any
 
 
 def clip_vit_l14_336() -> ml_collections.ConfigDict:
-    """CLIP ViT-L/14 at 336 px (openai/clip-vit-large-patch14-336), SPEC §1."""
+    """CLIP ViT-L/14 at 336 px (openai/clip-vit-large-patch14-336), docs/reference.md §1."""
     return ml_collections.ConfigDict(dict(
         family="clip", image_size=336, patch_size=14, num_channels=3, width=1024,
         mlp_dim=4096, num_layers=24, num_heads=16, layer_norm_eps=1e-5,
@@ -58,7 +58,7 @@ def clip_vit_l14_336() -> ml_collections.ConfigDict:
 
 
 def vicuna_7b() -> ml_collections.ConfigDict:
-    """LLaMA-2 7B / Vicuna-7B v1.5 (SPEC §5)."""
+    """LLaMA-2 7B / Vicuna-7B v1.5 (docs/reference.md §7)."""
     return ml_collections.ConfigDict(dict(
         family="llama", vocab_size=32000, width=4096, mlp_dim=11008, num_layers=32,
         num_heads=32, num_kv_heads=32, head_dim=128, hidden_act="silu", norm_eps=1e-5,
@@ -140,7 +140,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.prefetch_buffer = 64  # examples buffered per process
     config.data.worker_count = 0  # grain worker processes (0: threads only)
     config.data.worker_buffer_size = 2
-    # TokenPacker-HD (aspect_mode = slice, SPEC §3); -1 ids: looked up in the tokenizer.
+    # TokenPacker-HD (aspect_mode = slice, docs/reference.md §4); -1 ids: looked up in the
+    # tokenizer.
     config.data.hd = ml_collections.ConfigDict(dict(
         patch_num=9,  # candidate grids 9 | 16 | 25
         comma_id=29892,  # ',' of the Vicuna tokenizer
@@ -153,7 +154,7 @@ def base_config() -> ml_collections.ConfigDict:
         global_view="reference_canvas",
     ))
 
-    # Which groups train (SPEC §5: stage 1 the projector, stage 2 projector + LLM).
+    # Which groups train (docs/reference.md §7: stage 1 the projector, stage 2 projector + LLM).
     config.train = ml_collections.ConfigDict(dict(
         stage=2,
         trainable=("projector", "decoder"),

@@ -34,8 +34,8 @@ def get_config(arg: str | None = None):
     config.model.projector.update(dict(scale_factor=2, embed_dim=64, num_heads=4))
     # 8 heads of 16 rather than 4 of 32. An answer takes two hops (in the trained model the
     # first layer copies the question's attribute word to the answer's position, the second
-    # attends to the object it names); with more heads the runs came out more even: held-out
-    # 0.836 / 0.824 (seeds 0 / 1) against 0.748 / 0.864 with 4 heads (session notes, issue 6).
+    # attends to the object it names); with more heads two seeds ended closer together and
+    # higher (BENCHMARKS.md, "The main job").
     config.model.decoder.update(dict(
         vocab_size=512, width=128, mlp_dim=256, num_layers=2, num_heads=8, num_kv_heads=8,
         head_dim=16, max_position_embeddings=512))

@@ -1,4 +1,5 @@
-"""The paper's TokenPacker models (LLaVA-1.5 setting, SPEC §5), and a Gemma-2-2B variant.
+"""The paper's TokenPacker models (LLaVA-1.5 setting, docs/reference.md §7), and a Gemma-2-2B
+variant.
 
 ``--config=configs/tokenpacker.py:llm=vicuna7b,scale=2,stage=2[,hd=true,patch_num=9]``
 
@@ -13,7 +14,7 @@
 | microbatches | gradient accumulation; 0: 16 sequences each | 0 |
 | data         | LLaVA-1.5 data root (blip_laion_cc_sbu_558k, mix665k) | "" |
 
-Recipe (SPEC §5): stage 1 trains the projector, lr 1e-3, global batch 256, ``plain``
+Recipe (docs/reference.md §7): stage 1 trains the projector, lr 1e-3, global batch 256, ``plain``
 captions; stage 2 the projector and the LLM, lr 2e-5, batch 128, the LLM's chat template.
 Both: AdamW, cosine with 3% warmup, weight decay 0, one epoch, max length 2048, bfloat16
 compute on float32 master weights, every decoder layer rematerialised. The vision tower

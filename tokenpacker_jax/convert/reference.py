@@ -1,7 +1,8 @@
 """The projector in the reference PyTorch layout (TokenPacker / LLaVA-1.5), both directions.
 
-The reference stores the projector under ``model.mm_projector.`` (SPEC §2): the stage-1 file
-``mm_projector.bin`` holds just those keys, full checkpoints hold them beside the LLM's.
+The reference stores the projector under ``model.mm_projector.`` (docs/reference.md §3.3):
+the stage-1 file ``mm_projector.bin`` holds just those keys, full checkpoints hold them
+beside the LLM's.
 One ``Rule`` table per projector serves import and export. PyTorch's packed attention
 ``in_proj_weight`` [3D, D] / ``in_proj_bias`` [3D] is one tensor for our three q/k/v
 kernels: each of their rules takes its third on import, and export concatenates the thirds

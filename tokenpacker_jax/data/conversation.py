@@ -1,4 +1,4 @@
-"""Conversation templates and their token ids with the supervision mask (SPEC §4).
+"""Conversation templates and their token ids with the supervision mask (docs/reference.md §5-§6).
 
 A LLaVA record's ``conversations`` (``from`` = human/gpt, ``value`` = text) become turns
 (``parse_turns``), a template renders the turns as a list of segments (text, special

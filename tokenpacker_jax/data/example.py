@@ -6,10 +6,11 @@ the last kept position of a truncated sample, the first token cut off); ``loss_m
 for answers and their end marker, 0 at padding and where the target is visual.
 
 The image slot of the conversation becomes ``tokens_per_tile`` visual positions
-(``square``/``pad``), or for ``slice`` (TokenPacker-HD, SPEC §3) the tiles' tokens row by
-row with the ',' id between the tiles of a row and the '\\n' id closing each row, then the
-global view's tokens and '\\n' (``tokenpacker_jax.data.hd.hd_layout``); the k-th visual
-position takes visual token k of the sample (its valid tiles' tokens in tile order).
+(``square``/``pad``), or for ``slice`` (TokenPacker-HD, docs/reference.md §4) the tiles'
+tokens row by row with the ',' id between the tiles of a row and the '\\n' id closing each
+row, then the global view's tokens and '\\n' (``tokenpacker_jax.data.hd.hd_layout``); the
+k-th visual position takes visual token k of the sample (its valid tiles' tokens in tile
+order).
 
 Truncation to T never cuts inside an image's positions (separators included): a sample
 whose cut would is rejected (``too_long``), as is one left without a supervised token. An

@@ -1,4 +1,4 @@
-"""TokenPacker-HD tiling (``image_aspect_ratio = slice``, SPEC §3), host-side NumPy.
+"""TokenPacker-HD tiling (``image_aspect_ratio = slice``, docs/reference.md §4), host-side NumPy.
 
 An image of h x w pixels gets a grid of r x c tiles of T x T (T = 336) chosen from a
 candidate list; it is resized (aspect ratio kept) to fit r*T x c*T, placed at the top-left of

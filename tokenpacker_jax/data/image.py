@@ -1,4 +1,5 @@
-"""Image loading and preprocessing for the vision tower (SPEC §1), host-side with PIL/NumPy.
+"""Image loading and preprocessing for the vision tower (docs/reference.md §2), host-side
+with PIL/NumPy.
 
 Modes (``image_aspect_ratio`` in the reference):
 

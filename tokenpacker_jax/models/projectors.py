@@ -7,7 +7,7 @@ N = grid^2 patches, and returns tokens [B, M, out_dim] for the LLM.
 =============  ================================================  ==========================
 name           what it is                                        tokens M
 =============  ================================================  ==========================
-tokenpacker    TokenPacker (SPEC §2), region-to-point attention  (grid / scale_factor)^2
+tokenpacker    TokenPacker, region-to-point attention            (grid / scale_factor)^2
 mlp2x_gelu     LLaVA-1.5 MLP on every patch                      grid^2 (scale_factor = 1)
 avgpool        s x s average pooling + MLP                       (grid / scale_factor)^2
 pixel_shuffle  space-to-depth + MLP                              (grid / scale_factor)^2

@@ -1,4 +1,4 @@
-"""TokenPacker (SPEC §2): point queries from interpolation, region-to-point attention.
+"""TokenPacker (docs/algorithm.md): point queries from interpolation, region-to-point attention.
 
 The vision tower gives ``x_last`` [B, N, W] (one level) and ``x_multi`` [B, N, W * L]
 (L levels on channels), N = grid * grid patches. TokenPacker turns them into
@@ -85,7 +85,7 @@ def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
 
 def group_regions(x: jax.Array, grid: int, scale_factor: int) -> jax.Array:
     """[B, grid*grid, C] -> [B, M, s*s, C]: region (i, j) at row i*(grid/s) + j holds the
-    positions (s*i + ki, s*j + kj) at slot ki*s + kj (SPEC §2 step 5)."""
+    positions (s*i + ki, s*j + kj) at slot ki*s + kj (docs/algorithm.md §4)."""
     batch, _, channels = x.shape
     g, s = grid // scale_factor, scale_factor
     x = x.reshape(batch, g, s, g, s, channels).transpose(0, 1, 3, 2, 4, 5)
@@ -213,7 +213,7 @@ class TokenPacker(nn.Module):
         values = group_regions(injected("v"), grid, self.scale_factor)
         keys, values = layers.constrain(keys, REGION_AXES), layers.constrain(values, REGION_AXES)
 
-        # Point queries: a coarse view of the single-level features (SPEC §2 step 3).
+        # Point queries: a coarse view of the single-level features (docs/algorithm.md §2).
         image = x_last.reshape(batch, grid, grid, width)
         points = resize_bilinear(image, (out_grid, out_grid)).astype(x_last.dtype)
         points = points.reshape(batch, out_grid * out_grid, width)

@@ -1,4 +1,4 @@
-"""CLIP and SigLIP vision transformers (SPEC §1), pure Flax Linen.
+"""CLIP and SigLIP vision transformers (docs/reference.md §1), pure Flax Linen.
 
 Input: pixels [B, H, W, C] float, already normalised (see ``tokenpacker_jax.data.image``).
 Output: all hidden states, a tuple of L + 1 arrays [B, T, width]: index 0 is the embedding
@@ -187,7 +187,7 @@ class VisionTransformer(nn.Module):
         per_layer = Encoder(cfg, name="encoder")(x)
         # post_layernorm belongs to the released towers (it makes their pooled output) and is
         # kept so checkpoints round-trip and parameter counts match; TokenPacker never uses it
-        # (SPEC §1), and XLA drops this unused computation.
+        # (docs/reference.md §1), and XLA drops this unused computation.
         layers.layer_norm(cfg.layer_norm_eps, name="post_layernorm", **kw)(per_layer[-1][:, :1])
         return (x, *[per_layer[i] for i in range(cfg.num_layers)])
 
@@ -196,7 +196,7 @@ def select_features(hidden_states: Sequence[jax.Array], *, has_class_token: bool
                     select_layer: int = -2,
                     multi_layers: Sequence[int] = (12, 16, 22, 23)
                     ) -> tuple[jax.Array, jax.Array]:
-    """The projector's two inputs from the tower's hidden states (SPEC §1).
+    """The projector's two inputs from the tower's hidden states (docs/reference.md §1).
 
     Args:
       hidden_states: L + 1 arrays [B, T, W] (index 0 = embeddings).
