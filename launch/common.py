@@ -18,9 +18,10 @@ from pathlib import Path
 
 # The repository, where the package is not installed; its user_error imports no dependency.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tokenpacker_jax import user_error  # noqa: E402
+from tokenpacker_jax import user_error
+
 # For gpu.py and tpu.py:
-from tokenpacker_jax.user_error import ArgumentParser, UserError  # noqa: E402, F401
+from tokenpacker_jax.user_error import ArgumentParser, UserError  # noqa: F401
 
 # Pinned like requirements.txt; the accelerator's jax build replaces the CPU one.
 JAX_TPU = "jax[tpu]==0.10.2"

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
 # Accelerator family (as --accelerator-type starts) -> TPU VM software version.
 RUNTIME_VERSIONS = {

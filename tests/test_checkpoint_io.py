@@ -31,7 +31,7 @@ def write_shards(directory, state, num_shards=2):
     for i in range(num_shards):
         name = f"pytorch_model-{i + 1:05d}-of-{num_shards:05d}.bin"
         torch.save({k: state[k] for k in keys[i::num_shards]}, directory / name)
-        weight_map.update({k: name for k in keys[i::num_shards]})
+        weight_map.update(dict.fromkeys(keys[i::num_shards], name))
     (directory / checkpoint_io.TORCH_INDEX).write_text(json.dumps({"weight_map": weight_map}))
 
 

@@ -21,7 +21,6 @@ from flax import traverse_util
 from PIL import Image
 from safetensors.numpy import load_file
 
-from data_helpers import corpus, reference_slice
 from tokenpacker_jax import checkpoint, configuration, conversion
 from tokenpacker_jax.assembly import load_trained
 from tokenpacker_jax.bench.torch_tokenpacker import TorchTokenPacker
@@ -29,12 +28,14 @@ from tokenpacker_jax.convert import checkpoint_io, llava, reference
 from tokenpacker_jax.data import hd
 from tokenpacker_jax.data.conversation import VICUNA_SYSTEM
 from tokenpacker_jax.data.pipeline import example_builder
-from tokenpacker_jax.data.synthetic import train_tokenizer
 from tokenpacker_jax.data.prompt import build_prompt
+from tokenpacker_jax.data.synthetic import train_tokenizer
 from tokenpacker_jax.generate import Generator, SamplingConfig, answer
 from tokenpacker_jax.models.decoder import Decoder
 from tokenpacker_jax.models.projectors import build_projector
 from tokenpacker_jax.models.vision import VisionTransformer
+
+from data_helpers import corpus, reference_slice
 
 VOCAB, WIDTH, LAYERS = 400, 64, 2  # LLM
 TOWER_WIDTH, TOWER_LAYERS, IMAGE, PATCH = 32, 4, 32, 4  # CLIP: 8 x 8 patches
@@ -82,7 +83,7 @@ def write_bin_shards(state, directory, num_shards=2):
         name = f"pytorch_model-{i + 1:05d}-of-{num_shards:05d}.bin"
         part = keys[i::num_shards]
         torch.save({k: state[k].contiguous() for k in part}, directory / name)
-        weight_map.update({k: name for k in part})
+        weight_map.update(dict.fromkeys(part, name))
     (directory / "pytorch_model.bin.index.json").write_text(json.dumps(
         {"metadata": {"total_size": 0}, "weight_map": weight_map}))
 
@@ -334,7 +335,7 @@ def test_exported_tower_matches_transformers(imported, exported):
     ours = jax.jit(VisionTransformer(trained.model.config.vision).apply)(
         {"params": trained.params["vision_tower"]}, pixels)
     assert len(ours) == len(expected) == TOWER_LAYERS + 1
-    for level, (a, b) in enumerate(zip(ours, expected)):
+    for level, (a, b) in enumerate(zip(ours, expected, strict=True)):
         np.testing.assert_allclose(np.asarray(a), b.numpy(), atol=1e-5, rtol=0,
                                    err_msg=f"hidden state {level}")
     preprocessor = json.loads((out / "preprocessor_config.json").read_text())
@@ -422,7 +423,8 @@ def test_whole_model_logits_and_greedy_tokens_equal_the_pytorch_assembly(importe
     prompt = build_prompt(builder, QUESTION, image)
     slot = reference_ids.index(-200)
     assert prompt.image_mask.sum() == visual.shape[0] == 16
-    assert prompt.ids[~prompt.image_mask].tolist() == reference_ids[:slot] + reference_ids[slot + 1:]
+    text_ids = reference_ids[:slot] + reference_ids[slot + 1:]
+    assert prompt.ids[~prompt.image_mask].tolist() == text_ids
     assert np.flatnonzero(prompt.image_mask)[0] == slot
     ours = jax.jit(trained.model.apply)(
         {"params": trained.params}, prompt.ids[None], prompt.image_mask[None],

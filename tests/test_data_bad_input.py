@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_helpers import data_config, vicuna_like
 from tokenpacker_jax.data import errors, pipeline
 from tokenpacker_jax.data.conversation import ConversationTokenizer
 from tokenpacker_jax.data.errors import DataError
 from tokenpacker_jax.data.example import ExampleBuilder, ImageSettings
 from tokenpacker_jax.data.llava import SourceRecord
+
+from data_helpers import data_config, vicuna_like
 
 G = 36
 MAX_LENGTH = 256

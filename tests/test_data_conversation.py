@@ -4,12 +4,19 @@ plain) and, for every template, supervised tokens = the answers plus their end m
 import numpy as np
 import pytest
 
-from data_helpers import gemma_like, llama3_like, vicuna_like
 from tokenpacker_jax.data import errors
-from tokenpacker_jax.data.conversation import (IMAGE_TOKEN_ID, VICUNA_SYSTEM,
-                                               ConversationTokenizer, Text, get_template,
-                                               parse_turns, text_tokenizer)
+from tokenpacker_jax.data.conversation import (
+    IMAGE_TOKEN_ID,
+    VICUNA_SYSTEM,
+    ConversationTokenizer,
+    Text,
+    get_template,
+    parse_turns,
+    text_tokenizer,
+)
 from tokenpacker_jax.data.errors import DataError
+
+from data_helpers import gemma_like, llama3_like, vicuna_like
 
 IGNORE = -100
 
@@ -104,7 +111,7 @@ def ours(template, conversation, tokenizer):
     has_image = any("<image>" in turn["value"] for turn in conversation)
     result = ConversationTokenizer(template, tokenizer)(
         parse_turns(conversation, has_image=has_image))
-    labels = [i if s else IGNORE for i, s in zip(result.ids, result.supervised)]
+    labels = [i if s else IGNORE for i, s in zip(result.ids, result.supervised, strict=True)]
     return result.ids, labels
 
 
@@ -152,7 +159,7 @@ def test_plain_equals_reference(vicuna, number):
 
 def supervised_runs(ids, supervised):
     runs, current = [], []
-    for token, flag in zip(ids, supervised):
+    for token, flag in zip(ids, supervised, strict=True):
         if flag:
             current.append(token)
         elif current:
@@ -197,7 +204,8 @@ def test_supervised_tokens_are_the_answers_and_end_markers(template, number, vic
     assert sum(result.supervised) == sum(len(r) for r in supervised_runs(result.ids,
                                                                          result.supervised))
     assert result.ids.count(IMAGE_TOKEN_ID) == int(has_image)
-    assert not any(s for i, s in zip(result.ids, result.supervised) if i == IMAGE_TOKEN_ID)
+    assert not any(s for i, s in zip(result.ids, result.supervised, strict=True)
+                   if i == IMAGE_TOKEN_ID)
 
 
 def test_llama3_and_gemma_prompts(llama3, gemma):

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_helpers import data_config
 from tokenpacker_jax.data import batch as batch_lib
 from tokenpacker_jax.data import errors, hd, pipeline, synthetic
 from tokenpacker_jax.data.conversation import ConversationTokenizer, parse_turns
@@ -17,6 +16,8 @@ from tokenpacker_jax.data.errors import DataError
 from tokenpacker_jax.data.example import ExampleBuilder, ImageSettings
 from tokenpacker_jax.data.llava import LlavaSource, SourceRecord
 from tokenpacker_jax.tokenizer import load_tokenizer
+
+from data_helpers import data_config
 
 G = 36  # tokens per tile of the tiny config (48 px / patch 4 = 12, scale 2 -> 6 x 6)
 NUM = 200
@@ -190,7 +191,7 @@ def test_worker_processes_match_threads_and_resume(synthetic_dir, tokenizer):
     state = json.loads(json.dumps(iterator.get_state()))
     got += [next(iterator) for _ in range(2)]
     iterator.close()
-    for expected, batch in zip(threads, got):
+    for expected, batch in zip(threads, got, strict=True):
         for key in expected:
             np.testing.assert_array_equal(batch[key], expected[key], err_msg=key)
     resumed = iter(pipeline.make_dataset(config, tokenizer, G, "train", process_index=0,

@@ -104,7 +104,7 @@ def test_answers_match_the_pixels(size, tmp_path):
         assert pixels.shape == (size, size, 3)
         answers = {}
         turns = record["conversations"]
-        for question, answer in zip(turns[::2], turns[1::2]):
+        for question, answer in zip(turns[::2], turns[1::2], strict=True):
             answers[question["value"].replace("<image>\n", "")] = answer["value"]
         count_answer = answers.pop("How many shapes are there?")
         digit = answers.pop("What digit is shown?")
@@ -139,7 +139,7 @@ def test_no_question_names_another_turns_answer(generated):
     attribute_questions = 0
     for record in conversations:
         turns = record["conversations"]
-        pairs = [(q["value"], a["value"]) for q, a in zip(turns[::2], turns[1::2])]
+        pairs = [(q["value"], a["value"]) for q, a in zip(turns[::2], turns[1::2], strict=True)]
         for i, (_, answer) in enumerate(pairs):
             for j, (question, _) in enumerate(pairs):
                 named = set(question.rstrip("?").split()) & names
@@ -176,7 +176,8 @@ def test_jitter_bounds_how_far_items_sit_off_their_cells_centre():
             offsets = item_offsets(pixels, info, size)
             offsets_seen.update(offsets)
             if jitter is not None:
-                for (row, col), centre in zip(offsets, [(2, 2)] * len(info["objects"]) + [(1, 3)]):
+                centres = [(2, 2)] * len(info["objects"]) + [(1, 3)]
+                for (row, col), centre in zip(offsets, centres, strict=True):
                     assert abs(row - centre[0]) <= jitter and abs(col - centre[1]) <= jitter
     assert seen[0] == {(2, 2), (1, 3)}
     assert len(seen[1]) > 2 and len(seen[None]) > len(seen[1])

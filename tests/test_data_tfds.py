@@ -9,10 +9,11 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from data_helpers import data_config, vicuna_like
 from tokenpacker_jax.data import pipeline
 from tokenpacker_jax.data.errors import DataError
 from tokenpacker_jax.data.image import preprocess
+
+from data_helpers import data_config, vicuna_like
 
 NUM = 6
 
@@ -96,7 +97,7 @@ def test_tfds_captions_through_the_pipeline(prepared, tokenizer):
 
 
 def test_tfds_eval_split_and_names(prepared, tokenizer):
-    config = config_for(prepared, **{"template": "vicuna_v1"})
+    config = config_for(prepared, template="vicuna_v1")
     batches = list(pipeline.make_dataset(config, tokenizer, 4, "val", process_index=0,
                                          process_count=1))
     assert len(batches) == 1

@@ -12,10 +12,11 @@ import pytest
 import transformers
 from jax.sharding import NamedSharding, PartitionSpec
 
-from test_decoder import VOCAB, hf_config, randomize
 from tokenpacker_jax import sharding
 from tokenpacker_jax.convert import hf
 from tokenpacker_jax.models.decoder import Decoder
+
+from test_decoder import VOCAB, hf_config, randomize
 
 BATCH = ("data", "fsdp")
 

@@ -156,7 +156,7 @@ def assert_reference_prompt(answerer, question, message):
     assert question.message == message
     prompt = answerer.prompts([(question.text, question.load_image())])[0]
     ids = [IMAGE_TOKEN_ID if visual else int(i)
-           for i, visual in zip(prompt.ids, prompt.image_mask)]
+           for i, visual in zip(prompt.ids, prompt.image_mask, strict=True)]
     collapsed = [i for k, i in enumerate(ids)
                  if not (i == IMAGE_TOKEN_ID and k and ids[k - 1] == IMAGE_TOKEN_ID)]
     assert collapsed == reference_ids(answerer.tokenizer, message)
@@ -166,7 +166,7 @@ def llava_lines(out, questions):
     """The answer file as ``model_vqa_loader`` writes it, in question order."""
     lines = [r for _, r in files.read_jsonl(str(out / "answers.jsonl"))]
     assert [line["question_id"] for line in lines] == [q.question_id for q in questions]
-    for line, question in zip(lines, questions):
+    for line, question in zip(lines, questions, strict=True):
         assert set(line) == {"question_id", "prompt", "text", "answer_id", "model_id",
                              "metadata"}
         assert line["prompt"] == question.extra["prompt"] and line["model_id"] == MODEL
@@ -224,7 +224,7 @@ def test_gqa_scores_testdev_balanced(tmp_path, answerer):
     assert predictions == [{"questionId": line["question_id"],
                             "prediction": line["text"].rstrip(".").lower()} for line in lines]
     expected = [float(line["text"].rstrip(".").lower() == truth)
-                for line, truth in zip(lines, ("yes", "circle"))]
+                for line, truth in zip(lines, ("yes", "circle"), strict=True)]
     assert summary[-1] == f"gqa accuracy: {100 * sum(expected) / 2:.2f} (n=2)"
 
 
@@ -285,7 +285,8 @@ def test_pope_scores_three_categories(tmp_path, answerer):
     lines = llava_lines(tmp_path / "out", asked)
     scores = json.loads((tmp_path / "out/scores.json").read_text())
     assert list(scores["per_category"]) == list(categories)
-    for line, (name, label) in zip(lines, zip(categories, ("no", "yes", "yes"))):
+    labelled = zip(categories, ("no", "yes", "yes"), strict=True)
+    for line, (name, label) in zip(lines, labelled, strict=True):
         said_yes = not {"No", "not", "no"} & set(line["text"].split(".")[0]
                                                  .replace(",", "").split(" "))
         assert scores["per_category"][name]["accuracy"] == float(said_yes == (label == "yes"))
@@ -314,7 +315,7 @@ def test_mme_writes_the_official_tool_files_and_scores(tmp_path, answerer):
     lines = llava_lines(tmp_path / "out", asked)
     count = (tmp_path / "out/mme_results/count.txt").read_text().splitlines()
     assert count == [f"0001.txt\tIs there a {a}? Please answer yes or no.\t{t}\t{line['text']}"
-                     for a, t, line in zip(("cat", "dog"), ("Yes", "No"), lines[:2])]
+                     for a, t, line in zip(("cat", "dog"), ("Yes", "No"), lines[:2], strict=True)]
     scores = json.loads((tmp_path / "out/scores.json").read_text())
     assert set(scores["per_task"]) == {"count", "artwork"}
     assert summary[-1].startswith("mme perception: ")

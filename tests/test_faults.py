@@ -21,14 +21,13 @@ from concurrent import futures
 from pathlib import Path
 
 import grain
+import jax
 import numpy as np
 import pytest
-from etils import epath
-
-import jax
-
 import test_train_run
+from etils import epath
 from test_train_run import STEPS, _final_params, _sample_ids, small_config
+
 from tokenpacker_jax import checkpoint, train
 from tokenpacker_jax import checkpoint_integrity as integrity
 from tokenpacker_jax.assembly import load_trained

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data_helpers import reference_fit, reference_slice
 from tokenpacker_jax.data import hd
+
+from data_helpers import reference_fit, reference_slice
 
 T = hd.TILE_SIZE
 
@@ -66,7 +67,7 @@ def test_scores_match_torch_float32_arithmetic():
         candidates = hd.hd_candidates(patch_num)
         expected = torch_scores(sizes, candidates)
         assert expected.dtype == torch.float32
-        for (height, width), scores in zip(sizes, expected):
+        for (height, width), scores in zip(sizes, expected, strict=True):
             np.testing.assert_array_equal(hd.hd_scores(height, width, patch_num), scores.numpy())
             assert hd.select_hd_grid(height, width, patch_num) == \
                 candidates[int(torch.argmax(scores))], (height, width, patch_num)

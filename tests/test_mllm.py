@@ -2,11 +2,10 @@
 
 import dataclasses
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from tokenpacker_jax import configuration
 from tokenpacker_jax.configs import tiny

@@ -15,7 +15,11 @@ from tokenpacker_jax import sharding
 from tokenpacker_jax.models import projectors
 from tokenpacker_jax.models.baselines import LDPv2, sincos_2d
 from tokenpacker_jax.models.projectors import (
-    PROJECTORS, ProjectorConfig, build_projector, num_output_tokens)
+    PROJECTORS,
+    ProjectorConfig,
+    build_projector,
+    num_output_tokens,
+)
 
 BATCH, GRID, WIDTH, LEVELS, OUT, EMBED, HEADS = 4, 6, 16, 2, 32, 32, 4
 

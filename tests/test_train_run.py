@@ -9,15 +9,14 @@ import json
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from etils import epath
 
-import jax
-
-from tokenpacker_jax.configs import tiny
 from tokenpacker_jax import checkpoint, train
 from tokenpacker_jax import checkpoint_integrity as integrity
+from tokenpacker_jax.configs import tiny
 from tokenpacker_jax.configuration import ConfigError
 from tokenpacker_jax.data import synthetic
 

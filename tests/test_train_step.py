@@ -4,12 +4,11 @@ checkpoints restored onto other meshes."""
 import dataclasses
 
 import grain
+import jax
 import ml_collections
 import numpy as np
 import optax
 import pytest
-
-import jax
 from jax.sharding import PartitionSpec as P
 
 from tokenpacker_jax import checkpoint, configuration, sharding
@@ -149,7 +148,7 @@ def test_checkpoint_restores_onto_other_meshes(stage2_run, tmp_path):
     other = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
     for mesh in (one, other):
         target_shardings = jax.tree.map(
-            lambda s: jax.sharding.NamedSharding(mesh, s.spec), shardings,
+            lambda s, mesh=mesh: jax.sharding.NamedSharding(mesh, s.spec), shardings,
             is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
         fresh_iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
         restored = checkpoint.restore(
@@ -174,7 +173,7 @@ def test_init_kernel_scale_multiplies_fresh_kernels_only(model, mesh8):
                       "vision_tower/position_embedding": 7.0})
     checked = 0
     for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(plain),
-                                 jax.tree_util.tree_leaves_with_path(scaled)):
+                                 jax.tree_util.tree_leaves_with_path(scaled), strict=True):
         name = jax.tree_util.keystr(path)
         a, b = np.asarray(a), np.asarray(b)
         if name.startswith("['projector']") and name.endswith("['kernel']"):

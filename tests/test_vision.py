@@ -2,13 +2,12 @@
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
-
-import jax
-import jax.numpy as jnp
 
 from tokenpacker_jax import sharding
 from tokenpacker_jax.convert import hf
@@ -79,7 +78,7 @@ def test_hidden_states_match_transformers(checkpoints, name):
     ours = module.apply({"params": params}, pixels)
     reference = _torch_hidden_states(checkpoints[name], pixels)
     assert len(ours) == len(reference) == module.config.num_layers + 1
-    for index, (a, b) in enumerate(zip(ours, reference)):
+    for index, (a, b) in enumerate(zip(ours, reference, strict=True)):
         assert a.shape == b.shape, index
         scale = np.abs(b).max()
         np.testing.assert_allclose(np.asarray(a) / scale, b / scale, atol=1e-5,
@@ -190,7 +189,7 @@ def test_sharded_tower_matches_single_device(mesh8):
     q = params_sharded["encoder"]["layers"]["self_attn"]["q_proj"]["kernel"]
     assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     assert outputs[-1].sharding.spec[0] == ("data", "fsdp")
-    for a, b in zip(outputs, expected):
+    for a, b in zip(outputs, expected, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 

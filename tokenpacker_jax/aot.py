@@ -38,15 +38,15 @@ os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 os.environ.setdefault("TPU_WORKER_ID", "0")
 
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
-from absl import flags  # noqa: E402
-from jax.experimental import mesh_utils, topologies  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+import jax
+import ml_collections
+from absl import flags
+from jax.experimental import mesh_utils, topologies
+from ml_collections import config_flags
 
-from tokenpacker_jax import assembly, configuration, flops, sharding, user_error  # noqa: E402
-from tokenpacker_jax.data import batch as batch_lib  # noqa: E402
-from tokenpacker_jax.user_error import InputError, UserError  # noqa: E402
+from tokenpacker_jax import assembly, configuration, flops, sharding, user_error
+from tokenpacker_jax.data import batch as batch_lib
+from tokenpacker_jax.user_error import InputError, UserError
 
 GiB = 1024**3
 
@@ -131,7 +131,7 @@ def topology_devices(topology: Topology) -> list[Any]:
     shape3 = tuple(topology.shape) + (1,) * (3 - len(topology.shape))
     # Hosts of 2x2x1 chips (a single host for the smallest slices); wrap-around links only
     # where a dimension is a full ring (16 chips in 2D, all of 4+ in 3D).
-    per_host = tuple(min(d, b) for d, b in zip(shape3, (2, 2, 1)))
+    per_host = tuple(min(d, b) for d, b in zip(shape3, (2, 2, 1), strict=True))
     if gen.dims == 3:
         wrap = (min(shape3) >= 4,) * 3
     else:

@@ -74,7 +74,7 @@ def _files(step_dir: epath.Path, items: Iterable[str]) -> list[str]:
 def _checksums(step_dir: epath.Path, files: Sequence[str]) -> dict[str, tuple[int, int]]:
     with concurrent.futures.ThreadPoolExecutor(_THREADS) as pool:
         sums = pool.map(lambda f: file_checksum(step_dir / f), files)
-        return dict(zip(files, sums))
+        return dict(zip(files, sums, strict=True))
 
 
 def ocdbt_arrays(item_dir: epath.Path) -> dict[str, list[str]]:

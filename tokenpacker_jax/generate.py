@@ -204,8 +204,9 @@ def main(argv):
     builder = example_builder(trained.config.data, trained.tokenizer, trained.tokens_per_tile)
     if len(images) == 1:
         images = images * len(f.prompt)
-    results = answer(generator, builder, trained.tokenizer, list(zip(f.prompt, images)))
-    for prompt, result in zip(f.prompt, results):
+    questions = list(zip(f.prompt, images, strict=True))
+    results = answer(generator, builder, trained.tokenizer, questions)
+    for prompt, result in zip(f.prompt, results, strict=True):
         if f.json:
             print(to_json({"prompt": prompt, **result}))
         else:

@@ -21,9 +21,7 @@ import time
 
 from absl import flags, logging
 
-from tokenpacker_jax import user_error
-
-from tokenpacker_jax import train
+from tokenpacker_jax import train, user_error
 from tokenpacker_jax.assembly import load_trained
 from tokenpacker_jax.configs import tiny
 from tokenpacker_jax.data import synthetic
@@ -76,7 +74,7 @@ def main(argv):
     records = question_file.answer_questions(trained, questions, data, batch_size=50)
     image = questions[0]["image"]
     print(f"[{time.perf_counter() - start:5.0f}s] the held-out questions about {image}:")
-    for question, record in zip(questions, records):
+    for question, record in zip(questions, records, strict=True):
         if question["image"] == image:  # one per category
             print(f"  {question['text']!r} -> {record['text']!r} (truth: {question['answer']!r})")
     with open(os.path.join(workdir, "test_answers.jsonl"), "w", encoding="utf-8") as file:

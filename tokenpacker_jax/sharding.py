@@ -131,7 +131,7 @@ def fit_to_shape(named: NamedSharding, shape: Sequence[int]) -> NamedSharding:
     them (e.g. the one KV head of a multi-query model under tensor=2)."""
     spec = list(named.spec) + [None] * (len(shape) - len(named.spec))
     fitted = []
-    for size, axes in zip(shape, spec):
+    for size, axes in zip(shape, spec, strict=False):
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())
         count = math.prod(named.mesh.shape[name] for name in names)
         fitted.append(axes if size % count == 0 else None)

@@ -70,7 +70,7 @@ class Preemption:
 def evaluate_loss(assembled: assembly.Run, params, batches: Iterator[dict],
                   num_batches: int) -> dict[str, float]:
     total = correct = count = 0.0
-    for _, local in zip(range(num_batches), batches):
+    for _, local in zip(range(num_batches), batches, strict=False):
         t, c, n = assembled.eval_step(params, assembled.global_batch(local))
         total, correct, count = total + float(t), correct + float(c), count + float(n)
     denominator = max(count, 1.0)

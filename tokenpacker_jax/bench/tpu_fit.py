@@ -85,7 +85,7 @@ def fit_table(entries: Sequence[TableEntry], log=None, jobs: int = 1) -> list[ao
     with concurrent.futures.ProcessPoolExecutor(
             max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(_compile_entry, entry) for entry in entries]
-        for entry, future in zip(entries, futures):
+        for entry, future in zip(entries, futures, strict=True):
             done(entry, future.result())
         return [future.result() for future in futures]
 

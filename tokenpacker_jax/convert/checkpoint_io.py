@@ -184,6 +184,6 @@ def write_safetensors(tensors: Iterator[tuple[str, np.ndarray]], path: str | os.
     for i, (tmp_name, names) in enumerate(shards, start=1):
         final = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         os.replace(out / tmp_name, out / final)
-        weight_map.update({n: final for n in names})
+        weight_map.update(dict.fromkeys(names, final))
     index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
     (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))

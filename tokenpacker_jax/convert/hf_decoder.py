@@ -14,8 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from tokenpacker_jax.convert.mapping import (
-    FLAT, IDENTITY, LINEAR, LINEAR_IN2, RenamedKeys, Rule)
+from tokenpacker_jax.convert.mapping import FLAT, IDENTITY, LINEAR, LINEAR_IN2, RenamedKeys, Rule
 from tokenpacker_jax.models.decoder_config import DecoderConfig
 from tokenpacker_jax.user_error import CheckpointError
 

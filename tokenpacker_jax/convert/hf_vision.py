@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from tokenpacker_jax.convert.mapping import (
-    CONV, FLAT, IDENTITY, LINEAR, LINEAR_IN2, RenamedKeys, Rule)
+    CONV,
+    FLAT,
+    IDENTITY,
+    LINEAR,
+    LINEAR_IN2,
+    RenamedKeys,
+    Rule,
+)
 from tokenpacker_jax.models.vision import VisionConfig
 from tokenpacker_jax.user_error import CheckpointError
 

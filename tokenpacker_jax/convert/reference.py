@@ -26,7 +26,15 @@ from safetensors.numpy import load_file, save_file
 
 from tokenpacker_jax.convert import checkpoint_io
 from tokenpacker_jax.convert.mapping import (
-    FLAT, IDENTITY, LINEAR, LINEAR_IN2, Rule, Transform, export_params, import_params)
+    FLAT,
+    IDENTITY,
+    LINEAR,
+    LINEAR_IN2,
+    Rule,
+    Transform,
+    export_params,
+    import_params,
+)
 from tokenpacker_jax.models.tokenpacker import TokenPacker
 from tokenpacker_jax.user_error import CheckpointError
 

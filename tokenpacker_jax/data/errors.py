@@ -41,7 +41,7 @@ class DataError(UserError, ValueError):
         self.reason = reason
         self.message = message
 
-    def with_record(self, where: str) -> "DataError":
+    def with_record(self, where: str) -> DataError:
         """The same error with the record's description in front of the message."""
         return DataError(self.reason, f"{where}: {self.message}")
 

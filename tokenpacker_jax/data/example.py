@@ -30,11 +30,9 @@ from PIL import Image
 
 from tokenpacker_jax.data import batch as batch_lib
 from tokenpacker_jax.data import errors, hd
-from tokenpacker_jax.data.conversation import (IMAGE_TOKEN_ID, ConversationTokenizer,
-                                               parse_turns)
+from tokenpacker_jax.data.conversation import IMAGE_TOKEN_ID, ConversationTokenizer, parse_turns
 from tokenpacker_jax.data.errors import DataError
-from tokenpacker_jax.data.image import (ImageError, load_image, normalize, preprocess,
-                                        to_rgb)
+from tokenpacker_jax.data.image import ImageError, load_image, normalize, preprocess, to_rgb
 from tokenpacker_jax.data.llava import SourceRecord
 
 

@@ -98,7 +98,7 @@ class SkipBadRecords(grain.IterDataset):
         self.name = name
         self.replacement = replacement
 
-    def __iter__(self) -> "_SkipIterator":
+    def __iter__(self) -> _SkipIterator:
         return _SkipIterator(self._parent.__iter__(), self)
 
     def __str__(self) -> str:

@@ -138,7 +138,7 @@ def scene(rng: np.random.Generator, size: int, jitter: int | None = None
     image = Image.fromarray(pixels)
     draw = ImageDraw.Draw(image)
     extent = max(3, round(cell * 0.75))
-    for slot, colour_index, shape_index in zip(cells[:count], colours, shapes):
+    for slot, colour_index, shape_index in zip(cells[:count], colours, shapes, strict=True):
         row, col = divmod(int(slot), 3)
         slack = cell - extent
         top = offset + row * cell + _place(rng, slack, jitter)

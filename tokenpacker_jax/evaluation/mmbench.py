@@ -81,7 +81,7 @@ def read_tsv(path: str) -> tuple[list[str], list[tuple[str, dict[str, str]]]]:
             start = reader.line_num + 1
             if len(cells) != len(header):
                 raise InputError(f"{where}: {len(cells)} cells, the header has {len(header)}")
-            row = dict(zip(header, cells))
+            row = dict(zip(header, cells, strict=True))
             try:
                 row["index"] = int(row["index"])
             except ValueError as err:
@@ -105,7 +105,8 @@ def row_options(row: Mapping[str, Any]) -> list[str]:
 def message(row: Mapping[str, Any], options: list[str]) -> str:
     """The question as the model reads it, without the final instruction."""
     text = row["question"] if is_empty(row["hint"]) else f"{row['hint']}\n{row['question']}"
-    return text + "".join(f"\n{letter}. {option}" for letter, option in zip(LETTERS, options))
+    return text + "".join(f"\n{letter}. {option}"
+                          for letter, option in zip(LETTERS, options, strict=False))
 
 
 def _questions(layout: Layout) -> list[Question]:
@@ -190,7 +191,7 @@ def score_mmbench(answers_path: str, tsv_path: str) -> dict[str, Any]:
         shift = int(line.get("round_id", 0))
         shown = options[shift:] + options[:shift]
         right = LETTERS[(LETTERS.index(row["answer"]) - shift) % len(options)]
-        choices = dict(zip(LETTERS, shown))
+        choices = dict(zip(LETTERS, shown, strict=False))
         hits[row["index"] % CIRCULAR].append(read_option(line["text"], choices) == right)
     groups = collections.defaultdict(list)
     for _, row in rows:

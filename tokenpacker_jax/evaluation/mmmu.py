@@ -84,7 +84,7 @@ def letters(count: int) -> list[str]:
 def prompt(question: str, options: Sequence[str], question_type: str) -> str:
     if question_type == MULTIPLE_CHOICE:
         listed = "".join(f"({letter}) {option}\n"
-                         for letter, option in zip(letters(len(options)), options))
+                         for letter, option in zip(letters(len(options)), options, strict=True))
         return f"{question}\n{listed}\n{CHOICE_INSTRUCTION}"
     return f"{question}\n{SHORT_INSTRUCTION}"
 
@@ -277,7 +277,8 @@ def _questions(layout: Layout) -> list[Question]:
                 extra = {"id": record["id"], "question_type": record["question_type"],
                          "answer": record["answer"]}
                 if record["question_type"] == MULTIPLE_CHOICE:
-                    extra.update(index2ans=dict(zip(choices, options)), all_choices=choices)
+                    extra.update(index2ans=dict(zip(choices, options, strict=True)),
+                                 all_choices=choices)
                 questions.append(Question(
                     len(questions), record["id"],
                     prompt(record["question"], options, record["question_type"]), image,

@@ -45,10 +45,10 @@ def pope_says_yes(text: str) -> bool:
 def pope_metrics(predictions: Sequence[bool], labels: Sequence[bool]) -> dict[str, Any]:
     """Accuracy, precision, recall, F1 (yes = positive), yes ratio and the confusion counts
     of yes/no ``predictions`` against ``labels``. A ratio with a zero denominator is 0."""
-    tp = sum(p and t for p, t in zip(predictions, labels))
-    fp = sum(p and not t for p, t in zip(predictions, labels))
-    tn = sum(not p and not t for p, t in zip(predictions, labels))
-    fn = sum(not p and t for p, t in zip(predictions, labels))
+    tp = sum(p and t for p, t in zip(predictions, labels, strict=True))
+    fp = sum(p and not t for p, t in zip(predictions, labels, strict=True))
+    tn = sum(not p and not t for p, t in zip(predictions, labels, strict=True))
+    fn = sum(not p and t for p, t in zip(predictions, labels, strict=True))
     n = len(predictions)
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0

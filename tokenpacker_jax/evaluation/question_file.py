@@ -93,7 +93,7 @@ def answer_questions(trained: Any, questions: Sequence[dict[str, Any]], image_fo
             batch.append(Question(start + offset, record["question_id"], text, image,
                                   f"question {record['question_id']!r}"))
         texts = answerer.generate(answerer.prompts([(q.text, q.load_image()) for q in batch]))
-        for question, record, text in zip(batch, questions[start:], texts):
+        for question, record, text in zip(batch, questions[start:], texts, strict=False):
             line = llava_answer_line(question, text, model_id)
             line.update({key: record[key] for key in ("answer", "category") if key in record})
             lines.append(line)

@@ -225,7 +225,7 @@ def _answer(answerer: Answerer, questions: Sequence[Question],
             prompts = upcoming.result()
             if k + 1 < len(batches):
                 upcoming = pool.submit(prepare, batches[k + 1])
-            for question, text in zip(batch, answerer.generate(prompts)):
+            for question, text in zip(batch, answerer.generate(prompts), strict=True):
                 write(question, text)
             file.flush()
     seconds = time.perf_counter() - start

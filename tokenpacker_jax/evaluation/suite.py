@@ -31,7 +31,7 @@ def benchmark(name: str) -> Benchmark:
     return BENCHMARKS[name]
 
 
-def run(name: str, layout: Layout, make_answerer: Callable[[], "Answerer"], *, limit: int = 0,
+def run(name: str, layout: Layout, make_answerer: Callable[[], Answerer], *, limit: int = 0,
         process_index: int | None = None, process_count: int | None = None,
         log: Callable[[str], None] = print) -> list[str] | None:
     """Answers benchmark ``name`` (``layout.split`` empty: its default split) and writes its

@@ -202,7 +202,7 @@ class Attention(nn.Module):
                     layers.constrain(jax.lax.dynamic_update_slice(
                         own, heads_as_rows(new).astype(own.dtype), (0, start, 0)),
                         PER_LAYER_CACHE_AXES)
-                    for own, new in zip(cache, (k, v)))
+                    for own, new in zip(cache, (k, v), strict=True))
                 if cache_index is not None and q.shape[1] == 1:  # a decoding step
                     out = attend_one_token(q, *new_cache, mask, scale=cfg.query_scale,
                                            softcap=cfg.attn_logit_softcap)
@@ -213,7 +213,7 @@ class Attention(nn.Module):
                     layers.constrain(
                         jax.lax.dynamic_update_slice(stack, new[None].astype(stack.dtype),
                                                      (layer, 0, start, 0, 0)), CACHE_AXES)
-                    for stack, new in zip(cache, (k, v)))
+                    for stack, new in zip(cache, (k, v), strict=True))
                 if cache_index is not None:
                     k, v = (layers.constrain(
                         jax.lax.dynamic_index_in_dim(stack, layer, axis=0, keepdims=False),

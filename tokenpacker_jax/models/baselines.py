@@ -17,7 +17,12 @@ import numpy as np
 
 from tokenpacker_jax.models import layers
 from tokenpacker_jax.models.tokenpacker import (
-    LENGTH_AXES, MultiheadAttention, check_scale, grid_size, mlp2x)
+    LENGTH_AXES,
+    MultiheadAttention,
+    check_scale,
+    grid_size,
+    mlp2x,
+)
 
 GRID_AXES = ("activation_batch", None, None, "activation_embed")
 

@@ -114,7 +114,7 @@ class DecoderLayer(nn.Module):
         (cos, sin), local_rope = rope
         if local_rope is not None:
             cos, sin = (jnp.where(is_sliding, local, full)
-                        for local, full in zip(local_rope, (cos, sin)))
+                        for local, full in zip(local_rope, (cos, sin), strict=True))
         x = layers.constrain(x, RESIDUAL_ACT)
         h = _norm(cfg, "pre_attention_norm")(x)
         h, cache = Attention(cfg, name="attn")(h, cos, sin, mask, cache, layer, cache_index)

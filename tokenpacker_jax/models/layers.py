@@ -139,7 +139,8 @@ class Dense(nn.Module):
 
 def dense(features: int | Sequence[int], *, axes: tuple[str | None, ...], use_bias: bool = True,
           dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-          kernel_init: Initializer = trunc_normal(), axis: int | Sequence[int] = -1,
+          kernel_init: Initializer = trunc_normal(),  # noqa: B008 (a pure function: safe to share)
+          axis: int | Sequence[int] = -1,
           name: str | None = None) -> Dense:
     """A ``Dense`` whose kernel and bias carry logical axis names.
 
