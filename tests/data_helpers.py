@@ -20,6 +20,14 @@ import json
 import os
 import random
 
+import sentencepiece as spm
+import torch
+import torch.nn.functional as F
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
+
+from tokenpacker_jax.configs import tiny
+
 # CLIP's normalisation (the reference's HD code hard-codes these numbers).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -43,9 +51,6 @@ def _write_config(directory: str, config: dict) -> None:
 
 
 def vicuna_like(directory: str, *, legacy: bool = False):
-    import sentencepiece as spm
-    from transformers import AutoTokenizer, LlamaTokenizer
-
     os.makedirs(directory, exist_ok=True)
     texts = corpus() + ["kUSER qUSER zUSER"] * 300
     spm.SentencePieceTrainer.train(
@@ -63,9 +68,6 @@ def vicuna_like(directory: str, *, legacy: bool = False):
 
 
 def llama3_like(directory: str):
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
     pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
                r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
     tokenizer = Tokenizer(models.BPE())
@@ -84,9 +86,6 @@ def llama3_like(directory: str):
 
 
 def gemma_like(directory: str):
-    import sentencepiece as spm
-    from transformers import AutoTokenizer
-
     os.makedirs(directory, exist_ok=True)
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus()), model_prefix=os.path.join(directory, "tokenizer"),
@@ -106,8 +105,6 @@ def gemma_like(directory: str):
 def data_config(**overrides):
     """``configs/tiny.py``'s data section with overrides (dotted keys allowed), with the
     templates' own system prompts (the reference's; tiny drops vicuna_v1's)."""
-    from tokenpacker_jax.configs import tiny
-
     config = tiny.get_config().data
     config.system_prompt = None
     for key, value in overrides.items():
@@ -139,9 +136,6 @@ def reference_slice(pixels, grid, view, *, tile, mean=CLIP_MEAN, std=CLIP_STD):
     or the image (``"fit_image"``) interpolated to h' x w', the image's fit into one tile,
     top-left on a zero tile.
     """
-    import torch
-    import torch.nn.functional as F
-
     mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
     std = torch.tensor(std, dtype=torch.float32)[:, None, None]
     image = ((torch.from_numpy(pixels).permute(2, 0, 1).float().div(255) - mean) / std)[None]

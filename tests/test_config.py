@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from absl import flags
+from jax.sharding import AxisType
 from ml_collections import config_flags
 
 from tokenpacker_jax import configuration, sharding
@@ -100,8 +101,6 @@ def test_mesh_shape_resolves_the_rest():
 
 
 def test_make_mesh_uses_auto_axes(mesh8):
-    from jax.sharding import AxisType
-
     assert mesh8.axis_names == ("data", "fsdp", "tensor")
     assert mesh8.axis_types == (AxisType.Auto,) * 3
     assert dict(mesh8.shape) == {"data": 2, "fsdp": 2, "tensor": 2}

@@ -19,7 +19,15 @@ import pytest
 import torch
 from flax import traverse_util
 from PIL import Image
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from tokenpacker_jax import checkpoint, configuration, conversion
 from tokenpacker_jax.assembly import load_trained
@@ -91,8 +99,6 @@ def write_bin_shards(state, directory, num_shards=2):
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """The reference checkpoint directory, the CLIP directory and the torch originals."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("convert_cli")
     ref_dir, clip_dir = root / "llava-tokenpacker-tiny", root / "clip"
     generator = torch.Generator().manual_seed(0)
@@ -272,8 +278,6 @@ def test_reference_export_is_the_input_and_round_trips_bit_exactly(built, import
 def test_reference_export_loads_as_llama_plus_the_spec_projector(exported):
     """What the reference's LlavaLlamaForCausalLM is: a LLaMA whose state dict also holds
     model.mm_projector.* (and the tower named by mm_vision_tower)."""
-    from transformers import CLIPVisionModel, LlamaConfig, LlamaForCausalLM
-
     out = exported["reference"]
     config = json.loads((out / "config.json").read_text())
     state = {k: torch.from_numpy(v) for k, v in safetensors_state(out).items()}
@@ -291,8 +295,6 @@ def test_reference_export_loads_as_llama_plus_the_spec_projector(exported):
 
 
 def test_exported_llm_and_projector_match_transformers_and_torch(imported, exported):
-    from transformers import AutoModelForCausalLM
-
     _, trained = imported
     out = exported["hf"]
     params, model_config = trained.params, trained.model.config
@@ -323,8 +325,6 @@ def test_exported_llm_and_projector_match_transformers_and_torch(imported, expor
 
 
 def test_exported_tower_matches_transformers(imported, exported):
-    from transformers import CLIPVisionModel
-
     _, trained = imported
     out = exported["vision"]
     tower = CLIPVisionModel.from_pretrained(out).double().eval()
@@ -360,8 +360,6 @@ class TorchAssembly:
     float64."""
 
     def __init__(self, exported):
-        from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
-
         self.tower = CLIPVisionModel.from_pretrained(exported["vision"]).double().eval()
         self.llm = AutoModelForCausalLM.from_pretrained(exported["hf"]).double().eval()
         self.tokenizer = AutoTokenizer.from_pretrained(exported["reference"])
@@ -444,9 +442,6 @@ def test_whole_model_logits_and_greedy_tokens_equal_the_pytorch_assembly(importe
 def test_llava_mlp_checkpoint_with_tower_keys(built, tmp_path):
     """A LLaVA-1.5 style checkpoint: mlp2x_gelu projector, one safetensors file that also
     holds the tower (ignored: the tower comes from --vision), no image_aspect_ratio."""
-    from safetensors.numpy import save_file
-    from transformers import CLIPVisionModel
-
     source = tmp_path / "llava-v1.5-tiny"
     source.mkdir()
     for name in ("tokenizer.model", "tokenizer_config.json"):

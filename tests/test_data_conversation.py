@@ -3,6 +3,7 @@ plain) and, for every template, supervised tokens = the answers plus their end m
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tokenpacker_jax.data import errors
 from tokenpacker_jax.data.conversation import (
@@ -15,6 +16,9 @@ from tokenpacker_jax.data.conversation import (
     text_tokenizer,
 )
 from tokenpacker_jax.data.errors import DataError
+from tokenpacker_jax.data.example import ExampleBuilder, ImageSettings
+from tokenpacker_jax.data.prompt import build_prompt
+from tokenpacker_jax.tokenizer import load_tokenizer
 
 from data_helpers import gemma_like, llama3_like, vicuna_like
 
@@ -240,8 +244,6 @@ def test_ids_equal_whole_prompt_tokenisation(llama3, gemma):
 
 
 def test_project_tokenizer_is_accepted(tmp_path):
-    from tokenpacker_jax.tokenizer import load_tokenizer
-
     vicuna_like(str(tmp_path))
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     tokenizer = load_tokenizer(tmp_path)
@@ -371,11 +373,6 @@ def test_generation_prompt_follows_the_same_rule(vicuna):
     """``<image>`` + newline + question, as the reference's evaluation scripts build the
     turn, then the training rule: each prompt is the prompt of the training example with
     that turn, and an empty question puts nothing between the image and " ASSISTANT:"."""
-    from PIL import Image
-
-    from tokenpacker_jax.data.example import ExampleBuilder, ImageSettings
-    from tokenpacker_jax.data.prompt import build_prompt
-
     builder = ExampleBuilder(ConversationTokenizer("vicuna_v1", vicuna),
                              ImageSettings(mode="square", size=28), tokens_per_tile=4,
                              max_length=256)

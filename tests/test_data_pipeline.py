@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tokenpacker_jax.configs import tiny
+from tokenpacker_jax.configuration import ConfigError, validate
 from tokenpacker_jax.data import batch as batch_lib
 from tokenpacker_jax.data import errors, hd, pipeline, synthetic
 from tokenpacker_jax.data.conversation import ConversationTokenizer, parse_turns
 from tokenpacker_jax.data.errors import DataError
 from tokenpacker_jax.data.example import ExampleBuilder, ImageSettings
+from tokenpacker_jax.data.image import preprocess
 from tokenpacker_jax.data.llava import LlavaSource, SourceRecord
 from tokenpacker_jax.tokenizer import load_tokenizer
 
@@ -93,7 +96,6 @@ def test_batch_contract(synthetic_dir, tokenizer, records):
         # square default: CLIP-normalised pixels of the right file).
         pixels = batch["pixel_values"][row, 0]
         image_file = Image.open(synthetic_dir / record["image"])
-        from tokenpacker_jax.data.image import preprocess
         np.testing.assert_array_equal(pixels, preprocess(image_file, mode="square",
                                                          image_size=48))
 
@@ -352,9 +354,6 @@ def test_llava_source_names_file_and_line(tmp_path):
     ("data.worker_count", -1, "data.worker_count"),
 ])
 def test_validate_data_names_the_field(field, value, message):
-    from tokenpacker_jax.configs import tiny
-    from tokenpacker_jax.configuration import ConfigError, validate
-
     config = tiny.get_config()
     config.mesh.update(dict(data=2, fsdp=4, tensor=1))
     validate(config, num_devices=8)

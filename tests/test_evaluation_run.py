@@ -38,6 +38,7 @@ from tokenpacker_jax.evaluation import files, suite
 from tokenpacker_jax.evaluation.benchmark import Layout
 from tokenpacker_jax.evaluation.mmmu import SUBJECTS
 from tokenpacker_jax.evaluation.runner import PARTS, Answerer, answer_all
+from tokenpacker_jax.evaluation.vqa import evalai_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, NEW_TOKENS, BUCKET = 8, 4, 256  # one compiled program for every benchmark
@@ -199,7 +200,6 @@ def test_vqav2_writes_the_test_dev_submission(tmp_path, answerer):
 
 
 def vqa_processed(text):
-    from tokenpacker_jax.evaluation.vqa import evalai_answer
     return evalai_answer(text)
 
 

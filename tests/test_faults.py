@@ -24,14 +24,16 @@ import grain
 import jax
 import numpy as np
 import pytest
-import test_train_run
 from etils import epath
-from test_train_run import STEPS, _final_params, _sample_ids, small_config
+from safetensors.numpy import save_file
 
 from tokenpacker_jax import checkpoint, train
 from tokenpacker_jax import checkpoint_integrity as integrity
 from tokenpacker_jax.assembly import load_trained
 from tokenpacker_jax.configs import tiny
+
+import test_train_run
+from test_train_run import STEPS, _final_params, _sample_ids, small_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # test_train_run's module fixtures, set up once for this module: the generated data and an
@@ -364,8 +366,6 @@ def inputs(tmp_path_factory, data_dir):
     other = root / "other_model"  # a HF directory of a model that is not LLaVA / TokenPacker
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    from safetensors.numpy import save_file
-
     save_file({"bert.embeddings.word_embeddings.weight": np.zeros((4, 2), np.float32)},
               str(other / "model.safetensors"))
     return root

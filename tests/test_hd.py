@@ -5,8 +5,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from tokenpacker_jax.data import hd
+from tokenpacker_jax.data.conversation import ConversationTokenizer
+from tokenpacker_jax.data.example import ExampleBuilder, ImageSettings
 
 from data_helpers import reference_fit, reference_slice
 
@@ -163,11 +166,6 @@ def test_reference_cases_cover_both_margins():
 @pytest.mark.parametrize("view", ["reference_canvas", "fit_image"])
 @pytest.mark.parametrize("height,width,patch_num", REFERENCE_CASES)
 def test_tiles_and_global_view_equal_the_reference_code(height, width, patch_num, view):
-    from PIL import Image
-
-    from tokenpacker_jax.data.conversation import ConversationTokenizer
-    from tokenpacker_jax.data.example import ExampleBuilder, ImageSettings
-
     pixels = np.random.default_rng(height * width).integers(0, 256, (height, width, 3),
                                                              dtype=np.uint8)
     candidates = hd.hd_candidates(patch_num)

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import sentencepiece as spm
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tokenpacker_jax.tokenizer import load_tokenizer
 
@@ -88,8 +89,6 @@ def test_gemma_sentencepiece_conventions(tmp_path):
 
 
 def test_llama3_tokenizer_json_pads_with_eos(tmp_path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -16,6 +16,7 @@ from etils import epath
 
 from tokenpacker_jax import checkpoint, train
 from tokenpacker_jax import checkpoint_integrity as integrity
+from tokenpacker_jax.assembly import load_trained
 from tokenpacker_jax.configs import tiny
 from tokenpacker_jax.configuration import ConfigError
 from tokenpacker_jax.data import synthetic
@@ -59,8 +60,6 @@ def uninterrupted(data_dir, tmp_path_factory):
 
 
 def _final_params(workdir):
-    from tokenpacker_jax.assembly import load_trained
-
     return jax.tree.map(np.asarray, load_trained(str(workdir)).params)
 
 
@@ -92,8 +91,6 @@ def test_hd_run_resumes_only_with_its_global_view(uninterrupted, data_dir, tmp_p
 
 
 def test_stage2_starts_from_stage1(data_dir, tmp_path):
-    from tokenpacker_jax.assembly import load_trained
-
     stage1 = tmp_path / "stage1"
     train.run(small_config(data_dir, stage=1, **{"train.num_steps": 2}), str(stage1))
     # With a zero learning rate, stage 2's parameters stay what it started from.

@@ -2,12 +2,14 @@
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
+from safetensors.numpy import load_file, save_file
 
 from tokenpacker_jax import sharding
 from tokenpacker_jax.convert import hf
@@ -93,8 +95,6 @@ def test_families_are_read_from_config(checkpoints):
 
 
 def test_missing_and_unexpected_keys_are_named(checkpoints, tmp_path):
-    from safetensors.numpy import load_file, save_file
-
     state = load_file(checkpoints["clip"] / "model.safetensors")
     del state["encoder.layers.1.mlp.fc2.bias"]
     state["encoder.layers.0.mlp.extra.weight"] = np.zeros(3, np.float32)
@@ -194,8 +194,6 @@ def test_sharded_tower_matches_single_device(mesh8):
 
 
 def nn_unbox(tree):
-    import flax.linen as nn
-
     return nn.meta.unbox(tree)
 
 
