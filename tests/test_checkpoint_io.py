@@ -41,8 +41,8 @@ def test_bin_shards_are_loaded_once_each_and_memory_mapped(tmp_path, loads):
     state["embed.weight"] = torch.randn(5, 2, generator=generator).to(torch.bfloat16)
     write_shards(tmp_path, state)
     reader = checkpoint_io.TensorReader(tmp_path)
-    # Keys alternate between the two shards: the old one-shard cache re-read a shard on
-    # every lookup.
+    # Keys alternate between the two shards, so a reader that kept only the last shard
+    # open would re-read a shard on every lookup.
     for _ in range(2):
         for key in state:
             got = reader[key]

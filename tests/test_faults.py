@@ -77,9 +77,9 @@ def warnings_of(caplog) -> str:
 
 def test_flipped_bytes_in_the_newest_checkpoint_are_detected_and_the_run_resumes_before(
         uninterrupted, data_dir, tmp_path, caplog):
-    """The issue's experiment: 4 KiB flipped in the newest checkpoint's largest array file,
-    then the same command again. The damage is found before anything is restored, named,
-    moved aside, and the run resumes from step 4 and ends where an uninterrupted run does."""
+    """4 KiB flipped in the newest checkpoint's largest array file, then the same command
+    again. The damage is found before anything is restored, named, moved aside, and the run
+    resumes from step 4 and ends where an uninterrupted run does."""
     reference_dir, reference_order, _ = uninterrupted
     workdir = copy_run(reference_dir, tmp_path / "run")
     damaged = largest_file(step_dir(workdir, STEPS) / "state")
