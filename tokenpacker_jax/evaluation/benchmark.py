@@ -6,6 +6,9 @@ every question is answered, writes the reference's answer file and its score or 
 file (``finish``). A ``Question`` holds the user's message as the reference's script builds
 it (the image, when there is one, goes in front as ``<image>`` + newline, the conversation
 template wraps it), where the question came from, and what its answer line carries.
+
+Besides, what several benchmarks share: the reference's instructions, scoring on
+finishing (``finish_with_score``) and printing an accuracy (``accuracy_lines``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ from PIL import Image
 from tokenpacker_jax.data.conversation import IMAGE_PLACEHOLDER
 from tokenpacker_jax.data.image import ImageError, load_image
 from tokenpacker_jax.evaluation import files
+
+# The reference's instructions (LLaVA-1.5), each after a newline at the end of a question.
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+LETTER_ANSWER = "Answer with the option's letter from the given choices directly."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +106,29 @@ def finish_with_score(layout: Layout, lines: list[dict[str, Any]],
     result = score(answers)
     files.write_json(layout.output("scores.json"), result, indent=2)
     return summary(result)
+
+
+def accuracy_lines(name: str, result: dict[str, Any]) -> list[str]:
+    """Printable lines of an accuracy result with ``per_*`` groups, in percent; the last
+    is the headline ``{name} accuracy: X (n=N)``."""
+    lines = []
+    for key, groups in result.items():
+        if key.startswith("per_"):
+            lines += [f"  {key.removeprefix('per_')} {group}: {100 * m['accuracy']:.2f} "
+                      f"(n={m['n']})" for group, m in groups.items()]
+    if result.get("unanswered"):
+        lines.append(f"  ({result['unanswered']} annotated questions have no answer; scores "
+                     f"are over the answered ones)")
+    return lines + [f"{name} accuracy: {100 * result['accuracy']:.2f} (n={result['n']})"]
+
+
+def accuracy_score(name: str, scorer):
+    """``Benchmark.score`` printing ``scorer(answers, annotations)`` with
+    ``accuracy_lines``."""
+    def score(answers: str, annotations: str, questions: str | None = None) -> list[str]:
+        return accuracy_lines(name, scorer(answers, annotations))
+
+    return score
 
 
 def llava_answer_line(question: Question, text: str, model_id: str) -> dict[str, Any]:

@@ -18,9 +18,14 @@ import collections
 from typing import Any
 
 from tokenpacker_jax.evaluation import files
-from tokenpacker_jax.evaluation.benchmark import Benchmark, Layout, finish_with_score
+from tokenpacker_jax.evaluation.benchmark import (
+    Benchmark,
+    Layout,
+    accuracy_lines,
+    accuracy_score,
+    finish_with_score,
+)
 from tokenpacker_jax.evaluation.question_file import reader
-from tokenpacker_jax.evaluation.vqa import accuracy_lines, accuracy_score
 from tokenpacker_jax.user_error import InputError
 
 

@@ -43,11 +43,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from tokenpacker_jax.evaluation import files
-from tokenpacker_jax.evaluation.benchmark import Benchmark, Layout, Question, llava_answer_line
+from tokenpacker_jax.evaluation.benchmark import (
+    LETTER_ANSWER,
+    Benchmark,
+    Layout,
+    Question,
+    llava_answer_line,
+)
 from tokenpacker_jax.user_error import InputError
 
 LETTERS = ("A", "B", "C", "D")
-INSTRUCTION = "Answer with the option's letter from the given choices directly."
 DROPPED = ("hint", "category", "source", "image", "comment", "l2-category")
 CIRCULAR = 1_000_000
 # What pandas reads as missing (its default na_values).
@@ -125,7 +130,7 @@ def _questions(layout: Layout) -> list[Question]:
         for round_id in range(len(options) if layout.all_rounds else 1):
             prompt = message(row, options)
             questions.append(Question(
-                len(questions), row["index"], f"{prompt}\n{INSTRUCTION}", image, where,
+                len(questions), row["index"], f"{prompt}\n{LETTER_ANSWER}", image, where,
                 {"prompt": prompt, "round_id": round_id, "options": options,
                  "option_char": letters}))
             options, letters = options[1:] + options[:1], letters[1:] + letters[:1]

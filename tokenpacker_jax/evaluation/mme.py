@@ -35,7 +35,7 @@ import os
 from typing import Any
 
 from tokenpacker_jax.evaluation import files
-from tokenpacker_jax.evaluation.benchmark import Benchmark, Layout, finish_with_score
+from tokenpacker_jax.evaluation.benchmark import SHORT_ANSWER, Benchmark, Layout, finish_with_score
 from tokenpacker_jax.evaluation.question_file import reader
 from tokenpacker_jax.user_error import InputError
 
@@ -43,7 +43,6 @@ PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity",
               "landmark", "artwork", "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation",
              "code_reasoning")
-LLAVA_SUFFIX = "Answer the question using a single word or phrase."
 MME_SUFFIX = "Please answer yes or no."
 RELEASE = "MME_Benchmark_release_version"
 
@@ -78,7 +77,7 @@ def mme_question(prompt: str, known: Any = None) -> str:
     """The official question of a LLaVA prompt (see the module docstring): the suffix
     appended with one space, or with two where ``known`` (the image's questions) has only
     that form."""
-    question = prompt.replace(LLAVA_SUFFIX, "").strip() if LLAVA_SUFFIX in prompt else prompt
+    question = prompt.replace(SHORT_ANSWER, "").strip() if SHORT_ANSWER in prompt else prompt
     if MME_SUFFIX in question:
         return question
     question = f"{question} {MME_SUFFIX}"

@@ -1,5 +1,5 @@
-"""MMMU (validation): the reference's prompts, answer parsing and scoring (MMMU's own
-``eval_utils``, as TokenPacker runs it).
+"""MMMU (validation): the reference's prompts, its answer lines and scores (the parsing and
+judging of a response are ``mmmu_answers``').
 
 Questions: the MMMU dataset as published on the Hugging Face hub, one directory per subject
 (the 30 of ``SUBJECTS``, in that order) holding ``validation-*.parquet`` with ``id``,
@@ -15,26 +15,10 @@ hold more than one ``<img='...'>`` image, or that has no ``image_1``, is not ask
 response is a random option letter (multiple choice) or "INVALID GENERATION FOR MULTIPLE
 IMAGE INPUTS". Up to 1024 new tokens.
 
-Parsing a multiple-choice response: ``,.!?;:'`` stripped from its ends, spaces put around
-it; the letters written as "(X)", else those standing alone as " X "; else, when it has more
-than 5 words, the options whose text (lower case) it contains. One candidate is the answer;
-several: the one that appears last; none: a random letter. Random letters come from one
+Random letters (for questions not asked, and for responses naming no option) come from one
 ``random.Random(42)``, drawn in question order (the reference seeds 42 per process, so its
-draws depend on how it split the questions over GPUs; one process gives these).
-
-Parsing an open response: lower-cased, stripped of spaces and full stops, split into
-sentences at newlines (and at ". " before a capital, which lower case leaves none of); in
-each, the shortest tail after one of "could be ", "so ", "is ", "thus ", "therefore ",
-"final ", "answer ", "result " (in the last sentence also "="), unless it is empty or a
-single punctuation mark; no tail at all: the whole response. To those strings the numbers
-found in them are added (with thousands commas, in scientific notation, or plain); then
-every string that reads as a number becomes that float rounded to 2 places, the others are
-lower-cased (a single character padded with a space on either side, as two variants).
-
-Scoring: a multiple-choice answer is right when the parsed letter equals the answer (or one
-of them, for a list); an open one when a parsed string contains one of the normalised gold
-answers (strings), or a parsed number equals a normalised gold number. Answer lines (the
-reference's ``merge.jsonl``): ``id``, ``question_type``, ``answer``, ``response``,
+draws depend on how it split the questions over GPUs; one process gives these). Answer lines
+(the reference's ``merge.jsonl``): ``id``, ``question_type``, ``answer``, ``response``,
 ``parsed_pred``, and ``index2ans`` for multiple choice; ``val.json`` holds the verdict per
 id and ``metric_dict`` ({acc, num_example}), as the reference's ``eval.py`` writes it.
 """
@@ -50,7 +34,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tokenpacker_jax.evaluation import files
-from tokenpacker_jax.evaluation.benchmark import Benchmark, Layout, Question
+from tokenpacker_jax.evaluation.benchmark import (
+    LETTER_ANSWER,
+    SHORT_ANSWER,
+    Benchmark,
+    Layout,
+    Question,
+)
+from tokenpacker_jax.evaluation.mmmu_answers import MULTIPLE_CHOICE, parsed_prediction, right
 from tokenpacker_jax.user_error import InputError
 
 SUBJECTS = (
@@ -60,22 +51,10 @@ SUBJECTS = (
     "Energy_and_Power", "Finance", "Geography", "History", "Literature", "Manage",
     "Marketing", "Materials", "Math", "Mechanical_Engineering", "Music", "Pharmacy",
     "Physics", "Psychology", "Public_Health", "Sociology")
-MULTIPLE_CHOICE = "multiple-choice"
-CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
-SHORT_INSTRUCTION = "Answer the question using a single word or phrase."
 NOT_ASKED = "INVALID GENERATION FOR MULTIPLE IMAGE INPUTS"
 SEED = 42
 _OPTION_IMAGE = re.compile(r"<img='(.*?)'>")
-_SENTENCES = re.compile(r"\.\s(?=[A-Z])|\n")
-_INDICATORS = ("could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ",
-               "result ")
-_PUNCTUATION = (":", ",", ".", "!", "?", ";", "'")
-_NUMBER_WITH_COMMAS = re.compile(r"-?\b\d{1,3}(?:,\d{3})+\b")
-_NUMBER_SCIENTIFIC = re.compile(r"-?\d+(?:\.\d+)?[eE][+-]?\d+")
-_NUMBER_PLAIN = re.compile(r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])")
 
-
-# -- prompts ----------------------------------------------------------------------------------
 
 def letters(count: int) -> list[str]:
     return [chr(ord("A") + i) for i in range(count)]
@@ -85,109 +64,8 @@ def prompt(question: str, options: Sequence[str], question_type: str) -> str:
     if question_type == MULTIPLE_CHOICE:
         listed = "".join(f"({letter}) {option}\n"
                          for letter, option in zip(letters(len(options)), options, strict=True))
-        return f"{question}\n{listed}\n{CHOICE_INSTRUCTION}"
-    return f"{question}\n{SHORT_INSTRUCTION}"
-
-
-# -- parsing ----------------------------------------------------------------------------------
-
-def parse_choice(response: str, choices: Sequence[str], index2ans: Mapping[str, str],
-                 rng: random.Random) -> str:
-    """The option letter of a multiple-choice response (see the module docstring)."""
-    for mark in (",", ".", "!", "?", ";", ":", "'"):
-        response = response.strip(mark)
-    response = f" {response} "
-    candidates = [c for c in choices if f"({c})" in response]
-    bracketed, by_text = bool(candidates), False
-    if not candidates:
-        candidates = [c for c in choices if f" {c} " in response]
-    if not candidates and len(response.split()) > 5:
-        candidates = [c for c, text in index2ans.items() if text.lower() in response.lower()]
-        by_text = bool(candidates)
-    if not candidates:
-        return rng.choice(list(choices))
-    if len(candidates) == 1:
-        return candidates[0]
-    if by_text:
-        positions = [response.lower().rfind(index2ans[c].lower()) for c in candidates]
-    else:
-        positions = [response.rfind(f"({c})" if bracketed else f" {c} ") for c in candidates]
-    return candidates[positions.index(max(positions))]
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text.replace(",", ""))
-    except ValueError:
-        return False
-    return True
-
-
-def normalise(text: str) -> list[Any]:
-    """A number as [its float rounded to 2 places]; a string lower-cased, a one-character
-    string as [" x", "x "]."""
-    text = text.strip()
-    if _is_number(text):
-        return [round(float(text.replace(",", "")), 2)]
-    text = text.lower()
-    return [" " + text, text + " "] if len(text) == 1 else [text]
-
-
-def find_numbers(text: str) -> list[str]:
-    return (_NUMBER_WITH_COMMAS.findall(text) + _NUMBER_SCIENTIFIC.findall(text)
-            + _NUMBER_PLAIN.findall(text))
-
-
-def _key_tails(response: str) -> list[str]:
-    response = response.strip().strip(".").lower()
-    sentences = _SENTENCES.split(response)
-    tails = []
-    for k, sentence in enumerate(sentences):
-        indicators = _INDICATORS + (("=",) if k == len(sentences) - 1 else ())
-        shortest = None
-        for indicator in indicators:
-            if indicator in sentence:
-                tail = sentence.split(indicator)[-1].strip()
-                # An empty tail is falsy: the next indicator's replaces it (as upstream).
-                if not shortest or len(tail) < len(shortest):
-                    shortest = tail
-        if shortest and shortest.strip() not in _PUNCTUATION:
-            tails.append(shortest)
-    return tails or [response]
-
-
-def parse_open(response: str) -> list[Any]:
-    """The normalised candidate answers of an open response (see the module docstring)."""
-    tails = _key_tails(response)
-    candidates = tails + [number for tail in tails for number in find_numbers(tail)]
-    parsed = []
-    for candidate in candidates:
-        for value in normalise(candidate):
-            if value not in parsed:
-                parsed.append(value)
-    return parsed
-
-
-def parsed_prediction(line: Mapping[str, Any], rng: random.Random) -> Any:
-    if line["question_type"] == MULTIPLE_CHOICE:
-        return parse_choice(line["response"], line["all_choices"], line["index2ans"], rng)
-    return parse_open(line["response"])
-
-
-# -- scoring ----------------------------------------------------------------------------------
-
-def right(line: Mapping[str, Any]) -> bool:
-    gold, parsed = line["answer"], line["parsed_pred"]
-    if line["question_type"] == MULTIPLE_CHOICE:
-        return parsed in gold if isinstance(gold, list) else parsed == gold
-    golds = [n for g in (gold if isinstance(gold, list) else [gold]) for n in normalise(g)]
-    for value in parsed:
-        if isinstance(value, str):
-            if any(isinstance(g, str) and g in value for g in golds):
-                return True
-        elif value in golds:
-            return True
-    return False
+        return f"{question}\n{listed}\n{LETTER_ANSWER}"
+    return f"{question}\n{SHORT_ANSWER}"
 
 
 def score_mmmu(lines: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -240,8 +118,6 @@ def _score(answers: str, annotations: str | None = None, questions: str | None =
            ) -> list[str]:
     return score_lines(score_mmmu(with_parsed(_read_lines(answers)))[0])
 
-
-# -- runs -------------------------------------------------------------------------------------
 
 def _image(record: Mapping[str, Any], where: str) -> bytes | None:
     value = record.get("image_1")

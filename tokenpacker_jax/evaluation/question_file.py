@@ -20,14 +20,21 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from tokenpacker_jax.evaluation import files
-from tokenpacker_jax.evaluation.benchmark import Layout, Question, image_file, llava_answer_line
+from tokenpacker_jax.evaluation.benchmark import (
+    LETTER_ANSWER,
+    SHORT_ANSWER,
+    Layout,
+    Question,
+    image_file,
+    llava_answer_line,
+)
 from tokenpacker_jax.user_error import InputError
 
 # The reference's evaluation suffixes (LLaVA-1.5), appended after a newline.
 SUFFIXES = {
     "none": "",
-    "short": "Answer the question using a single word or phrase.",
-    "choice": "Answer with the option's letter from the given choices directly.",
+    "short": SHORT_ANSWER,
+    "choice": LETTER_ANSWER,
 }
 
 

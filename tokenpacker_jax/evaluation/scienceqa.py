@@ -30,11 +30,16 @@ import re
 from typing import Any
 
 from tokenpacker_jax.evaluation import files
-from tokenpacker_jax.evaluation.benchmark import Benchmark, Layout, Question, image_file
+from tokenpacker_jax.evaluation.benchmark import (
+    LETTER_ANSWER,
+    Benchmark,
+    Layout,
+    Question,
+    image_file,
+)
 from tokenpacker_jax.user_error import InputError
 
 OPTIONS = ("A", "B", "C", "D", "E")
-INSTRUCTION = "Answer with the option's letter from the given choices directly."
 _ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
 
 
@@ -118,7 +123,7 @@ def _questions(layout: Layout) -> list[Question]:
         if not (isinstance(turns, list) and turns and isinstance(turns[0], dict)
                 and isinstance(turns[0].get("value"), str)):
             raise InputError(f"{where}: conversations[0] must be {{'from', 'value': TEXT}}")
-        text = turns[0]["value"].replace("<image>", "").strip() + "\n" + INSTRUCTION
+        text = turns[0]["value"].replace("<image>", "").strip() + "\n" + LETTER_ANSWER
         image = image_file(folder, record["image"], where) if "image" in record else None
         prompt = f"<image>\n{text}" if image else text
         questions.append(Question(index, record["id"], text, image, where, {"prompt": prompt}))

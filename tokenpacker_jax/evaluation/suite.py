@@ -12,7 +12,18 @@ import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from tokenpacker_jax.evaluation import gqa, mmbench, mme, mmmu, mmvet, ocr, pope, scienceqa, vqa
+from tokenpacker_jax.evaluation import (
+    docvqa,
+    gqa,
+    mmbench,
+    mme,
+    mmmu,
+    mmvet,
+    ocrbench,
+    pope,
+    scienceqa,
+    vqa,
+)
 from tokenpacker_jax.evaluation.benchmark import Benchmark, Layout
 from tokenpacker_jax.user_error import InputError
 
@@ -21,7 +32,7 @@ if TYPE_CHECKING:
 
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     vqa.VQAV2, gqa.GQA, vqa.VIZWIZ, vqa.TEXTVQA, pope.POPE, mme.MME, mmbench.MMBENCH,
-    mmvet.MMVET, mmmu.MMMU, ocr.OCRBENCH, ocr.DOCVQA, scienceqa.SCIENCEQA)}
+    mmvet.MMVET, mmmu.MMMU, ocrbench.OCRBENCH, docvqa.DOCVQA, scienceqa.SCIENCEQA)}
 SCORED = tuple(name for name, b in BENCHMARKS.items() if b.score is not None)
 
 
