@@ -12,6 +12,7 @@
   transformers ``GemmaTokenizer``.
 - ``reference_slice``: the reference's TokenPacker-HD tiles and global view, transcribed
   into torch (the oracle of the HD tests).
+- ``tokenizer_image_token``: the reference's prompt tokenisation around ``<image>``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
 
 from tokenpacker_jax.configs import tiny
+
+IMAGE_TOKEN_INDEX = -200  # the reference's id of the image slot
 
 # CLIP's normalisation (the reference's HD code hard-codes these numbers).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -151,3 +154,19 @@ def reference_slice(pixels, grid, view, *, tile, mean=CLIP_MEAN, std=CLIP_STD):
     source = canvas if view == "reference_canvas" else image
     glob[:, :, :size[0], :size[1]] = F.interpolate(source, size=size, mode="bilinear")
     return torch.cat(tiles + [glob]).permute(0, 2, 3, 1).numpy(), size
+
+
+def tokenizer_image_token(prompt, tokenizer):
+    """The reference's prompt tokenisation (LLaVA's ``tokenizer_image_token``): each chunk
+    around ``<image>`` on its own, BOS from the first only, ``IMAGE_TOKEN_INDEX`` where the
+    image goes."""
+    chunks = [tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]
+    ids, offset = [], 0
+    if chunks and chunks[0] and chunks[0][0] == tokenizer.bos_token_id:
+        offset = 1
+        ids.append(chunks[0][0])
+    for number, chunk in enumerate(chunks):
+        if number:
+            ids.extend(([IMAGE_TOKEN_INDEX] * (offset + 1))[offset:])
+        ids.extend(chunk[offset:])
+    return ids

@@ -43,7 +43,7 @@ from tokenpacker_jax.models.decoder import Decoder
 from tokenpacker_jax.models.projectors import build_projector
 from tokenpacker_jax.models.vision import VisionTransformer
 
-from data_helpers import corpus, reference_slice
+from data_helpers import corpus, reference_slice, tokenizer_image_token
 
 VOCAB, WIDTH, LAYERS = 400, 64, 2  # LLM
 TOWER_WIDTH, TOWER_LAYERS, IMAGE, PATCH = 32, 4, 32, 4  # CLIP: 8 x 8 patches
@@ -343,18 +343,6 @@ def test_exported_tower_matches_transformers(imported, exported):
     np.testing.assert_allclose(preprocessor["image_mean"], CLIP_MEAN)
 
 
-# -- the whole model against a PyTorch assembly of the exported parts -------------------------
-
-def tokenizer_image_token(prompt, tokenizer):
-    """The reference's prompt tokenisation: each chunk around ``<image>`` on its own (BOS
-    from the first), -200 where the image goes."""
-    chunks = [tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]
-    ids = [chunks[0][0]] + chunks[0][1:]
-    for chunk in chunks[1:]:
-        ids += [-200] + chunk[1:]
-    return ids
-
-
 class TorchAssembly:
     """transformers CLIP -> torch projector (docs/reference.md §3) -> transformers LLaMA,
     float64."""
@@ -477,8 +465,6 @@ def test_llava_mlp_checkpoint_with_tower_keys(built, tmp_path):
             written["mm_vision_tower"]) == ("mlp2x_gelu", "square",
                                             "openai/clip-vit-large-patch14-336")
 
-
-# -- dtype and errors --------------------------------------------------------------------------
 
 def test_bfloat16_export(built, imported):
     workdir, trained = imported

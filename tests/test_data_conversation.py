@@ -13,14 +13,14 @@ from tokenpacker_jax.data.conversation import (
     Text,
     get_template,
     parse_turns,
-    text_tokenizer,
 )
 from tokenpacker_jax.data.errors import DataError
 from tokenpacker_jax.data.example import ExampleBuilder, ImageSettings
 from tokenpacker_jax.data.prompt import build_prompt
+from tokenpacker_jax.data.text_tokenizer import text_tokenizer
 from tokenpacker_jax.tokenizer import load_tokenizer
 
-from data_helpers import gemma_like, llama3_like, vicuna_like
+from data_helpers import gemma_like, llama3_like, tokenizer_image_token, vicuna_like
 
 IGNORE = -100
 
@@ -45,23 +45,8 @@ CONVERSATIONS = [
 ]
 
 
-# -- the reference's procedure (LLaVA train.py: preprocess_v1 / preprocess_plain), written
-#    out plainly: tokenise the whole prompt, then mask round by round with offsets.
-
-def tokenizer_image_token(prompt, tokenizer):
-    chunks = [tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]
-    ids, offset = [], 0
-    if chunks and chunks[0] and chunks[0][0] == tokenizer.bos_token_id:
-        offset = 1
-        ids.append(chunks[0][0])
-    for number, chunk in enumerate(chunks):
-        if number:
-            ids.extend(([IMAGE_TOKEN_ID] * (offset + 1))[offset:])
-        ids.extend(chunk[offset:])
-    return ids
-
-
 def move_image_to_front(conversation):
+    """The reference's ``preprocess_multimodal``: ``<image>`` + newline in front of the rest."""
     turns = [dict(turn) for turn in conversation]
     for turn in turns:
         if "<image>" in turn["value"]:
@@ -70,6 +55,8 @@ def move_image_to_front(conversation):
 
 
 def reference_v1(conversation, tokenizer):
+    """(ids, labels) by the reference's procedure (LLaVA train.py ``preprocess_v1``), written
+    out plainly: tokenise the whole prompt, then mask round by round with offsets."""
     has_image = any("<image>" in turn["value"] for turn in conversation)
     turns = move_image_to_front(conversation) if has_image else conversation
     prompt = VICUNA_SYSTEM + " "
@@ -105,6 +92,7 @@ def reference_v1(conversation, tokenizer):
 
 
 def reference_plain(conversation, tokenizer):
+    """(ids, labels) by the reference's ``preprocess_plain``: the caption after the image."""
     prompt = "<image>" + conversation[1]["value"] + "\n"
     ids = tokenizer_image_token(prompt, tokenizer)
     masked = len(tokenizer_image_token("<image>", tokenizer))
@@ -112,6 +100,7 @@ def reference_plain(conversation, tokenizer):
 
 
 def ours(template, conversation, tokenizer):
+    """(ids, labels) by ``ConversationTokenizer``, for comparison with the reference's."""
     has_image = any("<image>" in turn["value"] for turn in conversation)
     result = ConversationTokenizer(template, tokenizer)(
         parse_turns(conversation, has_image=has_image))

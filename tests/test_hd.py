@@ -135,8 +135,6 @@ def test_global_views(image_480x640):
         hd.hd_tiles(image_480x640, 9, global_view="canvas")
 
 
-# -- against the reference's slice preprocessing (data_helpers.reference_slice) ------------
-
 class _NoText:
     """The tokenizer an ExampleBuilder needs; nothing is tokenised here."""
 
@@ -146,7 +144,8 @@ class _NoText:
         raise AssertionError("no text in these tests")
 
 
-# (height, width, patch_num); the canvas margin is on the right where the image fills the
+# (height, width, patch_num) of the comparisons with the reference's slice preprocessing
+# (data_helpers.reference_slice); the canvas margin is on the right where the image fills the
 # grid's height, at the bottom where it fills its width.
 REFERENCE_CASES = [(480, 640, 9), (640, 480, 9), (550, 670, 9), (300, 1000, 16),
                    (1000, 300, 9), (1080, 1920, 16), (700, 500, 16)]

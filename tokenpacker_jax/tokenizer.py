@@ -31,7 +31,7 @@ import numpy as np
 
 from tokenpacker_jax.convert.hf_decoder import family_of_model_type
 from tokenpacker_jax.data.batch import pad_rows
-from tokenpacker_jax.data.conversation import default_pad_id
+from tokenpacker_jax.data.text_tokenizer import default_pad_id
 from tokenpacker_jax.models.decoder_config import DECODER_FAMILIES
 
 TOKENIZER_FAMILIES = DECODER_FAMILIES
