@@ -10,10 +10,12 @@ import torch
 
 from tokenpacker_jax.bench import __main__ as cli
 from tokenpacker_jax.bench import (
-    common,
+    hardware,
     llava_torch,
+    measurement,
     paper_table,
     projector,
+    report,
     token_budget,
     training,
 )
@@ -50,13 +52,13 @@ def column(rows: list[list[str]], name: str) -> list[str]:
 
 def test_comparisons_are_timed_in_turns():
     order = []
-    timings = common.time_interleaved({name: lambda name=name: order.append(name)
-                                       for name in "abc"}, runs=4, warmup=1)
+    timings = measurement.time_interleaved({name: lambda name=name: order.append(name)
+                                            for name in "abc"}, runs=4, warmup=1)
     assert {name: len(t.seconds) for name, t in timings.items()} == {"a": 4, "b": 4, "c": 4}
     # One warm-up round, then every round times each call once, starting one further on.
     assert "".join(order) == "abc" + "abc" + "bca" + "cab" + "abc"
     with pytest.raises(ValueError, match="runs"):
-        common.time_interleaved({"a": lambda: None}, runs=0)
+        measurement.time_interleaved({"a": lambda: None}, runs=0)
 
 
 def test_projector_flops_match_the_paper():
@@ -158,13 +160,13 @@ def test_paper_entries():
 def test_sections_replace_their_markers_and_keep_the_prose(tmp_path):
     path = tmp_path / "BENCHMARKS.md"
     path.write_text("# Benchmarks\n\nProse.\n")
-    common.update_section(str(path), common.Section("projector", "Projector", "| a |\n|---|"))
-    common.update_section(str(path), common.Section("training", "Training", "first"))
+    report.update_section(str(path), report.Section("projector", "Projector", "| a |\n|---|"))
+    report.update_section(str(path), report.Section("training", "Training", "first"))
     text = path.read_text()
     assert text.startswith("# Benchmarks\n\nProse.\n\n## Projector\n\n<!-- bench:projector -->")
     path.write_text(text.replace("<!-- /bench:training -->",
                                  "<!-- /bench:training -->\n\nWhat it means."))
-    common.update_section(str(path), common.Section("training", "Training", "second"))
+    report.update_section(str(path), report.Section("training", "Training", "second"))
     text = path.read_text()
     assert "first" not in text and "second\n<!-- /bench:training -->\n\nWhat it means." in text
     assert text.count("## Training") == 1
@@ -172,29 +174,29 @@ def test_sections_replace_their_markers_and_keep_the_prose(tmp_path):
 
 def test_tables_measured_on_a_gpu_get_sections_of_their_own(tmp_path, monkeypatch):
     path = tmp_path / "BENCHMARKS.md"
-    cpu = common.section("projector", "Projector forward", "on the CPU")
+    cpu = report.section("projector", "Projector forward", "on the CPU")
     assert (cpu.name, cpu.title) == ("projector", "Projector forward")
-    common.update_section(str(path), cpu)
+    report.update_section(str(path), cpu)
 
     @dataclasses.dataclass
     class FakeDevice:
         device_kind: str = "NVIDIA H100 80GB HBM3"
 
-    monkeypatch.setattr(common.jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(common.jax, "devices", lambda *_: [FakeDevice()])
-    gpu = common.section("projector", "Projector forward", "on the GPU")
+    monkeypatch.setattr(hardware.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(hardware.jax, "devices", lambda *_: [FakeDevice()])
+    gpu = report.section("projector", "Projector forward", "on the GPU")
     assert gpu.name == "projector_gpu"
     assert gpu.title == "Projector forward on NVIDIA H100 80GB HBM3"
-    common.update_section(str(path), gpu)
+    report.update_section(str(path), gpu)
     text = path.read_text()  # the CPU's figures stay beside the GPU's
     assert "on the CPU" in text and "## Projector forward on NVIDIA H100 80GB HBM3" in text
     # The PyTorch side runs on JAX's kind of device or not at all: this torch is a CPU build.
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no device of that kind"):
-            common.torch_device()
-    monkeypatch.setattr(common.jax, "default_backend", lambda: "tpu")
+            hardware.torch_device()
+    monkeypatch.setattr(hardware.jax, "default_backend", lambda: "tpu")
     with pytest.raises(RuntimeError, match="JAX runs on tpu"):
-        common.torch_device()
+        hardware.torch_device()
 
 
 def test_command_line():

@@ -19,4 +19,8 @@ for hours). See ``__main__.py`` for the flags.
 Also here: ``data_pipeline`` (samples per second of the input pipeline, BENCHMARKS.md "Data
 pipeline"; ``python -m tokenpacker_jax.bench.data_pipeline``) and ``torch_tokenpacker``
 (the projector in PyTorch: table 1's other side and the parity tests' oracle).
+
+What the tables share: ``measurement`` (the timing rule, a program's planned bytes,
+parameters drawn on the host), ``hardware`` (the devices each side runs on, the line naming
+the machine) and ``report`` (Markdown tables and BENCHMARKS.md's generated sections).
 """

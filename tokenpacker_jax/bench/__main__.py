@@ -18,7 +18,7 @@ on an otherwise idle machine.
 Tables 1-4 run where JAX runs. With jax on a GPU (``python -m
 tokenpacker_jax.bench 1 2 3 4 --write``) their sections are ``projector_gpu``, ... titled
 with the device's name, beside the CPU's; float32 matmuls run at full precision on both
-sides (``common.full_float32``) and the PyTorch side of tables 1 and 3 runs on the same GPU.
+sides (``hardware.full_float32``) and the PyTorch side of tables 1 and 3 runs on the same GPU.
 """
 
 from __future__ import annotations
@@ -32,10 +32,12 @@ from collections.abc import Sequence
 
 from tokenpacker_jax import user_error
 from tokenpacker_jax.bench import (
-    common,
+    hardware,
     llava_torch,
+    measurement,
     paper_table,
     projector,
+    report,
     token_budget,
     training,
 )
@@ -46,7 +48,7 @@ BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "BENCHMARKS.md")
 
 
-def tpu_fit(jobs: int, log=print) -> common.Section:
+def tpu_fit(jobs: int, log=print) -> report.Section:
     """Table 5: runs ``python -m tokenpacker_jax.bench.tpu_fit`` (its own process: libtpu's
     compile-only devices stay out of this one) and keeps its Markdown table."""
     command = [sys.executable, "-m", "tokenpacker_jax.bench.tpu_fit", f"--jobs={jobs}"]
@@ -61,7 +63,7 @@ def tpu_fit(jobs: int, log=print) -> common.Section:
         if not line.startswith("|"):
             log(line)
     # The table alone: BENCHMARKS.md's "TPU fit" prose around its markers says the rest.
-    return common.Section("tpu_fit", "TPU fit table", "\n".join(table))
+    return report.Section("tpu_fit", "TPU fit table", "\n".join(table))
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -71,7 +73,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
                         help=f"tables by name or number 1-6: {', '.join(TABLES)} "
                              f"(default: {' '.join(DEFAULT)})")
     parser.add_argument("--sizes", choices=("full", "tiny"), default="full")
-    parser.add_argument("--runs", type=int, default=common.MIN_RUNS,
+    parser.add_argument("--runs", type=int, default=measurement.MIN_RUNS,
                         help="timed calls per figure (median; at least 5)")
     parser.add_argument("--write", nargs="?", const=BENCHMARKS, default=None, metavar="FILE",
                         help=f"update the sections in FILE (default {BENCHMARKS})")
@@ -104,14 +106,14 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     if not names:
         names = [n for n in DEFAULT if args.sizes == "full" or n != "tpu_fit"]
     args.which = names
-    if args.runs < common.MIN_RUNS and args.sizes == "full":
-        parser.error(f"--runs must be at least {common.MIN_RUNS} (medians of 5 runs)")
+    if args.runs < measurement.MIN_RUNS and args.sizes == "full":
+        parser.error(f"--runs must be at least {measurement.MIN_RUNS} (medians of 5 runs)")
     if args.write and args.sizes != "full":
         parser.error("--write records full-size figures only (drop --sizes=tiny)")
     return args
 
 
-def run_table(name: str, args: argparse.Namespace) -> common.Section:
+def run_table(name: str, args: argparse.Namespace) -> report.Section:
     if name == "projector":
         return projector.run(args.sizes, args.runs)
     if name == "token_budget":
@@ -136,8 +138,8 @@ def run_table(name: str, args: argparse.Namespace) -> common.Section:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse(sys.argv[1:] if argv is None else argv)
-    if common.accelerator() is not None:
-        common.full_float32()
+    if hardware.accelerator() is not None:
+        hardware.full_float32()
     if args.torch_threads:
         import torch  # noqa: PLC0415 (torch: optional, the PyTorch side of a comparison)
 
@@ -147,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         section = run_table(name, args)
         print(f"[{name}: {time.perf_counter() - start:.0f} s]", file=sys.stderr)
         if args.write:
-            common.update_section(args.write, section)
+            report.update_section(args.write, section)
             print(f"updated section {section.name!r} of {args.write}", file=sys.stderr)
         else:
             print(section.markdown(), flush=True)

@@ -11,7 +11,7 @@ implementation); time to first token = ``generate(max_new_tokens=1)``; decode to
 (new_tokens - 1) / (time of ``generate(max_new_tokens=new_tokens)`` - time to first token).
 Ours: Table 2's model (``token_budget.prepare``, ``generate.Generator``: compiled prefill, then
 a compiled decode loop of new_tokens steps). The two sides are timed in turns, one
-generation of each per round (``common.time_interleaved``).
+generation of each per round (``measurement.time_interleaved``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from tokenpacker_jax.bench import common, token_budget
+from tokenpacker_jax.bench import hardware, measurement, report, token_budget
 
 TARGET_DECODE_SPEEDUP = 1.5  # our decode tokens/s at least 1.5x transformers'
 
@@ -72,7 +72,7 @@ def hf_generate(config, batch: dict[str, np.ndarray]) -> tuple[Callable[[int], A
     import torch  # noqa: PLC0415 (torch: optional, the PyTorch side of a comparison)
 
     visual = int(batch["image_mask"][0].sum())
-    device = common.torch_device()
+    device = hardware.torch_device()
     model = hf_llava(config, visual).to(device)
     ids = torch.from_numpy(np.where(batch["image_mask"], config.decoder.vocab_size - 1,
                                     batch["input_ids"]).astype(np.int64)).to(device)
@@ -101,7 +101,7 @@ def measure(sizes: token_budget.Sizes, ours: token_budget.Prepared,
     generate, attention = hf_generate(ours.config, ours.batch)
     our_results = []
     with torch.inference_mode():
-        timings = common.time_interleaved(
+        timings = measurement.time_interleaved(
             {"ours": lambda: our_results.append(ours.generator(ours.batch)),
              "theirs first": lambda: generate(1),
              "theirs full": lambda: generate(sizes.new_tokens)}, runs=runs, warmup=2)
@@ -113,11 +113,11 @@ def measure(sizes: token_budget.Sizes, ours: token_budget.Prepared,
     return Speed(first_ms, decode_per_s), theirs, attention
 
 
-def run(size: str = "full", runs: int = common.MIN_RUNS, log=print, *,
-        sizes: token_budget.Sizes | None = None) -> common.Section:
+def run(size: str = "full", runs: int = measurement.MIN_RUNS, log=print, *,
+        sizes: token_budget.Sizes | None = None) -> report.Section:
     """Both sides at 576 tokens; returns the BENCHMARKS.md section."""
     sizes = sizes or token_budget.SIZES[size]
-    header = common.machine(torch_threads=True)
+    header = hardware.machine(torch_threads=True)
     prepared = token_budget.prepare(sizes, "mlp2x_gelu", 1)
     visual = int(prepared.batch["image_mask"][0].sum())
     ours, theirs, attention = measure(sizes, prepared, runs)
@@ -126,7 +126,7 @@ def run(size: str = "full", runs: int = common.MIN_RUNS, log=print, *,
     log(f"ours: first token {ours.first_token_ms:.1f} ms, "
         f"{ours.decode_tokens_per_s:.1f} tokens/s")
     speedup = ours.decode_tokens_per_s / theirs.decode_tokens_per_s
-    table = common.markdown_table(
+    table = report.markdown_table(
         ["implementation", "visual tokens", "time to first token ms", "decode tokens/s",
          "decode speed-up"],
         [[f"transformers LlavaForConditionalGeneration (PyTorch eager, "
@@ -148,6 +148,6 @@ def run(size: str = "full", runs: int = common.MIN_RUNS, log=print, *,
         table,
         "",
         f"Target: our decode at least {TARGET_DECODE_SPEEDUP}x theirs "
-        f"({speedup:.2f}x): {common.verdict(speedup >= TARGET_DECODE_SPEEDUP)}",
+        f"({speedup:.2f}x): {report.verdict(speedup >= TARGET_DECODE_SPEEDUP)}",
     ])
-    return common.section("llava_torch", "Against transformers' PyTorch LLaVA", body)
+    return report.section("llava_torch", "Against transformers' PyTorch LLaVA", body)

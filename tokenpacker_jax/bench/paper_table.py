@@ -35,7 +35,7 @@ from absl import flags
 
 from tokenpacker_jax import quickstart, train  # noqa: F401 (quickstart: its flags)
 from tokenpacker_jax.assembly import load_trained
-from tokenpacker_jax.bench import common
+from tokenpacker_jax.bench import hardware, report
 from tokenpacker_jax.configs import tiny
 from tokenpacker_jax.data import synthetic
 from tokenpacker_jax.evaluation import question_file
@@ -201,7 +201,7 @@ def markdown(summaries: Sequence[Summary]) -> str:
              *[f"{s.categories[c]:.3f}" if c in s.categories else "-" for c in categories]]
             for s in summaries]
     rows.append(["(chance)", "", "", "", "", *[f"{chance[c]:.3f}" for c in categories]])
-    return common.markdown_table(
+    return report.markdown_table(
         ["projector", "tokens", "seeds", "accuracy (mean ± std)", "range",
          *categories], rows)
 
@@ -212,7 +212,7 @@ def run(*, workdir: str = "/tmp/tokenpacker_bench_paper", seeds: int = 3,
         num: int | None = None, num_eval: int | None = None, jitter: int | None = None,
         data_seed: int = 0,
         adjust: Callable[[ml_collections.ConfigDict], None] | None = None,
-        log=print) -> common.Section:
+        log=print) -> report.Section:
     """Trains and scores every (entry, seed); returns the BENCHMARKS.md section. ``None``
     sizes take quickstart's defaults; ``jitter``: px items may sit off their cells' centres
     (-1: anywhere, as quickstart's flag); ``adjust`` edits each stage's config (tests)."""
@@ -222,7 +222,7 @@ def run(*, workdir: str = "/tmp/tokenpacker_bench_paper", seeds: int = 3,
     stage1_steps = defaults["stage1_steps"] if stage1_steps is None else stage1_steps
     stage2_steps = defaults["stage2_steps"] if stage2_steps is None else stage2_steps
     jitter = defaults["jitter"] if jitter is None else jitter
-    header = common.machine()
+    header = hardware.machine()
     data = os.path.join(workdir, f"data_{num}_{num_eval}_seed{data_seed}_jitter{jitter}")
     probe = stage_config(Entry("mlp2x_gelu", 1), 2, data, 0, 1, adjust)
     if not os.path.exists(os.path.join(data, "meta.json")):
@@ -261,4 +261,4 @@ def run(*, workdir: str = "/tmp/tokenpacker_bench_paper", seeds: int = 3,
         "tokens (the paper's claim):",
         *(comparisons(summaries) or ["- (not measured: a projector is missing)"]),
     ])
-    return common.Section("paper", "The paper's projector table in miniature", body)
+    return report.Section("paper", "The paper's projector table in miniature", body)

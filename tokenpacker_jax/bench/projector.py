@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tokenpacker_jax import flops
-from tokenpacker_jax.bench import common
+from tokenpacker_jax.bench import hardware, measurement, report
 from tokenpacker_jax.models.decoder_config import DecoderConfig
 from tokenpacker_jax.models.mllm import MLLMConfig
 from tokenpacker_jax.models.projectors import ProjectorConfig
@@ -106,8 +106,8 @@ def peak_matmuls(n: int) -> dict[str, Callable[[], Any]]:
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((n, n), np.float32) for _ in range(2))
     ja, jb = jnp.asarray(a), jnp.asarray(b)
-    matmul, _ = common.compile_jit(jnp.matmul, ja, jb)
-    device = common.torch_device()
+    matmul, _ = measurement.compile_jit(jnp.matmul, ja, jb)
+    device = hardware.torch_device()
     ta, tb = torch.from_numpy(a).to(device), torch.from_numpy(b).to(device)
     return {"jax peak": lambda: matmul(ja, jb), "torch peak": lambda: torch.matmul(ta, tb)}
 
@@ -126,19 +126,19 @@ def measure(sizes: Sizes, scale: int, batch: int, runs: int, seed: int = 0) -> R
     module = TokenPacker(scale_factor=scale, out_dim=sizes.out_dim, embed_dim=sizes.dim,
                          num_heads=sizes.heads)
     jx, jx_multi = jnp.asarray(x), jnp.asarray(x_multi)
-    params = common.random_params(module, jx[:1], jx_multi[:1], seed=seed)
-    forward, compile_s = common.compile_jit(
+    params = measurement.random_params(module, jx[:1], jx_multi[:1], seed=seed)
+    forward, compile_s = measurement.compile_jit(
         lambda p, a, b: module.apply({"params": p}, a, b), params, jx, jx_multi)
     ours = np.asarray(forward(params, jx, jx_multi))
 
-    device = common.torch_device()
+    device = hardware.torch_device()
     reference = torch_tokenpacker.from_params(jax.device_get(params), num_heads=sizes.heads,
                                               scale=scale, levels=sizes.levels).to(device)
     tx, tx_multi = torch.from_numpy(x).to(device), torch.from_numpy(x_multi).to(device)
     with torch.inference_mode():
         theirs = reference(tx, tx_multi)[0].cpu().numpy()
         # (two warm-up rounds: torch's allocator and thread pool settle in the first calls)
-        timings = common.time_interleaved(
+        timings = measurement.time_interleaved(
             {"jax": lambda: forward(params, jx, jx_multi),
              "torch": lambda: reference(tx, tx_multi), **peak_matmuls(sizes.peak_n)},
             runs=runs, warmup=2)
@@ -151,12 +151,12 @@ def measure(sizes: Sizes, scale: int, batch: int, runs: int, seed: int = 0) -> R
                max_rel_diff=float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs))))
 
 
-def run(size: str = "full", runs: int = common.MIN_RUNS, log=print, *,
-        sizes: Sizes | None = None) -> common.Section:
+def run(size: str = "full", runs: int = measurement.MIN_RUNS, log=print, *,
+        sizes: Sizes | None = None) -> report.Section:
     """Measures every (scale, batch) of ``SIZES[size]`` (or ``sizes``); returns the
     BENCHMARKS.md section."""
     sizes = sizes or SIZES[size]
-    header = common.machine(torch_threads=True)
+    header = hardware.machine(torch_threads=True)
     rows = []
     for scale in sizes.scales:
         for batch in sizes.batches:
@@ -166,7 +166,7 @@ def run(size: str = "full", runs: int = common.MIN_RUNS, log=print, *,
                 f"{row.torch_peak:.0f} GFLOP/s")
             rows.append(row)
 
-    table = common.markdown_table(
+    table = report.markdown_table(
         ["scale", "tokens", "batch", "GFLOP", "JAX ms", "PyTorch ms", "PyTorch / JAX",
          "peak GFLOP/s (JAX, PyTorch)", "JAX GFLOP/s", "JAX % of peak", "PyTorch GFLOP/s",
          "PyTorch % of peak", "JAX compile s", "max rel diff"],
@@ -181,9 +181,9 @@ def run(size: str = "full", runs: int = common.MIN_RUNS, log=print, *,
         fraction = r.gflops(r.jax_ms) / r.peak
         targets.append(
             f"- scale {r.scale}, batch {largest}: at least as fast as PyTorch "
-            f"({r.speedup:.2f}x): {common.verdict(r.speedup >= TARGET_SPEEDUP)}; at least "
+            f"({r.speedup:.2f}x): {report.verdict(r.speedup >= TARGET_SPEEDUP)}; at least "
             f"{TARGET_PEAK:.0%} of the peak ({fraction:.0%}): "
-            f"{common.verdict(fraction >= TARGET_PEAK)}")
+            f"{report.verdict(fraction >= TARGET_PEAK)}")
     body = "\n".join([
         f"`python -m tokenpacker_jax.bench projector` (`--sizes={size}`). Machine: {header}.",
         "",
@@ -203,4 +203,4 @@ def run(size: str = "full", runs: int = common.MIN_RUNS, log=print, *,
         "Targets:",
         *targets,
     ])
-    return common.section("projector", "Projector forward: JAX against PyTorch", body)
+    return report.section("projector", "Projector forward: JAX against PyTorch", body)

@@ -12,7 +12,7 @@ Measured, each the median of ``runs`` calls of compiled programs:
 - LLM prefill: the decoder alone over the prompt's embeddings [1, T, H] (T = text + visual),
   filling a KV cache of T + new_tokens slots (``Decoder.prefill``, the decoder's layers as
   ``Generator`` runs them: unscanned on the CPU), the budgets timed in
-  turns (``common.time_interleaved``: the target is a ratio of two of them);
+  turns (``measurement.time_interleaved``: the target is a ratio of two of them);
 - time to first token: tower + projector + splice + LLM prefill, ``generate.Generator``'s
   prefill program (what ``generate --json`` reports);
 - decode tokens/s: ``Generator``'s decode loop, new_tokens steps / its time;
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokenpacker_jax.bench import common
+from tokenpacker_jax.bench import hardware, measurement, report
 from tokenpacker_jax.data import batch as batch_lib
 from tokenpacker_jax.generate import Generator, SamplingConfig
 from tokenpacker_jax.models import layers, mllm
@@ -129,7 +129,7 @@ def prepare(sizes: Sizes, projector: str, scale: int, seed: int = 0) -> Prepared
     if key not in _PREPARED:
         config = model_config(sizes, projector, scale)
         model = mllm.MultimodalLM(config)
-        params = common.random_params(
+        params = measurement.random_params(
             model, **batch_lib.example_inputs(batch_lib.Dims.of_model(config, 8)), seed=seed)
         batch = prompt_batch(config, sizes, seed)
         generator = Generator(model, params, stop_ids=[], pad_id=0,
@@ -140,7 +140,7 @@ def prepare(sizes: Sizes, projector: str, scale: int, seed: int = 0) -> Prepared
         compile_s = time.perf_counter() - start
         _PREPARED[key] = Prepared(config=config, params=params, batch=batch,
                                   generator=generator, compile_s=compile_s,
-                                  peak_bytes=max(map(common.program_bytes, programs)))
+                                  peak_bytes=max(map(measurement.program_bytes, programs)))
     return _PREPARED[key]
 
 
@@ -164,7 +164,7 @@ def llm_prefill(sizes: Sizes, prepared: Prepared, seed: int = 0) -> Callable[[],
                                              np.float32))
     mask = jnp.asarray(batch["attention_mask"])
     weights = generator.params["decoder"]
-    program, _ = common.compile_jit(
+    program, _ = measurement.compile_jit(
         lambda p, e, m: decoder.apply({"params": p}, inputs_embeds=e, attention_mask=m,
                                       max_length=length + sizes.new_tokens,
                                       method=Decoder.prefill),
@@ -184,8 +184,8 @@ def measure(sizes: Sizes, projector: str, scale: int, runs: int, llm_prefill_ms:
     return Row(projector=projector, visual_tokens=int(batch["image_mask"].sum()) // sizes.batch,
                length=batch["input_ids"].shape[1], llm_prefill_ms=llm_prefill_ms,
                first_token_ms=first_token_ms, decode_tokens_per_s=decode_per_s,
-               peak_mib=prepared.peak_bytes / common.MiB,
-               weights_mib=_nbytes(params) / common.MiB, compile_s=prepared.compile_s)
+               peak_mib=prepared.peak_bytes / measurement.MiB,
+               weights_mib=_nbytes(params) / measurement.MiB, compile_s=prepared.compile_s)
 
 
 def budgets(sizes: Sizes) -> list[tuple[str, int]]:
@@ -209,13 +209,13 @@ def describe(sizes: Sizes, params: Any) -> str:
             f"tokens (greedy, no stop token); float32")
 
 
-def run(size: str = "full", runs: int = common.MIN_RUNS, log=print, *,
-        sizes: Sizes | None = None) -> common.Section:
+def run(size: str = "full", runs: int = measurement.MIN_RUNS, log=print, *,
+        sizes: Sizes | None = None) -> report.Section:
     """Measures every budget; returns the BENCHMARKS.md section."""
     sizes = sizes or SIZES[size]
-    header = common.machine()
+    header = hardware.machine()
     # LLM prefill at every budget, in turns (the target is a ratio of two of them).
-    prefill = common.time_interleaved(
+    prefill = measurement.time_interleaved(
         {f"{projector} {scale}": llm_prefill(sizes, prepare(sizes, projector, scale))
          for projector, scale in budgets(sizes)}, runs=runs)
     rows = []
@@ -226,7 +226,7 @@ def run(size: str = "full", runs: int = common.MIN_RUNS, log=print, *,
             f"{row.decode_tokens_per_s:.1f} tokens/s")
         rows.append(row)
     base = rows[0]
-    table = common.markdown_table(
+    table = report.markdown_table(
         ["projector", "visual tokens", "prompt length", "LLM prefill ms",
          "prefill speed-up vs all patches", "time to first token ms",
          "decode tokens/s", "peak memory MiB (weights)", "compile s"],
@@ -255,6 +255,6 @@ def run(size: str = "full", runs: int = common.MIN_RUNS, log=print, *,
         lines += ["", "Target: LLM prefill at a quarter of the tokens "
                       f"({target_row.visual_tokens} vs {base.visual_tokens}) at least "
                       f"{TARGET_PREFILL_SPEEDUP:.0f}x faster ({speedup:.2f}x): "
-                      f"{common.verdict(speedup >= TARGET_PREFILL_SPEEDUP)}"]
-    return common.section("token_budget", "Inference speed against the token budget",
+                      f"{report.verdict(speedup >= TARGET_PREFILL_SPEEDUP)}"]
+    return report.section("token_budget", "Inference speed against the token budget",
                           "\n".join(lines))

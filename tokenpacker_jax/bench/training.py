@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from tokenpacker_jax import assembly, sharding
-from tokenpacker_jax.bench import common
+from tokenpacker_jax.bench import hardware, measurement, report
 from tokenpacker_jax.configs import tiny
 from tokenpacker_jax.data import batch as batch_lib
 from tokenpacker_jax.data import pipeline
@@ -85,7 +85,7 @@ def measure(config: ml_collections.ConfigDict, runs: int,
     config's mesh over ``devices`` (default: all, as ``train.run``)."""
     mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
     assembled = assembly.assemble(config, mesh, total_steps=1000)
-    params = jax.device_put(common.random_params(assembled.model, **batch_lib.example_inputs(
+    params = jax.device_put(measurement.random_params(assembled.model, **batch_lib.example_inputs(
         batch_lib.Dims.of_model(assembled.model.config, 8))), assembled.param_shardings)
     state = assembled.init_state(params, jax.random.key(0))  # every group given
     batch = assembled.global_batch(batch_lib.synthetic_batch(
@@ -103,7 +103,7 @@ def measure(config: ml_collections.ConfigDict, runs: int,
             holder[0], metrics = step(holder[0], batch)
             return holder[0], metrics
 
-        timing = common.time_calls(one_step, runs=runs)
+        timing = measurement.time_calls(one_step, runs=runs)
     visual = pipeline.tokens_per_tile(assembled.model.config)
     projector_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params["projector"]))
     return Row(projector=config.model.projector.name, visual_tokens=visual,
@@ -111,11 +111,11 @@ def measure(config: ml_collections.ConfigDict, runs: int,
                step_ms=timing.ms, compile_s=compile_s, projector_params=projector_params)
 
 
-def run(size: str = "full", runs: int = common.MIN_RUNS, log=print, *,
+def run(size: str = "full", runs: int = measurement.MIN_RUNS, log=print, *,
         projectors: Sequence[str] = PROJECTOR_ORDER,
-        devices: Sequence[jax.Device] | None = None) -> common.Section:
+        devices: Sequence[jax.Device] | None = None) -> report.Section:
     """One row per projector; returns the BENCHMARKS.md section."""
-    header = common.machine()
+    header = hardware.machine()
     if devices is not None:
         header += f"; the step on {len(devices)} of the devices"
     rows = []
@@ -124,7 +124,7 @@ def run(size: str = "full", runs: int = common.MIN_RUNS, log=print, *,
         log(f"{name}: {row.step_ms:.1f} ms per step, compile {row.compile_s:.1f} s")
         rows.append(row)
     first = rows[0]
-    table = common.markdown_table(
+    table = report.markdown_table(
         ["projector", "visual tokens", "projector params", "step ms", "images/s",
          "tokens/s", "compile s"],
         [[r.projector, r.visual_tokens, f"{r.projector_params / 1e3:.0f}K",
@@ -141,4 +141,4 @@ def run(size: str = "full", runs: int = common.MIN_RUNS, log=print, *,
         "",
         table,
     ])
-    return common.section("training", "Training throughput of the tiny config", body)
+    return report.section("training", "Training throughput of the tiny config", body)
