@@ -35,7 +35,8 @@ with that token's string in front, so tokenizers that add a leading space only a
 of the text (LLaMA ``legacy=False``) behave as they do on the whole prompt.
 
 The tokenizer needs little: ``encode(text)`` without BOS/EOS added (special-token strings
-in the text map to their ids), ``bos_id``, ``eos_id``, ``pad_id`` (``text_tokenizer``).
+in the text map to their ids), ``bos_id``, ``eos_id``, ``pad_id``; ``data.text_tokenizer``
+adapts ours and transformers' tokenizers to that.
 """
 
 from __future__ import annotations
