@@ -35,6 +35,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from tokenpacker_jax import checkpoint_integrity as integrity
+from tokenpacker_jax import train_state as state_lib
 from tokenpacker_jax.user_error import CheckpointError, CheckpointNotFound, UserError
 
 ITEMS = ("state", "data", "config")
@@ -331,3 +332,14 @@ def restore_params(workdir: str | os.PathLike, abstract_params: Any, shardings: 
     except ValueError as err:
         raise _other_model(manager.step_dir(step), target, err, partial=True) from err
     return restored["state"]["params"]
+
+
+def save_params(workdir: str | os.PathLike, params: Any, config_json: str) -> str:
+    """Writes ``params`` with the run config as a step-0 checkpoint without optimizer
+    state, a run ``assembly.load_trained`` reads (``workdir`` must hold no checkpoint)."""
+    state = state_lib.TrainState(step=np.zeros((), np.int32), params=params, opt_state={})
+    manager = make_manager(run_directory(workdir), keep=1, asynchronous=False)
+    save(manager, 0, state, None, config_json, force=True)
+    manager.wait_until_finished()
+    manager.close()
+    return str(workdir)

@@ -54,7 +54,6 @@ import jax.numpy as jnp
 import ml_collections
 
 from tokenpacker_jax import assembly, checkpoint, configuration, sharding, user_error
-from tokenpacker_jax import train_state as state_lib
 from tokenpacker_jax.convert import checkpoint_io, hf, hf_decoder, hf_vision, llava, reference
 from tokenpacker_jax.data import image
 from tokenpacker_jax.models.decoder import Decoder
@@ -232,14 +231,7 @@ def import_checkpoint(checkpoint_dir: str | os.PathLike, out: str | os.PathLike,
         _check_like(abstract[group], tree, group)
 
     write_tokenizer(tokenizer_source, tokenizer_dir, decoder_config)
-    step = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(placed.mesh))
-    state = state_lib.TrainState(step=step, params=params, opt_state={})
-    manager = checkpoint.make_manager(checkpoint.run_directory(out), keep=1,
-                                      asynchronous=False)
-    checkpoint.save(manager, 0, state, None, config.to_json(), force=True)
-    manager.wait_until_finished()
-    manager.close()
-    return str(out)
+    return checkpoint.save_params(out, params, config.to_json())
 
 
 # -- export ----------------------------------------------------------------------------------
