@@ -3,9 +3,10 @@
 Each packed token attends over the s x s patches of its region (``region_maps``); on the
 G0 x G0 patch grid one map per head holds every token's weights. ``RegionMapper(image)``
 runs the tower and projector on the image's tiles (one compiled program) and draws, per
-tile, the map averaged over heads and each head's map as heat over the tile (PNG data
-URLs), with the regions' borders: where a region is hot in one patch, its token took its
-content from there. Only the TokenPacker projector has region attention.
+tile, the map averaged over heads and each head's map over the tile (PNG data URLs): the
+regions' borders in white, and in each region a patch as bright as its weight over the
+region's largest, so where a region is lit in one patch, its token took its content from
+there. Only the TokenPacker projector has region attention.
 
     tiles [N, s, s, 3] -> {"grid": G0, "scale": s, "heads": h,
                            "tiles": [{"mean": PNG, "heads": [PNG] * h}] * valid tiles}
@@ -28,25 +29,27 @@ from tokenpacker_jax.models import mllm
 MEAN_SIZE, HEAD_SIZE = 288, 96  # drawn tile sides, pixels
 
 
-def heat_colours(values: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] -> RGB in [0, 1] (black, red, yellow, white)."""
-    v = np.clip(values, 0.0, 1.0)[..., None]
-    return np.clip(np.concatenate([3 * v, 3 * v - 1, 3 * v - 2], axis=-1), 0.0, 1.0)
+def region_levels(weights: np.ndarray, scale: int) -> np.ndarray:
+    """A patch-grid map [G0, G0] -> each patch's weight over the largest in its region (the
+    s x s block of its token): 1 where the token looked most."""
+    grid = weights.shape[0] // scale
+    blocks = weights.reshape(grid, scale, grid, scale)
+    peak = blocks.max(axis=(1, 3), keepdims=True)
+    return (blocks / np.maximum(peak, 1e-12)).reshape(weights.shape)
 
 
 def overlay(tile: np.ndarray, weights: np.ndarray, scale: int, size: int) -> Image.Image:
-    """A tile (uint8 [S, S, 3]) with a patch-grid map ([G0, G0], each region's weights sum
-    to 1) as heat over it, and the regions' borders."""
+    """A tile (uint8 [S, S, 3]) lit by a patch-grid map ([G0, G0], each region's weights sum
+    to 1): in each region (white borders), a patch is as bright as its weight over the
+    region's largest, so each packed token's region shows where it looked."""
     grid = weights.shape[0]
     cell = max(1, size // grid)
     side = cell * grid
     picture = np.asarray(Image.fromarray(tile).resize((side, side), Image.BICUBIC),
                          np.float32) / 255.0
-    level = weights / max(float(weights.max()), 1e-12)
-    level = np.kron(level, np.ones((cell, cell), np.float32))
-    alpha = 0.7 * level[..., None]
-    mixed = (1 - alpha) * picture * 0.6 + alpha * heat_colours(level)
-    image = Image.fromarray((np.clip(mixed, 0, 1) * 255).astype(np.uint8))
+    level = np.kron(region_levels(weights, scale), np.ones((cell, cell), np.float32))
+    lit = picture * (0.12 + 0.88 * level[..., None])
+    image = Image.fromarray((np.clip(lit, 0, 1) * 255).round().astype(np.uint8))
     draw = ImageDraw.Draw(image)
     for k in range(0, grid + 1, scale):
         edge = min(k * cell, side - 1)
