@@ -15,8 +15,8 @@ from tokenpacker_jax.data.image import load_image
 from tokenpacker_jax.data.pipeline import example_builder
 from tokenpacker_jax.data.prompt import build_prompt, conversation_prompt, left_pad
 from tokenpacker_jax.generate import Generator, SamplingConfig
-from tokenpacker_jax.serving.engine import (Engine, EngineConfig, Request, Sampling,
-                                            sample_rows)
+from tokenpacker_jax.serving.cache_rows import sample_rows
+from tokenpacker_jax.serving.engine import Engine, EngineConfig, Request, Sampling
 from tokenpacker_jax.serving.text import TextStream
 
 STEPS = 6

@@ -26,16 +26,18 @@ starts with exactly the tokens in the row's cache (the earlier turns, their answ
 back): only the new text is run. Otherwise (or when there is no room) it is prefilled
 anew. A parked row is given up when a free row is needed or a shift would cut it.
 
-Shapes: the cache is ``KVCache`` (per-layer [B*K, S, H] arrays with the unscanned decoder,
-the CPU default as in ``generate.Generator``; else [L, B, S, K, H] stacks); prompts are
-``data.prompt.Prompt`` (ids [l], image_mask [l], pixel_values [N, s, s, 3]). Greedy decoding
-gives ``Generator``'s tokens: the same prefill and decode steps, on more (masked) slots.
+The programs themselves are ``serving.cache_rows``. Shapes: the cache is ``KVCache``
+(per-layer [B*K, S, H] arrays with the unscanned decoder, the CPU default as in
+``generate.Generator``; else [L, B, S, K, H] stacks); prompts are ``data.prompt.Prompt``
+(ids [l], image_mask [l], pixel_values [N, s, s, 3]). Greedy decoding gives ``Generator``'s
+tokens: the same prefill and decode steps, on more (masked) slots.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import threading
 from collections.abc import Sequence
@@ -48,7 +50,8 @@ import numpy as np
 from tokenpacker_jax.data.prompt import Prompt, left_pad
 from tokenpacker_jax.generate import bucket_length, unscanned
 from tokenpacker_jax.models import mllm
-from tokenpacker_jax.models.kv_cache import KVCache, heads_as_rows, init_cache
+from tokenpacker_jax.models.kv_cache import KVCache, init_cache
+from tokenpacker_jax.serving import cache_rows
 
 LIVE, PARKED = "live", "parked"
 
@@ -152,33 +155,6 @@ class _Row:
     pixels: np.ndarray | None = None
 
 
-def sample_rows(logits: jax.Array, seeds: jax.Array, counters: jax.Array,
-                temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """One token per row from logits [R, V] with per-row settings [R]: greedy where the
-    temperature is 0; else softmax(logits / temperature) cut to the top_k most likely
-    (0: no cut) and to the smallest set whose mass reaches top_p, sampled with the key
-    fold_in(key(seed), counter). Returns int32 [R]."""
-    vocab = logits.shape[-1]
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    kept = jnp.where(jnp.arange(vocab)[None] < k[:, None], ordered, -jnp.inf)
-    kth = jnp.take_along_axis(ordered, k[:, None] - 1, axis=-1)
-    cumulative = jnp.cumsum(jax.nn.softmax(kept, axis=-1), axis=-1)
-    cut = jnp.sum(cumulative < top_p[:, None], axis=-1, keepdims=True)
-    cutoff = jnp.take_along_axis(kept, jnp.minimum(cut, vocab - 1), axis=-1)
-    cutoff = jnp.where(top_p[:, None] < 1.0, cutoff, -jnp.inf)
-    scaled = jnp.where(scaled < jnp.maximum(kth, cutoff), -jnp.inf, scaled)
-    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)
-    sampled = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled, greedy)
-
-
-def _layer_arrays(cache: KVCache) -> bool:
-    return isinstance(cache.keys, tuple)
-
-
 class Engine:
     """See the module docstring. ``submit`` and ``Request.cancel`` may be called from any
     thread; ``step`` (and everything else) from one thread at a time."""
@@ -205,7 +181,6 @@ class Engine:
         self.prefills = 0  # admit program calls
         self.shifts = 0
 
-    # -- the requests' side ---------------------------------------------------------------
 
     def submit(self, request: Request) -> Request:
         """Queues a request (checked here: its prompt and answer must fit the cache)."""
@@ -248,67 +223,11 @@ class Engine:
             if row is not None and row.request is request and row.state == PARKED:
                 self._rows[i] = None
 
-    # -- programs ---------------------------------------------------------------------------
 
     def _empty_cache(self) -> KVCache:
         cache = init_cache(self.model.config.decoder, self.config.slots,
                            self.config.max_length)
         return cache.per_layer() if not self.model.config.decoder.scan_layers else cache
-
-    def _admit_fn(self, params, cache, inputs, rows, start, seeds, temperature, top_k, top_p):
-        length = inputs["input_ids"].shape[1]
-        logits, fresh = self.model.apply({"params": params}, **inputs, max_length=length,
-                                         method=mllm.MultimodalLM.prefill)
-        slots = start + jnp.arange(length)
-        heads = self.model.config.decoder.num_kv_heads
-        if _layer_arrays(cache):  # [B*K, S, H] per layer
-            flat_rows = (rows[:, None] * heads + jnp.arange(heads)).reshape(-1)
-
-            def write(own, new):
-                return own.at[flat_rows[:, None], slots[None]].set(
-                    heads_as_rows(new).astype(own.dtype), mode="drop")
-
-            keys = tuple(write(own, fresh.keys[i]) for i, own in enumerate(cache.keys))
-            values = tuple(write(own, fresh.values[i]) for i, own in enumerate(cache.values))
-        else:  # [L, B, S, K, H]
-            keys, values = (own.at[:, rows[:, None], slots[None]].set(
-                new.astype(own.dtype), mode="drop")
-                for own, new in ((cache.keys, fresh.keys), (cache.values, fresh.values)))
-        positions = cache.positions.at[rows].set(-1, mode="drop")
-        positions = positions.at[rows[:, None], slots[None]].set(fresh.positions, mode="drop")
-        next_position = cache.next_position.at[rows].set(fresh.next_position, mode="drop")
-        cache = cache.replace(keys=keys, values=values, positions=positions,
-                              next_position=next_position)
-        tokens = sample_rows(logits, seeds, jnp.zeros_like(rows), temperature, top_k, top_p)
-        return tokens, cache
-
-    def _step_fn(self, params, cache, tokens, live, seeds, counters, temperature, top_k,
-                 top_p):
-        logits, new = self.model.apply({"params": params}, tokens, cache,
-                                       method=mllm.MultimodalLM.decode_step)
-        slot = cache.index
-        written = jax.lax.dynamic_index_in_dim(new.positions, slot, axis=1, keepdims=False)
-        positions = jax.lax.dynamic_update_index_in_dim(
-            new.positions, jnp.where(live, written, -1), slot, axis=1)
-        new = new.replace(positions=positions,
-                          next_position=jnp.where(live, new.next_position,
-                                                  cache.next_position))
-        return sample_rows(logits, seeds, counters, temperature, top_k, top_p), new
-
-    @staticmethod
-    def _shift_fn(cache, shift):
-        """Slot s' takes slot s' + shift (slots from outside [0, S) hold no token)."""
-        axis = 1 if _layer_arrays(cache) else 2
-
-        def move(x):
-            return jnp.roll(x, -shift, axis=axis)
-
-        source = jnp.arange(cache.max_length) + shift
-        inside = (source >= 0) & (source < cache.max_length)
-        positions = jnp.where(inside[None], jnp.roll(cache.positions, -shift, axis=1), -1)
-        return cache.replace(keys=jax.tree.map(move, cache.keys),
-                             values=jax.tree.map(move, cache.values), positions=positions,
-                             index=cache.index - shift)
 
     def _row_arrays(self, n: int) -> dict[str, np.ndarray]:
         return {"seeds": np.zeros(n, np.uint32), "temperature": np.zeros(n, np.float32),
@@ -340,11 +259,12 @@ class Engine:
         b = self.config.slots
         if ("step",) not in self._programs:
             slots = self._row_arrays(b)
-            self._programs["step",] = jax.jit(self._step_fn, donate_argnums=1).lower(
+            decode = functools.partial(cache_rows.decode, self.model)
+            self._programs["step",] = jax.jit(decode, donate_argnums=1).lower(
                 self.params, self.cache, np.zeros(b, np.int32), np.zeros(b, bool),
                 slots["seeds"], np.zeros(b, np.int32), slots["temperature"], slots["top_k"],
                 slots["top_p"]).compile()
-            self._programs["shift",] = jax.jit(self._shift_fn, donate_argnums=0).lower(
+            self._programs["shift",] = jax.jit(cache_rows.shift, donate_argnums=0).lower(
                 self.cache, np.int32(0)).compile()
             # Pad rows only: nothing of it stays (the cache is made anew below).
             slots = self._row_arrays(b)
@@ -361,7 +281,8 @@ class Engine:
                 prompts, per_row = self._example_prompts(length, rows), self._row_arrays(rows)
                 arguments = (np.full(rows, b, np.int32), np.int32(0), per_row["seeds"],
                              per_row["temperature"], per_row["top_k"], per_row["top_p"])
-                self._programs[key] = jax.jit(self._admit_fn, donate_argnums=1).lower(
+                admit = functools.partial(cache_rows.admit, self.model)
+                self._programs[key] = jax.jit(admit, donate_argnums=1).lower(
                     self.params, self.cache, prompts, *arguments).compile()
                 _, self.cache = self._programs[key](self.params, self.cache, prompts,
                                                     *arguments)  # rows out of range: no-op
@@ -374,7 +295,6 @@ class Engine:
             raise RuntimeError(f"engine program {key} was not compiled (Engine.compile)")
         return self._programs[key]
 
-    # -- scheduling -----------------------------------------------------------------------
 
     def _live_rows(self) -> list[_Row]:
         return [row for row in self._rows if row is not None and row.state == LIVE]

@@ -67,7 +67,7 @@ metadata:
 """
 
 TASK_UTILS = '''\
-"""tokenpacker-jax's synthetic held-out questions (written by tokenpacker_jax.serving.lmms_eval_task)."""
+"""tokenpacker-jax's synthetic held-out questions (from tokenpacker_jax.serving.lmms_eval_task)."""
 import os
 
 from PIL import Image

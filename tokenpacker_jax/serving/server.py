@@ -79,16 +79,19 @@ async def _json_body(request: HttpRequest, limit: int) -> Any:
 class _Answer:
     """One engine request seen from its HTTP handler: text pieces as they become final."""
 
-    def __init__(self, state: ServerState, request: Request, stop: tuple[str, ...]):
-        self.state, self.request = state, request
+    def __init__(self, state: ServerState, request: Request, stop: tuple[str, ...],
+                 every_token: bool):
+        self.state, self.request, self.every_token = state, request, every_token
         self.text = TextStream(state.model.trained.tokenizer, stop)
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.tokens: list[int] = []
         self.finish_reason: str | None = None
         self.deadline = asyncio.get_running_loop().time() + state.request_timeout
 
     def submit(self) -> None:
         try:
-            self.state.worker.submit(self.request, asyncio.get_running_loop(), self.queue)
+            self.state.worker.submit(self.request, asyncio.get_running_loop(), self.queue,
+                                     self.every_token)
         except Overloaded as err:
             raise ApiError(503, f"the server is busy: {err}; try again later",
                            code="server_overloaded", kind="server_error") from err
@@ -101,33 +104,56 @@ class _Answer:
             raise ApiError(504, f"the request took longer than {self.state.request_timeout} s",
                            code="timeout", kind="server_error") from None
 
-    async def pieces(self) -> AsyncIterator[str]:
-        """Yields the answer's text pieces; sets ``finish_reason`` (stop | length)."""
+    async def _tokens(self) -> AsyncIterator[int]:
+        """Yields the answer's tokens as they come; sets ``finish_reason`` (stop | length);
+        a request left early is dropped from the engine."""
         try:
             while self.finish_reason is None:
                 event = await self._next_event()
-                if event.token is not None:
-                    piece = self.text.add(event.token)
-                    if piece:
-                        yield piece
-                    if self.text.stopped:  # a stop string: the rest is not wanted
-                        self.finish_reason = "stop"
-                        break
                 if event.finish_reason == "error":
                     raise ApiError(500, "the model failed while answering",
                                    code="engine_error", kind="server_error")
+                if event.token is not None:
+                    self.tokens.append(event.token)
+                    yield event.token
                 if event.finish_reason is not None:
                     self.finish_reason = ("length" if event.finish_reason == "length"
                                           else "stop")
         finally:
             self.request.cancel()  # a no-op when it is finished; else frees its row
+
+    async def pieces(self) -> AsyncIterator[str]:
+        """Yields the answer's text pieces as they become final."""
+        async with contextlib.aclosing(self._tokens()) as tokens:
+            async for token in tokens:
+                piece = self.text.add(token)
+                if piece:
+                    yield piece
+                if self.text.stopped:  # a stop string: the rest is not wanted
+                    self.finish_reason = "stop"
+                    break
         rest = self.text.finish()
         if rest:
             yield rest
 
+    async def whole(self) -> str:
+        """The whole answer (for a request that is not streamed)."""
+        if self.every_token:
+            return "".join([piece async for piece in self.pieces()])
+        try:  # only the last event comes: the text is decoded once
+            event = await self._next_event()
+        finally:
+            self.request.cancel()
+        if event.finish_reason == "error":
+            raise ApiError(500, "the model failed while answering", code="engine_error",
+                           kind="server_error")
+        self.tokens = list(self.request.tokens)
+        self.finish_reason = "length" if event.finish_reason == "length" else "stop"
+        return self.state.model.decode(self.tokens)
+
     @property
     def completion_tokens(self) -> int:
-        return len(self.text.tokens)
+        return len(self.tokens)
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -211,11 +237,13 @@ def create_app(state: ServerState) -> FastAPI:
                                 f"max_tokens asks for {job.max_tokens}", "max_tokens",
                            "context_length_exceeded")
         max_tokens = job.max_tokens or min(state.default_max_tokens, room)
-        answer = _Answer(state, Request(prompt, max_tokens, job.sampling), job.stop)
+        # Tokens one by one only where they are needed: streamed, or checked for stop strings.
+        answer = _Answer(state, Request(prompt, max_tokens, job.sampling), job.stop,
+                         every_token=job.stream or bool(job.stop))
         answer.submit()
         cid = openai_api.completion_id()
         if not job.stream:
-            text = "".join([piece async for piece in answer.pieces()])
+            text = await answer.whole()
             return openai_api.completion(cid, model.name, text, answer.finish_reason, length,
                                          answer.completion_tokens)
         return StreamingResponse(_events(answer, cid, model.name, length, job.include_usage),

@@ -21,9 +21,10 @@ class EngineWorker:
     def __init__(self, engine: Engine, max_waiting: int):
         self.engine = engine
         self.max_waiting = max_waiting
-        # request id -> (request, the loop its handler runs in, the queue it reads)
-        self._listeners: dict[int, tuple[Request, asyncio.AbstractEventLoop,
-                                         asyncio.Queue]] = {}
+        # request id -> (request, the loop its handler runs in, the queue it reads, whether
+        # it wants every token or only the last event)
+        self._listeners: dict[int, tuple[Request, asyncio.AbstractEventLoop, asyncio.Queue,
+                                         bool]] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
@@ -33,9 +34,10 @@ class EngineWorker:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, request: Request, loop: asyncio.AbstractEventLoop,
-               queue: asyncio.Queue) -> None:
-        """Queues ``request``; its events are put on ``queue`` in ``loop``. Raises
+    def submit(self, request: Request, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue,
+               every_token: bool = True) -> None:
+        """Queues ``request``; its events are put on ``queue`` in ``loop`` (without
+        ``every_token``, only the last: the tokens are in ``request.tokens``). Raises
         Overloaded when ``max_waiting`` requests wait already, ValueError when it does not
         fit the engine."""
         with self._lock:
@@ -43,7 +45,7 @@ class EngineWorker:
                 raise Overloaded("the server is shutting down")
             if self.engine.waiting >= self.max_waiting:
                 raise Overloaded(f"{self.engine.waiting} requests are waiting already")
-            self._listeners[request.id] = (request, loop, queue)
+            self._listeners[request.id] = (request, loop, queue, every_token)
             try:
                 self.engine.submit(request)
             except ValueError:
@@ -65,8 +67,8 @@ class EngineWorker:
         except BaseException as err:  # the server reports it (health) and stops taking work
             self.error = err
             with self._lock:
-                pending = [Event(request, None, "error")
-                           for request, _, _ in self._listeners.values()]
+                pending = [Event(listener[0], None, "error")
+                           for listener in self._listeners.values()]
             self._deliver(pending)
             raise
 
@@ -78,10 +80,12 @@ class EngineWorker:
                 listener = self._listeners.get(event.request.id)
                 if listener is None:
                     continue
-                _, loop, queue = listener
-                batches.setdefault(loop, []).append((queue, event))
+                _, loop, queue, every_token = listener
                 if event.finish_reason is not None:
                     del self._listeners[event.request.id]
+                elif not every_token:
+                    continue
+                batches.setdefault(loop, []).append((queue, event))
         for loop, batch in batches.items():
             loop.call_soon_threadsafe(_put_all, batch)
 
