@@ -14,7 +14,7 @@ import time
 import pytest
 
 from serving_helpers import reference_prompt_ids, reference_vicuna_prompt, write_tiny_run
-from tokenpacker_jax import chat
+from tokenpacker_jax import chat, user_error
 from tokenpacker_jax.assembly import load_trained
 from tokenpacker_jax.data.image import load_image
 from tokenpacker_jax.data.pipeline import example_builder
@@ -112,6 +112,9 @@ def test_three_turns_in_a_terminal(run):
 
 
 def test_a_bad_checkpoint_is_one_line_on_stderr(tmp_path, capsys):
-    assert chat.main([f"--checkpoint={tmp_path / 'missing'}"]) == 2
+    with pytest.raises(SystemExit) as exit_status:
+        user_error.run_argparse(chat.main, "tokenpacker_jax.chat",
+                                [f"--checkpoint={tmp_path / 'missing'}"])
+    assert exit_status.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
-        f"error: --checkpoint {tmp_path / 'missing'}: not a directory"]
+        f"tokenpacker_jax.chat: error: --checkpoint {tmp_path / 'missing'}: not a directory"]

@@ -421,6 +421,11 @@ MISTAKES = {
         "--size 10: images below 24 px"),
     "bench: unknown table": (
         "tokenpacker_jax.bench", ["nonsense"], "unknown table 'nonsense'"),
+    "chat: no run directory": (
+        "tokenpacker_jax.chat", ["--checkpoint={inputs}/nope"], "nope: not a directory"),
+    "serve: prompt lengths that do not fit": (
+        "tokenpacker_jax.serve", ["--checkpoint={run}", "--max_length=64", "--buckets=128"],
+        "must lie in [1, max_length 64)"),
     "launch/tpu.py: bad accelerator": (
         "launch/tpu.py", ["create", "--name=tp", "--zone=z", "--accelerator-type=v9-8",
                           "--dry-run"], "--accelerator-type 'v9-8'"),

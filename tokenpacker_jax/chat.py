@@ -14,11 +14,11 @@ question, so there each question is asked alone.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from tokenpacker_jax import user_error
 from tokenpacker_jax.data.conversation import ASSISTANT, USER, Turn, place_image
 from tokenpacker_jax.data.image import load_image
 from tokenpacker_jax.serving.engine import Request, Sampling
@@ -82,8 +82,8 @@ class Chat:
         return stream.text
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tokenpacker_jax.chat",
+def parser() -> user_error.ArgumentParser:
+    p = user_error.ArgumentParser(prog="python -m tokenpacker_jax.chat",
                                 description=__doc__.split("\n\n")[0])
     add_engine_flags(p, slots=1)
     p.add_argument("--image", help="image file of the first conversation")
@@ -126,25 +126,20 @@ def run(chat: Chat, lines: TextIO) -> None:
                 out.write(f"{ASSISTANT.upper()}: ")
                 out.flush()
                 chat.ask(line)
-        except (ValueError, OSError) as err:
-            out.write(f"\nerror: {err}\n")
+        except (ValueError, OSError) as err:  # this turn's mistake: the chat goes on
+            out.write(f"\nerror: {user_error.one_line(err)}\n")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    try:
-        model = open_model(args)
-        chat = Chat(model, Sampling(args.temperature, top_p=args.top_p, seed=args.seed),
-                    args.max_new_tokens, debug=args.debug)
-        if args.image:
-            chat.load_image(args.image)
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    model = open_model(args)
+    chat = Chat(model, Sampling(args.temperature, top_p=args.top_p, seed=args.seed),
+                args.max_new_tokens, debug=args.debug)
+    if args.image:
+        chat.load_image(args.image)
     print(f"{model.name} ({model.template} template). {HELP}")
     run(chat, sys.stdin)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    user_error.run_argparse(main, "tokenpacker_jax.chat")

@@ -15,20 +15,19 @@ flight, and exits.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from collections.abc import Sequence
 
 import uvicorn
 
+from tokenpacker_jax import user_error
 from tokenpacker_jax.serving.model import add_engine_flags, open_model
 from tokenpacker_jax.serving.openai_api import ImagePolicy
 from tokenpacker_jax.serving.server import ServerState, create_app
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tokenpacker_jax.serve",
+def parser() -> user_error.ArgumentParser:
+    p = user_error.ArgumentParser(prog="python -m tokenpacker_jax.serve",
                                 description=__doc__.split("\n\n")[0])
     add_engine_flags(p, slots=8)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -46,20 +45,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    try:
-        if args.local_images is not None and not os.path.isdir(args.local_images):
-            raise ValueError(f"--local_images {args.local_images}: not a directory")
-        model = open_model(args)
-        state = ServerState(
-            model, max_waiting=args.max_waiting, request_timeout=args.request_timeout,
-            images=ImagePolicy(int(args.max_image_mb * 2**20), args.local_images),
-            default_max_tokens=args.max_tokens)
-        state.region_mapper.compile()
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.local_images is not None and not os.path.isdir(args.local_images):
+        raise user_error.InputError(f"--local_images {args.local_images}: not a directory")
+    model = open_model(args)
+    state = ServerState(
+        model, max_waiting=args.max_waiting, request_timeout=args.request_timeout,
+        images=ImagePolicy(int(args.max_image_mb * 2**20), args.local_images),
+        default_max_tokens=args.max_tokens)
+    state.region_mapper.compile()
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # SIGTERM / SIGINT: stop taking requests first
@@ -72,8 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"serving {model.name} ({model.template} template, {model.engine.config.slots} "
           f"rows) at http://{args.host}:{args.port}/ (OpenAI API under /v1)", flush=True)
     Server(config).run()
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    user_error.run_argparse(main, "tokenpacker_jax.serve")

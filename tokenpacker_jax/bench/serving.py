@@ -19,7 +19,6 @@ before any timing.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import concurrent.futures
 import http.client
@@ -34,6 +33,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tokenpacker_jax import user_error
 from tokenpacker_jax.bench import common
 from tokenpacker_jax.serving import launch
 from tokenpacker_jax.serving.random_run import add_run_flags, run_from_flags
@@ -173,7 +173,7 @@ def run(checkpoint: str, data: str, clients: int, requests: int,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tokenpacker_jax.bench.serving",
+    parser = user_error.ArgumentParser(prog="python -m tokenpacker_jax.bench.serving",
                                      description=__doc__.split("\n\n")[0])
     add_run_flags(parser)
     parser.add_argument("--clients", type=int, default=32)
@@ -196,4 +196,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    user_error.run_argparse(main, "tokenpacker_jax.bench.serving")

@@ -23,7 +23,6 @@ apart); it needs this repository on its path only through the server's process.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -32,6 +31,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
+from tokenpacker_jax import user_error
 from tokenpacker_jax.assembly import load_trained
 from tokenpacker_jax.evaluation import question_file
 from tokenpacker_jax.serving import launch
@@ -149,7 +149,7 @@ def our_answers(checkpoint: str, questions_file: str, data: str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tokenpacker_jax.serving.lmms_eval_task",
+    parser = user_error.ArgumentParser(prog="python -m tokenpacker_jax.serving.lmms_eval_task",
                                      description=__doc__.split("\n\n")[0])
     add_run_flags(parser)
     parser.add_argument("--limit", type=int, default=40, help="questions (0: all)")
@@ -183,4 +183,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(user_error.run_argparse(main, "tokenpacker_jax.serving.lmms_eval_task"))

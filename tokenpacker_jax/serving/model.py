@@ -15,6 +15,7 @@ from tokenpacker_jax.assembly import TrainedModel, load_trained
 from tokenpacker_jax.data.pipeline import example_builder
 from tokenpacker_jax.data.prompt import Prompt, conversation_prompt
 from tokenpacker_jax.serving.engine import Engine, EngineConfig
+from tokenpacker_jax.user_error import InputError
 
 DEFAULT_MAX_LENGTH = 2048  # the reference's context (tokenizer_model_max_length)
 
@@ -63,22 +64,22 @@ def add_engine_flags(parser: argparse.ArgumentParser, slots: int) -> None:
 def open_model(args: argparse.Namespace, *, compile_programs: bool = True) -> ChatModel:
     """Loads ``--checkpoint`` and builds (and compiles) the engine the flags describe."""
     if not os.path.isdir(args.checkpoint):
-        raise FileNotFoundError(f"--checkpoint {args.checkpoint}: not a directory")
+        raise InputError(f"--checkpoint {args.checkpoint}: not a directory")
     trained = load_trained(args.checkpoint)
     context = int(trained.config.model.decoder.get("max_position_embeddings",
                                                    DEFAULT_MAX_LENGTH))
     max_length = args.max_length or min(context, DEFAULT_MAX_LENGTH)
     if max_length > context:
-        raise ValueError(f"--max_length {max_length} is longer than the LLM's context "
+        raise InputError(f"--max_length {max_length} is longer than the LLM's context "
                          f"({context})")
     try:
         buckets = (tuple(int(b) for b in args.buckets.split(",")) if args.buckets
                    else EngineConfig.default_buckets(max_length))
-    except ValueError as err:
-        raise ValueError(f"--buckets {args.buckets!r}: expected comma-separated "
-                         f"lengths") from err
-    config = EngineConfig(slots=args.slots, max_length=max_length, buckets=buckets,
-                          prefill_rows=args.prefill_rows or min(args.slots, 4))
+        config = EngineConfig(slots=args.slots, max_length=max_length, buckets=buckets,
+                              prefill_rows=args.prefill_rows or min(args.slots, 4))
+    except ValueError as err:  # a length that is no number, or lengths that do not fit
+        raise InputError(f"--buckets {args.buckets!r} / --max_length {max_length} / "
+                         f"--slots / --prefill_rows: {err}") from err
     tokenizer = trained.tokenizer
     builder = example_builder(trained.config.data, tokenizer, trained.tokens_per_tile)
     engine = Engine(trained.model, trained.params, tokenizer.stop_ids, tokenizer.pad_id,

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from tokenpacker_jax import assembly, checkpoint
+from tokenpacker_jax import assembly, checkpoint, user_error
 from tokenpacker_jax.configs import tiny
 from tokenpacker_jax.data import batch as batch_lib
 from tokenpacker_jax.data import synthetic
@@ -77,7 +77,7 @@ def run_from_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, wo
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tokenpacker_jax.serving.random_run",
+    parser = user_error.ArgumentParser(prog="python -m tokenpacker_jax.serving.random_run",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="a new directory")
     parser.add_argument("--images", type=int, default=16, help="test images to write")
@@ -87,4 +87,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    user_error.run_argparse(main, "tokenpacker_jax.serving.random_run")
