@@ -2,8 +2,9 @@
 write: the ``openai`` client (answers equal ``generate``'s greedy answers, streamed and
 not, requests in flight together; a 3-turn conversation equals the reference's prompt;
 each bad request gets its OpenAI error and status), headless Chromium on the web page
-(an image uploaded, the answer streamed, the region maps drawn), and SIGTERM finishing
-the request in flight. One server process for the whole file (its last test stops it)."""
+(an image uploaded, the answer streamed, the region maps drawn); nothing compiled while
+serving; SIGTERM finishing the request in flight. One server process for the whole file
+(its last test stops it)."""
 
 import argparse
 import base64
@@ -20,6 +21,10 @@ import openai
 import pytest
 import uvicorn
 from PIL import Image
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 from serving_helpers import (QUESTIONS, reference_prompt_ids, reference_vicuna_prompt,
                              write_tiny_run)
@@ -251,11 +256,12 @@ def test_queue_bound_and_timeout(run):
         wait_healthy(f"http://127.0.0.1:{port}/health", 60)
         body = json.dumps({"model": "run", "messages": [{"role": "user", "content": "hi"}]})
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        queued = threading.Event()
+        submit = model.engine.submit
+        model.engine.submit = lambda request: (submit(request), queued.set())[0]
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             first = pool.submit(post, url, body.encode())
-            polls = iter(range(600))  # 30 s
-            while model.engine.waiting == 0 and not first.done() and next(polls) >= 0:
-                threading.Event().wait(0.05)
+            assert queued.wait(60), first.result()
             second = post(url, body.encode())
             assert second[0] == 503 and second[1]["error"]["code"] == "server_overloaded"
             status, error = first.result()
@@ -266,11 +272,6 @@ def test_queue_bound_and_timeout(run):
 
 
 def test_web_page_streams_an_answer_and_draws_region_maps(server, client, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
     image_path = server["data"] / "images/test/00002.png"
     question = "Where is the red circle?"
     expected, _ = ask(client, [user_message(question, image_path)], max_tokens=12)
@@ -311,20 +312,37 @@ def test_web_page_streams_an_answer_and_draws_region_maps(server, client, tmp_pa
     assert shot.size[0] > 500
 
 
+def test_nothing_is_compiled_while_serving(server, client):
+    """Every program was built before the server listened: requests of every kind (after
+    this file's others) lowered nothing to XLA."""
+    image_path = server["data"] / "images/test/00003.png"
+    assert ask(client, [user_message("red circle " * 10)], max_tokens=3)[1] == "length"
+    ask(client, [user_message(QUESTIONS[1], image_path)], stop=["zzz"], stream=True)
+    status, maps = post(f"{server['url']}/v1/region_maps",
+                        json.dumps({"image": data_url(image_path)}).encode())
+    assert status == 200 and len(maps["tiles"]) == 1
+    with urllib.request.urlopen(f"{server['url']}/health", timeout=30) as response:
+        health = json.loads(response.read())
+    assert health["status"] == "ok" and health["prefills"] > 0
+    assert health["lowered_while_serving"] == []
+
+
 def test_sigterm_finishes_the_request_in_flight(server, client):
     """The last test: it stops the file's server."""
     process = server["process"]
     stream = client.chat.completions.create(
-        model="run", messages=[user_message("Describe this picture")], max_tokens=90,
+        model="run", messages=[user_message("Describe this picture")], max_tokens=96,
         temperature=0, stream=True, stream_options={"include_usage": True})
     chunks = iter(stream)
     first = next(chunks)
     assert first.choices[0].delta.role == "assistant"
     process.send_signal(signal.SIGTERM)
     rest = list(chunks)
+    server["log"].seek(0)
+    assert "stopping: finishing the 1 requests in flight" in server["log"].read()
     finish = [c.choices[0].finish_reason for c in rest if c.choices]
     assert finish[-1] == "length"
-    assert rest[-1].usage.completion_tokens == 90
+    assert rest[-1].usage.completion_tokens == 96
     # uvicorn shuts down gracefully, then re-raises the signal: the status says SIGTERM.
     assert process.wait(timeout=60) == -signal.SIGTERM
     with pytest.raises(urllib.error.URLError):

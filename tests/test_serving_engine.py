@@ -17,6 +17,7 @@ from tokenpacker_jax.data.prompt import build_prompt, conversation_prompt, left_
 from tokenpacker_jax.generate import Generator, SamplingConfig
 from tokenpacker_jax.serving.cache_rows import sample_rows
 from tokenpacker_jax.serving.engine import Engine, EngineConfig, Request, Sampling
+from tokenpacker_jax.serving.server import LoweringCounter
 from tokenpacker_jax.serving.text import TextStream
 
 STEPS = 6
@@ -48,26 +49,28 @@ def test_greedy_answers_equal_generator_however_requests_arrive(setup):
     _, _, _, prompts, alone, engine = setup
     assert len({len(p.ids) for p in prompts}) == len(prompts)  # left padding differs
     assert all(len(ids) == STEPS for ids in alone)  # (no stop token: every step compared)
-    # All at once (more requests than rows: the last ones wait for a free row).
-    requests = engine.run([Request(p, STEPS) for p in prompts])
-    assert [r.tokens for r in requests] == alone
-    assert [r.finish_reason for r in requests] == ["length"] * len(prompts)
-    # Staggered: each joins while the others are decoding, in another order and row, round
-    # after round until the shared write slot has run into the end of the cache (twice).
-    orders = ([4, 2, 0, 1, 3], [1, 3, 4, 0, 2], [0, 4, 1, 3, 2])
-    for round_index in range(40):
-        if engine.shifts >= 2:
-            break
-        order = orders[round_index % len(orders)]
-        requests = {i: Request(prompts[i], STEPS) for i in order}
-        for i in order:
-            engine.submit(requests[i])
-            engine.step()
-            engine.step()
-        while not all(r.done for r in requests.values()):
-            engine.step()
-        assert [requests[i].tokens for i in range(len(prompts))] == alone
-    assert engine.shifts >= 2  # the cache moved under live rows and the answers held
+    with LoweringCounter() as lowered:  # nothing is compiled after Engine.compile
+        # All at once (more requests than rows: the last ones wait for a free row).
+        requests = engine.run([Request(p, STEPS) for p in prompts])
+        assert [r.tokens for r in requests] == alone
+        assert [r.finish_reason for r in requests] == ["length"] * len(prompts)
+        # Staggered: each joins while the others are decoding, in another order and row, round
+        # after round until the shared write slot has run into the end of the cache (twice).
+        orders = ([4, 2, 0, 1, 3], [1, 3, 4, 0, 2], [0, 4, 1, 3, 2])
+        for round_index in range(40):
+            if engine.shifts >= 2:
+                break
+            order = orders[round_index % len(orders)]
+            requests = {i: Request(prompts[i], STEPS) for i in order}
+            for i in order:
+                engine.submit(requests[i])
+                engine.step()
+                engine.step()
+            while not all(r.done for r in requests.values()):
+                engine.step()
+            assert [requests[i].tokens for i in range(len(prompts))] == alone
+        assert engine.shifts >= 2  # the cache moved under live rows and the answers held
+    assert lowered.names == []
 
 
 def test_stop_tokens_and_cancel_free_their_rows(setup):

@@ -58,6 +58,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # SIGTERM / SIGINT: stop taking requests first
+            if not state.draining:
+                print(f"stopping: finishing the {state.worker.in_flight} requests in flight",
+                      flush=True)
             state.draining = True
             super().handle_exit(sig, frame)
 

@@ -303,7 +303,8 @@ class Engine:
         if shift == 0:
             return
         if not any(row is not None for row in self._rows):  # nothing to keep: no copy
-            self.cache = self.cache.replace(index=jnp.int32(self.index - shift))
+            # (a transfer: jnp.int32 would lower a conversion program while serving)
+            self.cache = self.cache.replace(index=jax.device_put(np.int32(self.index - shift)))
         else:
             self.cache = self._program("shift")(self.cache, np.int32(shift))
             self.shifts += 1

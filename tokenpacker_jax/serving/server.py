@@ -2,7 +2,8 @@
 
     POST /v1/chat/completions   chat completion, whole or as server-sent events
     GET  /v1/models             the one model served
-    GET  /health                200 while serving; 503 when shutting down or failed
+    GET  /health                200 while serving; 503 when shutting down or failed; the
+                                engine's counters and ``lowered_while_serving``
     POST /v1/region_maps        {"image": data URL} -> TokenPacker's region maps (the page)
     GET  /                      the web page (``static/index.html``)
 
@@ -11,6 +12,11 @@ queue, so nothing of one answer reaches another. Errors are OpenAI error bodies 
 status (5xx for the server's own failures): see ``openai_api``. A request that waits or
 runs longer than ``request_timeout`` seconds is dropped from the engine and answered 504;
 when ``max_waiting`` requests already wait for a row, a new one is answered 503.
+
+Every program is compiled before the server listens (``Engine.compile``,
+``RegionMapper.compile``); ``lowered_while_serving`` counts the jitted functions (eager
+operations included) the process lowered to XLA since, so a request that would compile
+something shows there.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import jax
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -40,6 +47,28 @@ from tokenpacker_jax.serving.worker import EngineWorker, Overloaded
 PAGE = os.path.join(os.path.dirname(__file__), "static", "index.html")
 
 
+class LoweringCounter:
+    """Counts the XLA programs this process lowers while it is registered (jax.monitoring's
+    event for each lowering of a jitted function or eager operation to MLIR; it fires
+    whether or not the persistent compilation cache then holds the executable)."""
+
+    EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+
+    def __init__(self):
+        self.names: list[str] = []
+
+    def __call__(self, event: str, duration: float, **kwargs: Any) -> None:
+        if event == self.EVENT:
+            self.names.append(str(kwargs.get("fun_name")))
+
+    def __enter__(self) -> LoweringCounter:
+        jax.monitoring.register_event_duration_secs_listener(self)
+        return self
+
+    def __exit__(self, *_) -> None:
+        jax.monitoring.unregister_event_duration_listener(self)
+
+
 class ServerState:
     """What the handlers share: the model, the engine's thread, the limits."""
 
@@ -54,6 +83,7 @@ class ServerState:
         self.region_mapper = RegionMapper(model.engine.model, model.engine.params,
                                           model.builder)
         self.created = int(time.time())
+        self.lowered = LoweringCounter()
 
     @property
     def max_body_bytes(self) -> int:
@@ -159,10 +189,11 @@ class _Answer:
 def create_app(state: ServerState) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.worker.start()
-        yield
-        state.draining = True
-        await run_in_threadpool(state.worker.stop)
+        with state.lowered:  # (everything is compiled by now: see the module docstring)
+            state.worker.start()
+            yield
+            state.draining = True
+            await run_in_threadpool(state.worker.stop)
 
     app = FastAPI(title="tokenpacker-jax", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -186,7 +217,8 @@ def create_app(state: ServerState) -> FastAPI:
         return JSONResponse({"status": status, "model": model.name, "live": engine.live,
                              "waiting": engine.waiting, "slots": engine.config.slots,
                              "decode_steps": engine.steps, "rows_decoded": engine.rows_decoded,
-                             "prefills": engine.prefills},
+                             "prefills": engine.prefills,
+                             "lowered_while_serving": state.lowered.names},
                             status_code=200 if status == "ok" else 503)
 
     @app.get("/v1/models")

@@ -97,9 +97,10 @@ class EngineWorker:
         self._thread.join(timeout)
 
     @property
-    def stopping(self) -> bool:
-        return self._stopping
-
+    def in_flight(self) -> int:
+        """Requests submitted and not yet answered in full. Takes no lock (the length of a
+        dict is read at once), so a signal handler may ask while its thread holds one."""
+        return len(self._listeners)
 
 
 def _put_all(batch: list[tuple[asyncio.Queue, Event]]) -> None:
