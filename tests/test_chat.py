@@ -1,7 +1,8 @@
 """``python -m tokenpacker_jax.chat`` through a pseudo-terminal: a 3-turn conversation about
 an image, each answer equal to ``Generator``'s greedy answer for the prompt the
 reference's template builds from the conversation so far (its own string format,
-tokenised by transformers as the reference's ``tokenizer_image_token`` does)."""
+tokenised by transformers as the reference's ``tokenizer_image_token`` does); then
+``/clear``, ``/image`` (a new conversation about another image) and ``/quit``."""
 
 import os
 import pty
@@ -30,14 +31,20 @@ def run(tmp_path_factory):
     return write_tiny_run(tmp_path_factory.mktemp("chat"))
 
 
-def expected_answers(run_dir, image_path):
-    """Greedy answers, turn by turn, to the reference's prompts."""
+def expected_answers(run_dir, image_paths, turns):
+    """Greedy answers, turn by turn, to the reference's prompts: for each image, its
+    conversation's first ``turns`` turns."""
     trained = load_trained(str(run_dir))
     builder = example_builder(trained.config.data, trained.tokenizer, trained.tokens_per_tile)
-    pixels, tile_mask, span, _ = builder.image_tiles(load_image(image_path))
     generator = Generator(trained.model, trained.params, trained.tokenizer.stop_ids,
                           trained.tokenizer.pad_id, SamplingConfig(max_new_tokens=STEPS))
-    questions = ["<image>\n" + QUESTIONS[0], *QUESTIONS[1:]]
+    return [conversation_answers(trained, builder, generator, path, count)
+            for path, count in zip(image_paths, turns)]
+
+
+def conversation_answers(trained, builder, generator, image_path, turns):
+    pixels, tile_mask, span, _ = builder.image_tiles(load_image(image_path))
+    questions = ["<image>\n" + QUESTIONS[0], *QUESTIONS[1:turns]]
     answers = []
     for turn in range(len(questions)):
         text = reference_vicuna_prompt(questions[:turn + 1], answers)
@@ -80,9 +87,9 @@ class Terminal:
 
 def test_three_turns_in_a_terminal(run):
     run_dir, data = run
-    image = data / "images/test/00000.png"
-    expected = expected_answers(run_dir, image)
-    assert len(set(expected)) == 3 and all(expected)
+    image, other = data / "images/test/00000.png", data / "images/test/00002.png"
+    expected, [other_expected] = expected_answers(run_dir, [image, other], [3, 1])
+    assert len(set(expected)) == 3 and all(expected) and other_expected != expected[0]
     terminal = Terminal([sys.executable, "-m", "tokenpacker_jax.chat",
                          f"--checkpoint={run_dir}", f"--image={image}", "--temperature=0",
                          f"--max_new_tokens={STEPS}", "--debug",
@@ -100,6 +107,13 @@ def test_three_turns_in_a_terminal(run):
             reused.append(int(re.search(r"tokens, (\d+) of them in the cache", debug)[1]))
         terminal.write("/clear\n")
         assert b"a new conversation" in terminal.read_until(b"USER: ", 30)
+        # Another image: a new conversation, nothing of the last one's cache taken.
+        terminal.write(f"/image {other}\n")
+        assert b"a new conversation about" in terminal.read_until(b"USER: ", 30)
+        terminal.write(QUESTIONS[0] + "\n")
+        terminal.read_until(b"ASSISTANT: ", 60)
+        other_answer, debug = terminal.read_until(b"USER: ", 60).decode().split("[prompt ")
+        assert re.search(r"tokens, 0 of them in the cache", debug), debug
         terminal.write("/quit\n")
         assert terminal.process.wait(timeout=30) == 0
     finally:
@@ -107,6 +121,7 @@ def test_three_turns_in_a_terminal(run):
             terminal.process.kill()
         os.close(terminal.fd)
     assert answers == expected
+    assert other_answer.strip() == other_expected
     # Turns 2 and 3 ran only their new text over the earlier turns' cache.
     assert reused[0] == 0 and 0 < reused[1] < reused[2]
 

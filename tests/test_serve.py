@@ -36,7 +36,7 @@ from tokenpacker_jax.data.prompt import Prompt, conversation_prompt, left_pad
 from tokenpacker_jax.generate import Generator, SamplingConfig, answer
 from tokenpacker_jax.serving.launch import free_port, start_server, wait_healthy
 from tokenpacker_jax.serving.model import add_engine_flags, open_model
-from tokenpacker_jax.serving.openai_api import ImagePolicy
+from tokenpacker_jax.serving.openai_api import ApiError, ImagePolicy, load_image_url
 from tokenpacker_jax.serving.server import ServerState, create_app
 
 STEPS = 6
@@ -56,6 +56,7 @@ def server(run, tmp_path_factory):
         process, url = start_server(
             [f"--checkpoint={run_dir}", "--slots=4", "--prefill_rows=2", "--max_length=160",
              "--buckets=64,128", f"--max_image_mb={MAX_IMAGE_BYTES / 2**20}",
+             f"--local_images={data / 'images'}",
              "--log_level=warning"], log, deadline_s=300)
     except (RuntimeError, TimeoutError):
         log.seek(0)
@@ -87,11 +88,13 @@ def data_url(path) -> str:
     return "data:image/png;base64," + base64.b64encode(open(path, "rb").read()).decode()
 
 
-def user_message(text, image_path=None):
-    if image_path is None:
+def user_message(text, image_path=None, url=None):
+    """A user message with ``text`` and, if given, the image at ``image_path`` as a data URL
+    (or as ``url``)."""
+    if image_path is None and url is None:
         return {"role": "user", "content": text}
     return {"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_url(image_path)}},
+        {"type": "image_url", "image_url": {"url": url or data_url(image_path)}},
         {"type": "text", "text": text}]}
 
 
@@ -130,7 +133,8 @@ def test_three_turn_conversation_is_the_reference_prompt(server, client, local):
     image_path = server["data"] / "images/test/00001.png"
     questions = ["What digit is shown?", "Where is it?", "Describe this picture"]
     answers = ["seven", "in the top left"]
-    messages = [user_message(questions[0], image_path)]
+    # (the image by its path under the server's --local_images folder)
+    messages = [user_message(questions[0], url="test/00001.png")]
     for question, reply in zip(questions[1:], answers):
         messages += [{"role": "assistant", "content": reply}, user_message(question)]
 
@@ -204,8 +208,13 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, client):
         "a URL to fetch": (400, "invalid_image", dict(messages=parts(
             {"type": "image_url", "image_url": {"url": "http://example.com/cat.png"}},
             text))),
-        "a local path (not enabled)": (400, "invalid_image", dict(messages=parts(
-            {"type": "image_url", "image_url": {"url": "/etc/passwd"}}, text))),
+        "a path outside --local_images": (400, "invalid_image", dict(messages=parts(
+            {"type": "image_url", "image_url": {"url": "../../../../../etc/passwd"}}, text))),
+        "an absolute path outside --local_images": (400, "invalid_image", dict(
+            messages=parts({"type": "image_url", "image_url": {"url": "file:///etc/passwd"}},
+                           text))),
+        "a missing file": (400, "invalid_image", dict(messages=parts(
+            {"type": "image_url", "image_url": {"url": "test/nothing.png"}}, text))),
         "two images": (400, "too_many_images", dict(messages=parts(
             {"type": "image_url", "image_url": {"url": image}},
             {"type": "image_url", "image_url": {"url": image}}, text))),
@@ -235,6 +244,22 @@ def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, client):
     # Still up, and a good request is answered.
     wait_healthy(f"{server['url']}/health", 5)
     assert ask(client, parts(text))[1] == "length"
+
+
+def test_local_paths_only_inside_the_folder_named(tmp_path):
+    folder, outside = tmp_path / "images", tmp_path / "secret.png"
+    folder.mkdir()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(folder / "red.png")
+    Image.new("RGB", (8, 8), (0, 0, 0)).save(outside)
+    (folder / "link.png").symlink_to(outside)
+    policy = ImagePolicy(local_folder=str(folder))
+    for url in ("red.png", str(folder / "red.png"), (folder / "red.png").as_uri()):
+        assert load_image_url(url, "image", policy).getpixel((3, 3)) == (200, 10, 10), url
+    for url in ("../secret.png", str(outside), outside.as_uri(), "link.png"):
+        with pytest.raises(ApiError, match="outside the folder"):
+            load_image_url(url, "image", policy)
+    with pytest.raises(ApiError, match="local image paths are off"):
+        load_image_url(str(folder / "red.png"), "image", ImagePolicy())
 
 
 def test_queue_bound_and_timeout(run):
