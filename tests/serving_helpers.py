@@ -21,7 +21,7 @@ def reference_vicuna_prompt(questions, answers, system=""):
     """The reference's vicuna_v1 prompt string (SeparatorStyle.TWO: the system, then
     "USER: q ASSISTANT: a</s>" per round, the image placeholder first in the first
     question) ending where the next answer begins."""
-    rounds = [f"USER: {q} ASSISTANT: {a}</s>" for q, a in zip(questions, answers)]
+    rounds = [f"USER: {q} ASSISTANT: {a}</s>" for q, a in zip(questions, answers, strict=False)]
     return system + " " + "".join(rounds) + f"USER: {questions[len(answers)]} ASSISTANT:"
 
 

@@ -13,8 +13,8 @@ import sys
 import time
 
 import pytest
-
 from serving_helpers import reference_prompt_ids, reference_vicuna_prompt, write_tiny_run
+
 from tokenpacker_jax import chat, user_error
 from tokenpacker_jax.assembly import load_trained
 from tokenpacker_jax.data.image import load_image
@@ -39,7 +39,7 @@ def expected_answers(run_dir, image_paths, turns):
     generator = Generator(trained.model, trained.params, trained.tokenizer.stop_ids,
                           trained.tokenizer.pad_id, SamplingConfig(max_new_tokens=STEPS))
     return [conversation_answers(trained, builder, generator, path, count)
-            for path, count in zip(image_paths, turns)]
+            for path, count in zip(image_paths, turns, strict=True)]
 
 
 def conversation_answers(trained, builder, generator, image_path, turns):

@@ -25,9 +25,8 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
+from serving_helpers import QUESTIONS, reference_prompt_ids, reference_vicuna_prompt, write_tiny_run
 
-from serving_helpers import (QUESTIONS, reference_prompt_ids, reference_vicuna_prompt,
-                             write_tiny_run)
 from tokenpacker_jax.assembly import load_trained
 from tokenpacker_jax.data.conversation import ASSISTANT, USER, Turn, place_image
 from tokenpacker_jax.data.image import load_image
@@ -117,9 +116,9 @@ def test_greedy_answers_equal_generate_streamed_and_not(server, client, local):
     images = [server["data"] / f"images/test/0000{i}.png" for i in range(3)] + [None]
     expected = [answer(generator, builder, trained.tokenizer,
                        [(q, None if path is None else load_image(path))])[0]["text"]
-                for q, path in zip(QUESTIONS, images)]
+                for q, path in zip(QUESTIONS, images, strict=True)]
     assert len(set(expected)) == len(expected)
-    jobs = [(user_message(q, path), stream) for q, path in zip(QUESTIONS, images)
+    jobs = [(user_message(q, path), stream) for q, path in zip(QUESTIONS, images, strict=True)
             for stream in (False, True)]
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:  # in flight together
         results = list(pool.map(lambda job: ask(client, [job[0]], stream=job[1]), jobs))
@@ -135,7 +134,7 @@ def test_three_turn_conversation_is_the_reference_prompt(server, client, local):
     answers = ["seven", "in the top left"]
     # (the image by its path under the server's --local_images folder)
     messages = [user_message(questions[0], url="test/00001.png")]
-    for question, reply in zip(questions[1:], answers):
+    for question, reply in zip(questions[1:], answers, strict=True):
         messages += [{"role": "assistant", "content": reply}, user_message(question)]
 
     pixels, tile_mask, span, _ = builder.image_tiles(load_image(image_path))

@@ -2,13 +2,12 @@
 forward passes): greedy tokens equal whatever else shares the batch, however requests
 arrive, across cache shifts and reused conversation turns; sampling against NumPy."""
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
-
+import numpy as np
+import pytest
 from serving_helpers import QUESTIONS, write_tiny_run
+
 from tokenpacker_jax.assembly import load_trained
 from tokenpacker_jax.data.conversation import ASSISTANT, USER, Turn, place_image
 from tokenpacker_jax.data.image import load_image
@@ -33,7 +32,7 @@ def setup(tmp_path_factory):
     trained = load_trained(str(run))
     builder = example_builder(trained.config.data, trained.tokenizer, trained.tokens_per_tile)
     images = [load_image(data / f"images/test/0000{i}.png") for i in range(4)]
-    prompts = [build_prompt(builder, q, image) for q, image in zip(QUESTIONS, images)]
+    prompts = [build_prompt(builder, q, image) for q, image in zip(QUESTIONS, images, strict=True)]
     prompts.append(build_prompt(builder, "Describe a red circle.", None))  # text only
     generator = Generator(trained.model, trained.params, trained.tokenizer.stop_ids,
                           trained.tokenizer.pad_id, SamplingConfig(max_new_tokens=STEPS))

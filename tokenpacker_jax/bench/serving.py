@@ -130,7 +130,8 @@ def run(checkpoint: str, data: str, clients: int, requests: int,
         for r in range(rounds):
             for mode in modes:
                 result = load(servers[mode][1], model, messages, clients, max_tokens)
-                result["equal"] = sum(a == e for a, e in zip(result["answers"], expected))
+                result["equal"] = sum(a == e for a, e in zip(result["answers"], expected,
+                                                              strict=True))
                 results[mode].append(result)
                 log(f"round {r + 1} {mode}: {result['wall']:.1f} s, "
                     f"{result['requests_per_s']:.2f} requests/s, "

@@ -22,9 +22,17 @@ from typing import Any
 import numpy as np
 
 from tokenpacker_jax.data import batch as batch_lib
-from tokenpacker_jax.data.conversation import (ASSISTANT, IMAGE_PLACEHOLDER, USER,
-                                               ConversationTokenizer, ImageSlot, Turn,
-                                               get_template, parse_turns, place_image)
+from tokenpacker_jax.data.conversation import (
+    ASSISTANT,
+    IMAGE_PLACEHOLDER,
+    USER,
+    ConversationTokenizer,
+    ImageSlot,
+    Turn,
+    get_template,
+    parse_turns,
+    place_image,
+)
 from tokenpacker_jax.data.errors import DataError
 from tokenpacker_jax.data.example import ExampleBuilder, splice_image
 

@@ -44,7 +44,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tokenpacker_jax.data.prompt import Prompt, left_pad
@@ -438,7 +437,7 @@ class Engine:
                 arrays["top_k"], arrays["top_p"])
             tokens = np.asarray(tokens)
             self.prefills += 1
-            for k, (row_index, request) in enumerate(group):
+            for k, (row_index, _) in enumerate(group):
                 self._emit(row_index, int(tokens[k]), events)
 
     @staticmethod

@@ -9,9 +9,9 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from tokenpacker_jax.assembly import TrainedModel, load_trained
 from tokenpacker_jax.data.conversation import Turn
 from tokenpacker_jax.data.example import ExampleBuilder
-from tokenpacker_jax.assembly import TrainedModel, load_trained
 from tokenpacker_jax.data.pipeline import example_builder
 from tokenpacker_jax.data.prompt import Prompt, conversation_prompt
 from tokenpacker_jax.serving.engine import Engine, EngineConfig
