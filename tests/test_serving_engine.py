@@ -49,10 +49,13 @@ def test_greedy_answers_equal_generator_however_requests_arrive(setup):
     assert len({len(p.ids) for p in prompts}) == len(prompts)  # left padding differs
     assert all(len(ids) == STEPS for ids in alone)  # (no stop token: every step compared)
     with LoweringCounter() as lowered:  # nothing is compiled after Engine.compile
-        # All at once (more requests than rows: the last ones wait for a free row).
+        # All at once (more requests than rows: the last ones wait for a free row), sharing
+        # prefills (2 rows a call) and decode steps.
+        prefills, steps = engine.prefills, engine.steps
         requests = engine.run([Request(p, STEPS) for p in prompts])
         assert [r.tokens for r in requests] == alone
         assert [r.finish_reason for r in requests] == ["length"] * len(prompts)
+        assert engine.prefills - prefills == 3 and engine.steps - steps == 2 * (STEPS - 1)
         # Staggered: each joins while the others are decoding, in another order and row, round
         # after round until the shared write slot has run into the end of the cache (twice).
         orders = ([4, 2, 0, 1, 3], [1, 3, 4, 0, 2], [0, 4, 1, 3, 2])
