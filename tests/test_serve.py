@@ -363,7 +363,7 @@ def test_sigterm_finishes_the_request_in_flight(server, client):
     process.send_signal(signal.SIGTERM)
     rest = list(chunks)
     server["log"].seek(0)
-    assert "stopping: finishing the 1 requests in flight" in server["log"].read()
+    assert "stopping: finishing 1 request in flight" in server["log"].read()
     finish = [c.choices[0].finish_reason for c in rest if c.choices]
     assert finish[-1] == "length"
     assert rest[-1].usage.completion_tokens == 96

@@ -59,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # SIGTERM / SIGINT: stop taking requests first
             if not state.draining:
-                print(f"stopping: finishing the {state.worker.in_flight} requests in flight",
+                count = state.worker.in_flight
+                print(f"stopping: finishing {count} request{'s' * (count != 1)} in flight",
                       flush=True)
             state.draining = True
             super().handle_exit(sig, frame)
