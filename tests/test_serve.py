@@ -28,6 +28,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from serving_helpers import QUESTIONS, reference_prompt_ids, reference_vicuna_prompt, write_tiny_run
 
 from tokenpacker_jax.assembly import load_trained
+from tokenpacker_jax.bench import serving as bench_serving
 from tokenpacker_jax.data.conversation import ASSISTANT, USER, Turn, place_image
 from tokenpacker_jax.data.image import load_image
 from tokenpacker_jax.data.pipeline import example_builder
@@ -334,6 +335,20 @@ def test_web_page_streams_an_answer_and_draws_region_maps(server, client, tmp_pa
         driver.quit()
     shot = Image.open(tmp_path / "page.png")
     assert shot.size[0] > 500
+
+
+def test_the_load_benchmarks_clients_get_the_greedy_answers(server, local):
+    """``bench.serving``'s questions and clients (2 at once) against this server: the
+    answers its table checks, equal to ``generate``'s."""
+    trained, builder, generator = local
+    messages = bench_serving.questions(str(server["data"]), 4)
+    result = bench_serving.load(server["url"], "run", messages, 2, STEPS)
+    records = [json.loads(line) for line in
+               (server["data"] / "test_questions.jsonl").read_text().splitlines()]
+    expected = [answer(generator, builder, trained.tokenizer,
+                       [(r["text"], load_image(server["data"] / r["image"]))])[0]["text"]
+                for r in records[:4]]
+    assert result["answers"] == expected and len(set(expected)) > 1
 
 
 def test_nothing_is_compiled_while_serving(server, client):

@@ -18,7 +18,9 @@ for hours). See ``__main__.py`` for the flags.
 
 Also here: ``data_pipeline`` (samples per second of the input pipeline, BENCHMARKS.md "Data
 pipeline"; ``python -m tokenpacker_jax.bench.data_pipeline``) and ``torch_tokenpacker``
-(the projector in PyTorch: table 1's other side and the parity tests' oracle).
+(the projector in PyTorch: table 1's other side and the parity tests' oracle), and
+``serving`` (the server under concurrent clients, batched against one request at a time,
+BENCHMARKS.md "Serving under load"; ``python -m tokenpacker_jax.bench.serving``).
 
 What the tables share: ``measurement`` (the timing rule, a program's planned bytes,
 parameters drawn on the host), ``hardware`` (the devices each side runs on, the line naming

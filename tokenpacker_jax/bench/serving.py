@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from tokenpacker_jax import user_error
-from tokenpacker_jax.bench import common
+from tokenpacker_jax.bench import hardware, report
 from tokenpacker_jax.serving import launch
 from tokenpacker_jax.serving.random_run import add_run_flags, run_from_flags
 
@@ -105,7 +105,7 @@ def load(url: str, model: str, messages: list[dict], clients: int,
 
 
 def run(checkpoint: str, data: str, clients: int, requests: int,
-        max_tokens: int, rounds: int, workdir: str, log=print) -> common.Section:
+        max_tokens: int, rounds: int, workdir: str, log=print) -> report.Section:
     messages = questions(data, clients * requests)
     model = os.path.basename(os.path.normpath(checkpoint))
     engine = ["--max_length=128", "--buckets=64", f"--max_waiting={len(messages)}",
@@ -162,15 +162,15 @@ def run(checkpoint: str, data: str, clients: int, requests: int,
              f"synthetic test images in turn ({total} requests, greedy, {max_tokens} new "
              f"tokens each; prompts padded to 64 positions), against a server decoding "
              f"{clients} rows together and one decoding a single row; medians of {rounds} "
-             f"rounds, the two servers in turns. {common.machine()}.")
-    table = common.markdown_table(
+             f"rounds, the two servers in turns. {hardware.machine()}.")
+    table = report.markdown_table(
         ["serving", "rows", "wall s", "requests/s", "generated tokens/s", "p50 latency s",
          "p99 latency s", "answers equal to alone"], rows)
     verdicts = (f"Batched throughput {speedup:.1f}x one at a time (target at least "
-                f"{TARGET_SPEEDUP:.0f}x: {common.verdict(speedup >= TARGET_SPEEDUP)}); every "
-                f"answer equal to its greedy answer asked alone: {common.verdict(all_equal)}.")
+                f"{TARGET_SPEEDUP:.0f}x: {report.verdict(speedup >= TARGET_SPEEDUP)}); every "
+                f"answer equal to its greedy answer asked alone: {report.verdict(all_equal)}.")
     body = "\n\n".join([setup, table, verdicts])
-    return common.Section("serving", "Serving under load", body)
+    return report.Section("serving", "Serving under load", body)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                       args.max_tokens, args.rounds, workdir,
                       log=lambda line: print(line, file=sys.stderr, flush=True))
     if args.write:
-        common.update_section(args.write, section)
+        report.update_section(args.write, section)
         print(f"updated section 'serving' of {args.write}", file=sys.stderr)
     else:
         print(section.markdown())
