@@ -89,9 +89,14 @@ def test_shape_at_budget_and_finite_gradients(built, name):
     assert out.shape == (BATCH, num_output_tokens(config, GRID), OUT)
     assert np.all(np.isfinite(np.asarray(out))) and np.asarray(out).std() > 0.1
     for path, grad in jax.tree_util.tree_leaves_with_path(param_grads):
-        grad = np.asarray(grad)
+        grad, where = np.asarray(grad), jax.tree_util.keystr(path)
         assert np.all(np.isfinite(grad)), path
-        assert np.any(grad != 0), f"{name}: no gradient reaches {jax.tree_util.keystr(path)}"
+        if name == "tokenpacker" and where == "['params']['clip_attn']['k_proj']['bias']":
+            # Adds q . bias to every logit of a softmax: no effect, so no gradient (in the
+            # reference too, up to rounding); the region attention does not compute it.
+            assert not np.any(grad), where
+            continue
+        assert np.any(grad != 0), f"{name}: no gradient reaches {where}"
     assert np.all(np.isfinite(np.asarray(input_grads))) and np.any(np.asarray(input_grads))
 
 

@@ -47,9 +47,15 @@ def vision_forward_flops(config: MLLMConfig) -> float:
     return patch + v.num_layers * per_layer
 
 
-def projector_forward_flops(config: MLLMConfig) -> float:
+def projector_forward_flops(config: MLLMConfig, as_reference: bool = False) -> float:
     """One image (tile) through the projector (TokenPacker exactly; others approximately:
-    their MLP on the packed tokens)."""
+    their MLP on the packed tokens).
+
+    TokenPacker as ours computes it (region attention projects its keys and values on the
+    query side, ``tokenpacker.MultiheadAttention``), or with ``as_reference`` as
+    docs/reference.md §3 writes it (``nn.MultiheadAttention`` projects every patch): 19.6 and
+    21.4 GFLOP at the paper's scale 2.
+    """
     p, v = config.projector, config.vision
     grid = v.grid_size
     patches = grid * grid
@@ -61,11 +67,15 @@ def projector_forward_flops(config: MLLMConfig) -> float:
     mlp = 2 * tokens * (p.embed_dim * out + out * out)
     if p.name != "tokenpacker":
         return mlp + 2 * tokens * p.scale_factor**2 * v.width * p.embed_dim
-    d = p.embed_dim
+    d, slots = p.embed_dim, p.scale_factor**2
     keys_values = 2 * 2 * patches * (levels * v.width * d + d * d)
     queries = 2 * tokens * d * d
-    attention = 2 * (tokens * d * d + 2 * patches * d * d + tokens * d * d)  # in/out proj
-    attention += 2 * 2 * tokens * p.scale_factor**2 * d  # scores + weighted values
+    if as_reference:  # q, k, v in-projections (keys and values: every patch), out_proj
+        attention = 2 * (tokens * d * d + 2 * patches * d * d + tokens * d * d)
+        attention += 2 * 2 * tokens * slots * d  # scores + weighted values, head_dim wide
+    else:  # q in-projection, Wk and Wv on the query side, out_proj
+        attention = 2 * 4 * tokens * d * d
+        attention += 2 * 2 * tokens * slots * p.num_heads * d  # the same, D wide per head
     return keys_values + queries + attention + mlp
 
 

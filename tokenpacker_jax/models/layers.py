@@ -111,13 +111,14 @@ class Dense(nn.Module):
     bias_init: Initializer = nn.initializers.zeros_init()
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def weights(self, in_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array | None]:
+        """(kernel [*in_shape, *features], bias [*features] or None) in the compute dtype,
+        for callers that contract the kernel themselves (created here on first use)."""
         n_in, n_out = self.num_in_axes, len(self.features)
-        in_shape = tuple(x.shape[-n_in:])
         if len(self.axes) != n_in + n_out:
             raise ValueError(f"{self.name}: axes {self.axes} must name {n_in} input and "
                              f"{n_out} output dimensions")
-        kernel_shape = in_shape + tuple(self.features)
+        kernel_shape = tuple(in_shape) + tuple(self.features)
         flat_shape = (math.prod(in_shape), math.prod(self.features))
         base_init = self.kernel_init
 
@@ -126,15 +127,21 @@ class Dense(nn.Module):
 
         kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes),
                             kernel_shape, self.param_dtype)
-        x, kernel = x.astype(self.dtype), jnp.asarray(kernel, self.dtype)
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+        bias = None
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(self.bias_init,
                                                                    self.axes[n_in:]),
                               tuple(self.features), self.param_dtype)
-            y = y + jnp.asarray(bias, self.dtype)
-        return y
+            bias = jnp.asarray(bias, self.dtype)
+        return jnp.asarray(kernel, self.dtype), bias
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = self.num_in_axes
+        kernel, bias = self.weights(tuple(x.shape[-n_in:]))
+        x = x.astype(self.dtype)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+        return y if bias is None else y + bias
 
 
 def dense(features: int | Sequence[int], *, axes: tuple[str | None, ...], use_bias: bool = True,

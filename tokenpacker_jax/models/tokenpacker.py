@@ -127,6 +127,12 @@ class MultiheadAttention(nn.Module):
 
     The packed ``in_proj_weight`` is stored as three kernels ``{q,k,v}_proj`` [D, heads,
     head_dim] so heads can be split over the tensor axis; converters pack and unpack it.
+
+    Region attention projects no key or value: each key is seen by one query only, so its
+    projections move to the query side, R rows instead of R*S (19.6 instead of the reference's
+    21.4 GFLOP per image at scale 2). Per head, q . (k Wk + bk) = (Wk q) . k + q . bk, and the
+    last term is the same for every key of a softmax, so it drops out; the weights sum to
+    one, so the weighted sum of (v Wv + bv) is (weighted sum of v) Wv + bv.
     """
 
     num_heads: int
@@ -143,33 +149,54 @@ class MultiheadAttention(nn.Module):
         kw = dict(dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
         in_proj = dict(features=(self.num_heads, head_dim), axes=("embed", "heads", "head_dim"),
                        kernel_init=packed_xavier_uniform(3), **kw)
-        q = layers.dense(name="q_proj", **in_proj)(query)
-        k = layers.dense(name="k_proj", **in_proj)(key)
-        v = layers.dense(name="v_proj", **in_proj)(value)
-        q = q * head_dim**-0.5  # scaled before the product, as PyTorch does
+        q_proj, k_proj, v_proj = (layers.dense(name=f"{part}_proj", **in_proj)
+                                  for part in "qkv")
+        q = q_proj(query) * head_dim**-0.5  # scaled before the product, as PyTorch does
         if key.ndim == query.ndim + 1:
-            heads_axes = ("activation_batch", "activation_region", "activation_heads", None)
-            kv_axes = ("activation_batch", "activation_region", "activation_slot",
-                       "activation_heads", None)
-            logits_spec, out_spec = "brhd,brshd->brhs", "brhs,brshd->brhd"
+            out, weights = self.region_attention(q, key, value, k_proj, v_proj)
         elif key.ndim == query.ndim:
-            heads_axes = ("activation_batch", "activation_length", "activation_heads", None)
-            kv_axes = heads_axes
-            logits_spec, out_spec = "brhd,bshd->brhs", "brhs,bshd->brhd"
+            out, weights = self.cross_attention(q, k_proj(key), v_proj(value))
         else:
             raise ValueError(f"attention: key of shape {key.shape} fits neither region "
                              f"[B, R, S, D] nor cross [B, S, D] attention for query "
                              f"{query.shape}")
-        q = layers.constrain(q, heads_axes)
-        k, v = layers.constrain(k, kv_axes), layers.constrain(v, kv_axes)
-        logits = jnp.einsum(logits_spec, q, k)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        weights = layers.constrain(weights, (*heads_axes[:-1], None))
-        out = jnp.einsum(out_spec, weights.astype(v.dtype), v)
-        out = layers.constrain(out, heads_axes)
         out = layers.dense(dim, axes=("heads", "head_dim", "embed"), axis=(-2, -1),
                            name="out_proj", **kw)(out)
         return out, weights
+
+    @staticmethod
+    def region_attention(q: jax.Array, key: jax.Array, value: jax.Array, k_proj: layers.Dense,
+                         v_proj: layers.Dense) -> tuple[jax.Array, jax.Array]:
+        """q [B, R, heads, head_dim] (projected, scaled); key, value [B, R, S, D] unprojected
+        -> per-head outputs [B, R, heads, head_dim], weights [B, R, heads, S]."""
+        heads_axes = ("activation_batch", "activation_region", "activation_heads", None)
+        wide_axes = ("activation_batch", "activation_region", "activation_heads",
+                     "activation_embed")
+        k_kernel, _ = k_proj.weights(key.shape[-1:])  # its bias drops out of the softmax
+        v_kernel, v_bias = v_proj.weights(value.shape[-1:])
+        q = layers.constrain(q, heads_axes)
+        key, value = layers.constrain(key, REGION_AXES), layers.constrain(value, REGION_AXES)
+        q_keys = layers.constrain(jnp.einsum("brhd,ehd->brhe", q, k_kernel), wide_axes)
+        logits = jnp.einsum("brhe,brse->brhs", q_keys, key)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        weights = layers.constrain(weights, (*heads_axes[:-1], None))
+        mixed = jnp.einsum("brhs,brse->brhe", weights.astype(value.dtype), value)
+        mixed = layers.constrain(mixed, wide_axes)
+        out = jnp.einsum("brhe,ehd->brhd", mixed, v_kernel) + v_bias
+        return layers.constrain(out, heads_axes), weights
+
+    @staticmethod
+    def cross_attention(q: jax.Array, k: jax.Array, v: jax.Array
+                        ) -> tuple[jax.Array, jax.Array]:
+        """q [B, R, heads, head_dim], k / v [B, S, heads, head_dim] (projected) -> per-head
+        outputs [B, R, heads, head_dim], weights [B, R, heads, S]."""
+        q_axes = ("activation_batch", "activation_length", "activation_heads", None)
+        q, k, v = (layers.constrain(t, q_axes) for t in (q, k, v))
+        logits = jnp.einsum("brhd,bshd->brhs", q, k)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        weights = layers.constrain(weights, (*q_axes[:-1], None))
+        out = jnp.einsum("brhs,bshd->brhd", weights.astype(v.dtype), v)
+        return layers.constrain(out, q_axes), weights
 
 
 
