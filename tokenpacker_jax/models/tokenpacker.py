@@ -50,18 +50,22 @@ def check_scale(grid: int, scale_factor: int) -> int:
     return grid // scale_factor
 
 
-def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """[out_size, in_size] weights of PyTorch's bilinear resize along one axis.
+def bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PyTorch's bilinear resize along one axis as two taps per output: (lower [out_size],
+    upper [out_size] input indices, weight of the upper one [out_size]).
 
     Half-pixel centres (``align_corners=False``), no antialiasing: output i samples the input
     at ``(i + 0.5) * in / out - 0.5`` clamped at 0, mixing its two neighbours linearly (the
-    upper one clamped to the edge). Each row sums to 1.
+    upper one clamped to the edge).
     """
-    scale = in_size / out_size
-    src = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
+    src = np.maximum((np.arange(out_size) + 0.5) * in_size / out_size - 0.5, 0.0)
     lower = np.floor(src).astype(np.int64)
-    upper = np.minimum(lower + 1, in_size - 1)
-    frac = src - lower
+    return lower, np.minimum(lower + 1, in_size - 1), src - lower
+
+
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """[out_size, in_size] float64 weights of ``bilinear_taps`` as a matrix (rows sum to 1)."""
+    lower, upper, frac = bilinear_taps(in_size, out_size)
     matrix = np.zeros((out_size, in_size), np.float64)
     rows = np.arange(out_size)
     np.add.at(matrix, (rows, lower), 1.0 - frac)
@@ -72,15 +76,19 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
 def resize_bilinear(x: jax.Array, size: Sequence[int]) -> jax.Array:
     """[B, H, W, C] -> [B, h, w, C] float32, bilinear as ``F.interpolate(align_corners=False)``.
 
-    Written as two small interpolation matrices rather than ``jax.image.resize``, whose
-    default antialiases when downsampling (the reference does not). Float32 with full matmul
-    precision, so s = 2 gives exactly the 2x2 block means on every backend.
+    Two taps per output along each axis (``bilinear_taps``) rather than ``jax.image.resize``,
+    whose default antialiases when downsampling (the reference does not), or interpolation
+    matrices, which XLA:CPU multiplies as thin matmuls with transposes around them (about 1%
+    of the projector's time at batch 8). s = 2 gives exactly the 2x2 block means.
     """
-    height, width = x.shape[1:3]
-    rows = jnp.asarray(bilinear_matrix(height, size[0]), jnp.float32)
-    cols = jnp.asarray(bilinear_matrix(width, size[1]), jnp.float32)
-    return jnp.einsum("ih,bhwc,jw->bijc", rows, x.astype(jnp.float32), cols,
-                      precision=jax.lax.Precision.HIGHEST)
+    x = x.astype(jnp.float32)
+    for axis, out_size in zip((1, 2), size, strict=True):
+        lower, upper, frac = bilinear_taps(x.shape[axis], out_size)
+        shape = [1] * x.ndim
+        shape[axis] = out_size
+        frac = jnp.asarray(frac.reshape(shape), jnp.float32)
+        x = jnp.take(x, lower, axis) * (1 - frac) + jnp.take(x, upper, axis) * frac
+    return x
 
 
 def group_regions(x: jax.Array, grid: int, scale_factor: int) -> jax.Array:
@@ -168,21 +176,27 @@ class MultiheadAttention(nn.Module):
     def region_attention(q: jax.Array, key: jax.Array, value: jax.Array, k_proj: layers.Dense,
                          v_proj: layers.Dense) -> tuple[jax.Array, jax.Array]:
         """q [B, R, heads, head_dim] (projected, scaled); key, value [B, R, S, D] unprojected
-        -> per-head outputs [B, R, heads, head_dim], weights [B, R, heads, S]."""
+        -> per-head outputs [B, R, heads, head_dim], weights [B, R, heads, S].
+
+        The D-wide per-head tensors are kept heads-first ([heads, B, R, D]), the layout in
+        which the per-head matmuls produce and consume them: batch-first, XLA:CPU transposes
+        each of them (2 x 38 MB at the paper's sizes and batch 8).
+        """
         heads_axes = ("activation_batch", "activation_region", "activation_heads", None)
-        wide_axes = ("activation_batch", "activation_region", "activation_heads",
+        wide_axes = ("activation_heads", "activation_batch", "activation_region",
                      "activation_embed")
         k_kernel, _ = k_proj.weights(key.shape[-1:])  # its bias drops out of the softmax
         v_kernel, v_bias = v_proj.weights(value.shape[-1:])
         q = layers.constrain(q, heads_axes)
         key, value = layers.constrain(key, REGION_AXES), layers.constrain(value, REGION_AXES)
-        q_keys = layers.constrain(jnp.einsum("brhd,ehd->brhe", q, k_kernel), wide_axes)
-        logits = jnp.einsum("brhe,brse->brhs", q_keys, key)
+        q_keys = layers.constrain(jnp.einsum("brhd,ehd->hbre", q, k_kernel), wide_axes)
+        logits = jnp.einsum("hbre,brse->hbrs", q_keys, key)
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        weights = layers.constrain(weights, (*heads_axes[:-1], None))
-        mixed = jnp.einsum("brhs,brse->brhe", weights.astype(value.dtype), value)
+        weights = layers.constrain(weights, (*wide_axes[:-1], None))
+        mixed = jnp.einsum("hbrs,brse->hbre", weights.astype(value.dtype), value)
         mixed = layers.constrain(mixed, wide_axes)
-        out = jnp.einsum("brhe,ehd->brhd", mixed, v_kernel) + v_bias
+        out = jnp.einsum("hbre,ehd->brhd", mixed, v_kernel) + v_bias
+        weights = layers.constrain(weights.transpose(1, 2, 0, 3), (*heads_axes[:-1], None))
         return layers.constrain(out, heads_axes), weights
 
     @staticmethod
