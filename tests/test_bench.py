@@ -8,6 +8,7 @@ import jax
 import pytest
 import torch
 
+from tokenpacker_jax import recipe
 from tokenpacker_jax.bench import __main__ as cli
 from tokenpacker_jax.bench import (
     hardware,
@@ -147,12 +148,12 @@ def test_paper_summary_and_comparison():
 
 def test_paper_max_length_fits_each_projector_tokens():
     def max_length(projector, scale):
-        entry = paper_table.Entry(projector, scale)
-        return paper_table.stage_config(entry, 2, "/data", 0, 1).data.max_length
+        edit = paper_table.entry_adjust(paper_table.Entry(projector, scale))
+        return recipe.stage_config(2, "/data", recipe.Recipe(), 0, edit).data.max_length
 
-    recipe = max_length("tokenpacker", 2)  # the tiny recipe's own projector: 9 tokens
-    assert max_length("mlp2x_gelu", 1) == recipe + 36 - 9
-    assert max_length("avgpool", 3) == recipe  # 4 tokens: the recipe's length is enough
+    own = max_length("tokenpacker", 2)  # the tiny recipe's own projector: 9 tokens
+    assert max_length("mlp2x_gelu", 1) == own + 36 - 9
+    assert max_length("avgpool", 3) == own  # 4 tokens: the recipe's length is enough
 
 
 def test_paper_entries():

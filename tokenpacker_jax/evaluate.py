@@ -76,12 +76,8 @@ def _answer_question_file(f) -> None:
         model_id=os.path.basename(os.path.normpath(f.checkpoint)))
     if f.answers:
         files.write_jsonl(f.answers, records)
-    scores = question_file.exact_match(records)
-    for category, result in scores.items():
-        if category != "all":
-            print(f"  {category}: {result['accuracy']:.3f} (n={result['n']})")
-    if "all" in scores:
-        print(f"held-out accuracy: {scores['all']['accuracy']:.3f} (n={scores['all']['n']})")
+    for line in question_file.exact_match_lines(question_file.exact_match(records)):
+        print(line)
     if f.benchmark:
         _print_score(f.benchmark, f.answers, f.annotations)
 

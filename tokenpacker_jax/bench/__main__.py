@@ -81,7 +81,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
                         help="torch.set_num_threads (0: torch's default, one per core)")
     parser.add_argument("--jobs", type=int, default=2,
                         help="tpu_fit: compiles at once (each takes one core and ~2.7 GB)")
-    paper = parser.add_argument_group("paper (table 6); unset: quickstart's defaults")
+    paper = parser.add_argument_group("paper (table 6); unset: the main job's (recipe.Recipe)")
     paper.add_argument("--workdir", default="/tmp/tokenpacker_bench_paper")
     paper.add_argument("--seeds", type=int, default=3)
     paper.add_argument("--stage1_steps", type=int, default=None)

@@ -9,10 +9,10 @@ same). Each run answers every held-out question (``data/synthetic.py``'s test sp
 exact match, as ``quickstart`` scores it); the table gives the accuracy's mean and spread
 per projector and per question category.
 
-Steps and data sizes default to ``quickstart``'s flags (``--stage1_steps``,
-``--stage2_steps``, ``--num``, ``--num_eval``, ``--jitter``), so the comparison follows the
-tiny recipe when it is retuned. Runs go seed by seed (every entry's seed 0, then seed 1, ...) and
-resume: a finished run's ``result.json`` is kept and read back, an unfinished one continues
+Each run is the main job, ``tokenpacker_jax.recipe.run``, with the entry's projector; steps
+and data sizes default to the main job's (``--stage1_steps``, ``--stage2_steps``, ``--num``,
+``--num_eval``, ``--jitter``), so the comparison follows the recipe when it is retuned. Runs
+go seed by seed (every entry's seed 0, then seed 1, ...) and resume: a finished run's ``result.json`` is kept and read back, an unfinished one continues
 from its checkpoints (``train.run``); so an interrupted table keeps its whole seeds.
 
     python -m tokenpacker_jax.bench paper [--seeds 3] [--stage1_steps N] [--stage2_steps N]
@@ -27,18 +27,14 @@ import hashlib
 import json
 import os
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
-from absl import flags
 
-from tokenpacker_jax import quickstart, train  # noqa: F401 (quickstart: its flags)
-from tokenpacker_jax.assembly import load_trained
-from tokenpacker_jax.bench import hardware, report
-from tokenpacker_jax.configs import tiny
+from tokenpacker_jax import recipe
+from tokenpacker_jax.bench import common
 from tokenpacker_jax.data import synthetic
-from tokenpacker_jax.evaluation import question_file
 from tokenpacker_jax.models.projectors import num_output_tokens
 
 PACKING = ("tokenpacker", "avgpool", "pixel_shuffle", "resampler", "c_abstractor", "ldpv2")
@@ -46,13 +42,6 @@ PROJECTORS = ("mlp2x_gelu", *PACKING)  # the MLP keeps all patches (scale 1)
 BUDGETS = (2, 3)  # scale factors: 9 and 4 tokens on the 6 x 6 grid
 BASELINES = ("avgpool", "pixel_shuffle", "resampler")  # the paper's claim to check
 EVAL_BATCH = 50
-
-
-def quickstart_defaults() -> dict[str, int]:
-    """The tiny recipe's data and step counts: ``tokenpacker_jax.quickstart``'s flag
-    defaults (num, num_eval, stage1_steps, stage2_steps, jitter)."""
-    return {name: flags.FLAGS[name].default
-            for name in ("num", "num_eval", "stage1_steps", "stage2_steps", "jitter")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,61 +64,53 @@ def entries(projectors: Sequence[str] = PROJECTORS, budgets: Sequence[int] = BUD
     return out + [Entry(p, s) for s in budgets for p in projectors if p != "mlp2x_gelu"]
 
 
-def stage_config(entry: Entry, stage: int, data: str, seed: int, steps: int,
-                 adjust: Callable[[ml_collections.ConfigDict], None] | None = None
-                 ) -> ml_collections.ConfigDict:
-    """``configs/tiny.py:stage=S,data=DIR`` with the entry's projector, seed and steps."""
-    config = tiny.get_config(f"stage={stage},data={data}")
-    grid = config.model.vision.image_size // config.model.vision.patch_size
-    recipe_tokens = num_output_tokens(config.model.projector, grid)
-    config.model.projector.name = entry.projector
-    config.model.projector.scale_factor = entry.scale
-    # The recipe's max_length fits its longest conversation with its own visual tokens; a
-    # projector that keeps more (the MLP: all 36) gets the difference, so that no answer
-    # is cut off its conversations.
-    config.data.max_length += max(0, num_output_tokens(config.model.projector, grid)
-                                  - recipe_tokens)
-    config.seed = seed
-    config.train.num_steps = steps
-    if adjust is not None:
-        adjust(config)
-    return config
+def entry_adjust(entry: Entry, adjust: recipe.Adjust | None = None) -> recipe.Adjust:
+    """Edits a stage config of the recipe to the entry's projector, then applies
+    ``adjust``."""
+
+    def edit(config: ml_collections.ConfigDict) -> None:
+        grid = config.model.vision.image_size // config.model.vision.patch_size
+        recipe_tokens = num_output_tokens(config.model.projector, grid)
+        config.model.projector.name = entry.projector
+        config.model.projector.scale_factor = entry.scale
+        # The recipe's max_length fits its longest conversation with its own visual tokens;
+        # a projector that keeps more (the MLP: all 36) gets the difference, so that no
+        # answer is cut off its conversations.
+        config.data.max_length += max(0, num_output_tokens(config.model.projector, grid)
+                                      - recipe_tokens)
+        if adjust is not None:
+            adjust(config)
+
+    return edit
 
 
-def train_and_score(entry: Entry, seed: int, *, data: str, workdir: str, stage1_steps: int,
-                    stage2_steps: int, adjust=None, log=print) -> dict[str, Any]:
-    """Trains one run (stage 1 if ``stage1_steps`` > 0, then stage 2) and scores it on the
+def train_and_score(entry: Entry, seed: int, *, data: str, workdir: str,
+                    sizes: recipe.Recipe, adjust: recipe.Adjust | None = None,
+                    log=print) -> dict[str, Any]:
+    """Trains one run of the recipe with the entry's projector and scores it on the
     held-out questions; the result is kept in ``workdir/ENTRY_seedN_RECIPE/result.json``
     (RECIPE: a hash of the stage configs) and read back when the run is asked again."""
-    configs = [(stage, stage_config(entry, stage, data, seed, steps, adjust))
-               for stage, steps in ((1, stage1_steps), (2, stage2_steps)) if steps > 0]
-    if not configs:
-        raise ValueError("no training steps: give --stage2_steps > 0")
+    edit = entry_adjust(entry, adjust)
+    configs = recipe.stage_configs(data, sizes, seed, edit)
     # The run directory is named by what was trained, so a retuned recipe starts afresh.
-    recipe = hashlib.sha256("".join(c.to_json() for _, c in configs).encode()).hexdigest()
-    run_dir = os.path.join(workdir, f"{entry.name}_seed{seed}_{recipe[:10]}")
+    digest = hashlib.sha256("".join(c.to_json() for _, c in configs).encode()).hexdigest()
+    run_dir = os.path.join(workdir, f"{entry.name}_seed{seed}_{digest[:10]}")
     result_path = os.path.join(run_dir, "result.json")
     if os.path.exists(result_path):
         with open(result_path, encoding="utf-8") as file:
             return json.load(file)
-    stages, summary = [], {}
-    for stage, config in configs:
-        if stages:
-            config.train.init_from = stages[-1]
-        stage_dir = os.path.join(run_dir, f"stage{stage}")
-        summary = train.run(config, stage_dir)
-        stages.append(stage_dir)
-    trained = load_trained(stages[-1])
-    questions = question_file.read_questions(os.path.join(data, "test_questions.jsonl"))
-    records = question_file.answer_questions(trained, questions, data, batch_size=EVAL_BATCH)
-    scores = question_file.exact_match(records)
-    model = trained.model.config
+    outcome = recipe.run(data, run_dir, recipe=sizes, seed=seed, adjust=edit,
+                         log=lambda _: None)
+    model = configs[-1][1].model
+    scores = outcome.scores
     result = {
         "projector": entry.projector, "scale": entry.scale, "seed": seed,
-        "tokens": num_output_tokens(model.projector, model.vision.grid_size),
+        "tokens": num_output_tokens(model.projector,
+                                    model.vision.image_size // model.vision.patch_size),
         "accuracy": scores["all"]["accuracy"], "n": scores["all"]["n"],
         "categories": {k: v["accuracy"] for k, v in scores.items() if k != "all"},
-        "train_loss": summary.get("train/loss"), "run_dir": run_dir}
+        "train_loss": outcome.summaries[max(outcome.summaries)].get("train/loss"),
+        "run_dir": run_dir}
     with open(result_path, "w", encoding="utf-8") as file:
         json.dump(result, file, indent=1)
     log(f"{entry.name} seed {seed}: held-out accuracy {result['accuracy']:.3f}")
@@ -210,33 +191,26 @@ def run(*, workdir: str = "/tmp/tokenpacker_bench_paper", seeds: int = 3,
         projectors: Sequence[str] = PROJECTORS, budgets: Sequence[int] = BUDGETS,
         stage1_steps: int | None = None, stage2_steps: int | None = None,
         num: int | None = None, num_eval: int | None = None, jitter: int | None = None,
-        data_seed: int = 0,
-        adjust: Callable[[ml_collections.ConfigDict], None] | None = None,
-        log=print) -> report.Section:
+        data_seed: int = 0, adjust: recipe.Adjust | None = None,
+        log=print) -> common.Section:
     """Trains and scores every (entry, seed); returns the BENCHMARKS.md section. ``None``
-    sizes take quickstart's defaults; ``jitter``: px items may sit off their cells' centres
-    (-1: anywhere, as quickstart's flag); ``adjust`` edits each stage's config (tests)."""
-    defaults = quickstart_defaults()
-    num = defaults["num"] if num is None else num
-    num_eval = defaults["num_eval"] if num_eval is None else num_eval
-    stage1_steps = defaults["stage1_steps"] if stage1_steps is None else stage1_steps
-    stage2_steps = defaults["stage2_steps"] if stage2_steps is None else stage2_steps
-    jitter = defaults["jitter"] if jitter is None else jitter
-    header = hardware.machine()
+    sizes take the main job's (``recipe.Recipe``); ``jitter``: px items may sit off their
+    cells' centres (-1: anywhere, as quickstart's flag); ``adjust`` edits each stage's
+    config (tests)."""
+    sizes = recipe.Recipe(eval_batch=EVAL_BATCH).replace(
+        num=num, num_eval=num_eval, stage1_steps=stage1_steps, stage2_steps=stage2_steps,
+        jitter=jitter)
+    num, num_eval, jitter = sizes.num, sizes.num_eval, sizes.jitter
+    stage1_steps, stage2_steps = sizes.stage1_steps, sizes.stage2_steps
+    header = common.machine()
     data = os.path.join(workdir, f"data_{num}_{num_eval}_seed{data_seed}_jitter{jitter}")
-    probe = stage_config(Entry("mlp2x_gelu", 1), 2, data, 0, 1, adjust)
-    if not os.path.exists(os.path.join(data, "meta.json")):
-        synthetic.generate(data, num, data_seed, num_eval=num_eval,
-                           size=probe.data.image.image_size,
-                           jitter=None if jitter < 0 else jitter,
-                           tokenizer_vocab=probe.model.decoder.vocab_size)
-    results = [train_and_score(entry, seed, data=data, workdir=workdir,
-                               stage1_steps=stage1_steps, stage2_steps=stage2_steps,
+    recipe.make_data(data, sizes, data_seed, adjust)
+    results = [train_and_score(entry, seed, data=data, workdir=workdir, sizes=sizes,
                                adjust=adjust, log=log)
                for seed in range(seeds) for entry in entries(projectors, budgets)]
     summaries = summarise(results)
     questions = results[0]["n"]
-    vision = probe.model.vision
+    vision = recipe.stage_config(2, data, sizes, 0, adjust).model.vision
     grid = vision.image_size // vision.patch_size
     placement = ("items anywhere in their cells" if jitter < 0 else
                  "items centred in their cells" if jitter == 0 else

@@ -125,3 +125,14 @@ def exact_match(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
             per_category[key][1] += 1
     return {key: {"accuracy": hits / max(total, 1), "n": total}
             for key, (hits, total) in sorted(per_category.items())}
+
+
+def exact_match_lines(scores: dict[str, Any]) -> list[str]:
+    """``exact_match``'s result as printed: a line per category, then ``held-out accuracy:
+    X (n=N)``."""
+    lines = [f"  {category}: {result['accuracy']:.3f} (n={result['n']})"
+             for category, result in scores.items() if category != "all"]
+    if "all" in scores:
+        lines.append(f"held-out accuracy: {scores['all']['accuracy']:.3f} "
+                     f"(n={scores['all']['n']})")
+    return lines
