@@ -12,8 +12,9 @@ per projector and per question category.
 Each run is the main job, ``tokenpacker_jax.recipe.run``, with the entry's projector; steps
 and data sizes default to the main job's (``--stage1_steps``, ``--stage2_steps``, ``--num``,
 ``--num_eval``, ``--jitter``), so the comparison follows the recipe when it is retuned. Runs
-go seed by seed (every entry's seed 0, then seed 1, ...) and resume: a finished run's ``result.json`` is kept and read back, an unfinished one continues
-from its checkpoints (``train.run``); so an interrupted table keeps its whole seeds.
+go seed by seed (every entry's seed 0, then seed 1, ...) and resume: a finished run's
+``result.json`` is kept and read back, an unfinished one continues from its checkpoints
+(``train.run``); so an interrupted table keeps its whole seeds.
 
     python -m tokenpacker_jax.bench paper [--seeds 3] [--stage1_steps N] [--stage2_steps N]
         [--num N] [--num_eval N] [--jitter PX] [--projectors a,b] [--budgets 2,3]
@@ -33,7 +34,7 @@ from typing import Any
 import ml_collections
 
 from tokenpacker_jax import recipe
-from tokenpacker_jax.bench import common
+from tokenpacker_jax.bench import hardware, report
 from tokenpacker_jax.data import synthetic
 from tokenpacker_jax.models.projectors import num_output_tokens
 
@@ -192,7 +193,7 @@ def run(*, workdir: str = "/tmp/tokenpacker_bench_paper", seeds: int = 3,
         stage1_steps: int | None = None, stage2_steps: int | None = None,
         num: int | None = None, num_eval: int | None = None, jitter: int | None = None,
         data_seed: int = 0, adjust: recipe.Adjust | None = None,
-        log=print) -> common.Section:
+        log=print) -> report.Section:
     """Trains and scores every (entry, seed); returns the BENCHMARKS.md section. ``None``
     sizes take the main job's (``recipe.Recipe``); ``jitter``: px items may sit off their
     cells' centres (-1: anywhere, as quickstart's flag); ``adjust`` edits each stage's
@@ -202,7 +203,7 @@ def run(*, workdir: str = "/tmp/tokenpacker_bench_paper", seeds: int = 3,
         jitter=jitter)
     num, num_eval, jitter = sizes.num, sizes.num_eval, sizes.jitter
     stage1_steps, stage2_steps = sizes.stage1_steps, sizes.stage2_steps
-    header = common.machine()
+    header = hardware.machine()
     data = os.path.join(workdir, f"data_{num}_{num_eval}_seed{data_seed}_jitter{jitter}")
     recipe.make_data(data, sizes, data_seed, adjust)
     results = [train_and_score(entry, seed, data=data, workdir=workdir, sizes=sizes,
