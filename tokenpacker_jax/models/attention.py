@@ -10,6 +10,12 @@ Masks are built from two kinds of coordinates per token:
 - its *position*: the RoPE position id; -1 marks a slot that holds no token (padding, or a
   cache slot not yet written). Sliding windows and the bidirectional prefix are measured in
   positions, so they do not depend on which side the batch is padded.
+
+Packed rows (training) carry a *segment id* per slot instead: several samples share a row,
+each with its own id and positions that restart at 0, and 0 marks padding. There a query sees
+the keys of its own segment at slots <= its own (and within the window), which every kernel
+computes alike: ``segment_mask`` written out for XLA and cuDNN, the splash kernel on TPU
+(``tokenpacker_jax.models.splash``). ``attention_kernel`` picks one per platform.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokenpacker_jax.models import layers
+from tokenpacker_jax.models import layers, splash
 from tokenpacker_jax.models.decoder_config import DecoderConfig
 from tokenpacker_jax.models.kv_cache import heads_as_rows, rows_as_heads
 from tokenpacker_jax.models.rms_norm import RMSNorm
@@ -106,19 +112,59 @@ def attention_mask(q_slots: jax.Array, q_positions: jax.Array, k_slots: jax.Arra
     return mask[:, None]
 
 
+def segment_mask(segment_ids: jax.Array, sliding_window: int | None = None) -> jax.Array:
+    """Boolean mask [B, 1, T, T] of packed rows: True where query t may attend key s.
+
+    A query sees the keys of its own segment (``segment_ids`` [B, T]; padding, id 0, is a
+    segment of its own) at slots <= its own, and with ``sliding_window`` only keys less
+    than that many slots back. Inside a segment slots and positions advance together, so
+    the window is the one ``attention_mask`` measures in positions.
+    """
+    slots = jnp.arange(segment_ids.shape[1])
+    mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (slots[None, :]
+                                                                   <= slots[:, None])[None]
+    if sliding_window is not None:
+        mask = mask & (slots[:, None] - slots[None, :] < sliding_window)[None]
+    return mask[:, None]
+
+
+# Kernels of the packed rows' attention (``DecoderConfig.attention_impl``; None: by platform).
+KERNELS = ("xla", "cudnn", "splash")
+
+
+def attention_kernel(config: DecoderConfig, length: int) -> str:
+    """The kernel for packed rows of ``length`` positions: the configured one, or by the
+    platform the computation is for (the current mesh's devices, else the default backend):
+    splash on TPU when the rows tile into its blocks, cuDNN on NVIDIA GPUs for 16-bit
+    compute without soft-capping, XLA otherwise."""
+    if config.attention_impl is not None:
+        return config.attention_impl
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    platform = device.platform if device is not None else jax.default_backend()
+    if platform == "tpu" and splash.supports(length):
+        return "splash"
+    if (platform in ("gpu", "cuda") and config.attn_logit_softcap is None
+            and jnp.dtype(config.dtype) in (jnp.bfloat16, jnp.float16)
+            and config.head_dim <= 128 and config.head_dim % 8 == 0):
+        return "cudnn"
+    return "xla"
+
+
 def attend(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array, *,
-           scale: float, softcap: float | None = None,
-           implementation: str | None = None) -> jax.Array:
+           scale: float, softcap: float | None = None, implementation: str | None = None,
+           causal: bool = False) -> jax.Array:
     """Softmax attention: query [B, T, N, H], key/value [B, S, K, H], mask [B, 1, T, S].
 
     Without soft-capping this is ``jax.nn.dot_product_attention`` (XLA anywhere, cuDNN flash
-    attention on NVIDIA GPUs). Gemma 2 caps the logits as cap * tanh(logits / cap) before the
-    mask, which that function cannot express, so that case is written out here (XLA only).
-    Returns [B, T, N, H] in the query's dtype.
+    attention on NVIDIA GPUs; ``causal``: the mask is causal as well, which lets cuDNN skip
+    the blocks above the diagonal). Gemma 2 caps the logits as cap * tanh(logits / cap)
+    before the mask, which that function cannot express, so that case is written out here
+    (XLA only). Returns [B, T, N, H] in the query's dtype.
     """
     if softcap is None:
         return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale,
-                                            implementation=implementation)
+                                            is_causal=causal, implementation=implementation)
     batch, length, num_heads, head_dim = query.shape
     num_kv = key.shape[2]
     grouped = query.reshape(batch, length, num_kv, num_heads // num_kv, head_dim)
@@ -171,14 +217,19 @@ class Attention(nn.Module):
     None the new keys go to slot 0 and the queries attend to the new keys only (prefill);
     otherwise they go to slot ``cache_index`` and the queries attend to every slot
     (decoding). Returns (output, updated cache or None).
+
+    Packed rows (no cache): ``segment_ids`` [B, T], and ``mask`` either their dense
+    ``segment_mask`` (XLA / cuDNN) or None for the splash kernel, which builds its own from
+    the segment ids and, for Gemma's sliding layers, the scalar ``is_sliding``.
     """
 
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None,
                  cache: tuple[jax.Array, jax.Array] | None = None,
-                 layer: jax.Array | None = None, cache_index: jax.Array | None = None):
+                 layer: jax.Array | None = None, cache_index: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, is_sliding: jax.Array | None = None):
         cfg = self.config
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, use_bias=cfg.attention_bias)
         q = layers.dense((cfg.num_heads, cfg.head_dim), axes=("embed", "heads", "head_dim"),
@@ -219,9 +270,17 @@ class Attention(nn.Module):
                         jax.lax.dynamic_index_in_dim(stack, layer, axis=0, keepdims=False),
                         KV_HEADS_ACT).astype(q.dtype) for stack in new_cache)
 
-        if out is None:
+        if out is None and mask is None:
+            out = splash.splash_attention(q, k, v, segment_ids, scale=cfg.query_scale,
+                                          softcap=cfg.attn_logit_softcap,
+                                          sliding_window=cfg.sliding_window,
+                                          is_sliding=is_sliding)
+        elif out is None:
+            packed = segment_ids is not None and cache is None
+            kernel = attention_kernel(cfg, q.shape[1]) if packed else cfg.attention_impl
             out = attend(q, k, v, mask, scale=cfg.query_scale,
-                         softcap=cfg.attn_logit_softcap, implementation=cfg.attention_impl)
+                         softcap=cfg.attn_logit_softcap, causal=packed,
+                         implementation=None if kernel in (None, "splash") else kernel)
         out = layers.constrain(out, HEADS_ACT)
         out = layers.dense(cfg.width, axes=("heads", "head_dim", "embed"), axis=(-2, -1),
                            name="o_proj", **kw)(out)

@@ -13,9 +13,13 @@ visual tokens spliced in) to next-token logits [B, T, vocab] (float32)::
 
 Padding: ``attention_mask`` [B, T] (1 = token, 0 = padding) may pad either side; positions
 default to the number of tokens before each one (cumsum - 1), which is what Hugging Face's
-``generate`` uses. Decoding with the KV cache (``prefill`` then ``decode_step``) takes prompts
-padded on either side; the convention of this project (``generate``) is LEFT padding, so that
-every row's newest token sits in the same cache slot and no slots are wasted.
+``generate`` uses. Packed rows (training) pass ``segment_ids`` [B, T] instead (several
+samples per row, 0 = padding; ``models/attention.py``): attention stays inside a segment,
+and positions default to each slot's distance from the start of its segment.
+
+Decoding with the KV cache (``prefill`` then ``decode_step``) takes prompts padded on either
+side; the convention of this project (``generate``) is LEFT padding, so that every row's
+newest token sits in the same cache slot and no slots are wasted.
 
 Layers run under ``nn.scan`` (parameters stacked on a leading ``layers`` axis) wrapped in
 ``nn.remat`` with the configured policy. Gemma 2's alternation of sliding-window and global
@@ -32,7 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from tokenpacker_jax.models import layers
-from tokenpacker_jax.models.attention import Attention, attention_mask, rope_tables
+from tokenpacker_jax.models.attention import (
+    Attention,
+    attention_kernel,
+    attention_mask,
+    rope_tables,
+    segment_mask,
+)
 from tokenpacker_jax.models.decoder_config import DecoderConfig
 from tokenpacker_jax.models.kv_cache import POSITION_AXES, KVCache, init_cache
 from tokenpacker_jax.models.rms_norm import RMSNorm
@@ -99,13 +109,15 @@ class DecoderLayer(nn.Module):
 
     Scanned over layers with carry (x [B, T, W], cache: None or the keys and values of all
     layers); ``per_layer`` = (is this a sliding-window layer, layer index) is scanned, the
-    rest is shared by all layers.
+    rest is shared by all layers. ``segment_ids``: packed rows (None otherwise); with masks
+    None, the splash kernel masks by them itself.
     """
 
     config: DecoderConfig
 
     @nn.compact
-    def __call__(self, carry, per_layer, rope, global_mask, local_mask, cache_index):
+    def __call__(self, carry, per_layer, rope, global_mask, local_mask, cache_index,
+                 segment_ids=None):
         cfg = self.config
         x, cache = carry
         is_sliding, layer = per_layer
@@ -117,7 +129,8 @@ class DecoderLayer(nn.Module):
                         for local, full in zip(local_rope, (cos, sin), strict=True))
         x = layers.constrain(x, RESIDUAL_ACT)
         h = _norm(cfg, "pre_attention_norm")(x)
-        h, cache = Attention(cfg, name="attn")(h, cos, sin, mask, cache, layer, cache_index)
+        h, cache = Attention(cfg, name="attn")(h, cos, sin, mask, cache, layer, cache_index,
+                                               segment_ids, is_sliding)
         if cfg.post_norms:
             h = _norm(cfg, "post_attention_norm")(h)
         x = x + h
@@ -141,7 +154,7 @@ def _scanned_layers(cfg: DecoderConfig) -> nn.Module:
         _layer_class(cfg),
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(cfg)
@@ -151,6 +164,15 @@ def default_positions(attention_mask: jax.Array) -> jax.Array:
     """Positions [B, T]: number of tokens before each slot (pads get 0), as HF generate."""
     mask = attention_mask.astype(jnp.int32)
     return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0) * mask
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Positions [B, T] of packed rows: slots since the start of each slot's segment (a
+    segment starts where the id changes)."""
+    slots = jnp.arange(segment_ids.shape[1])
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return slots - jax.lax.cummax(jnp.where(starts, slots, 0), axis=1)
 
 
 class Decoder(nn.Module):
@@ -193,25 +215,40 @@ class Decoder(nn.Module):
                  attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None, *,
                  inputs_embeds: jax.Array | None = None,
-                 prefix_length: jax.Array | None = None) -> jax.Array:
+                 prefix_length: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
         """Logits [B, T, vocab] for ids [B, T] or embeddings [B, T, W].
 
         Args:
           attention_mask: [B, T], 1 for tokens, 0 for padding (default: all tokens).
-          positions: [B, T] RoPE positions (default: ``default_positions(attention_mask)``).
+          positions: [B, T] RoPE positions (default: ``default_positions(attention_mask)``,
+            or with ``segment_ids`` ``segment_positions``).
           prefix_length: optional [B]; tokens at positions < prefix_length attend
             bidirectionally among themselves (e.g. an image prefix).
+          segment_ids: optional [B, T], packed rows (0 = padding): attention stays inside a
+            segment and ``attention_mask`` is not consulted.
         """
         return self.logits(self.hidden_states(input_ids, attention_mask, positions,
                                               inputs_embeds=inputs_embeds,
-                                              prefix_length=prefix_length))
+                                              prefix_length=prefix_length,
+                                              segment_ids=segment_ids))
 
     def hidden_states(self, input_ids=None, attention_mask=None, positions=None, *,
-                      inputs_embeds=None, prefix_length=None) -> jax.Array:
+                      inputs_embeds=None, prefix_length=None, segment_ids=None) -> jax.Array:
         """The final-norm outputs [B, T, W] (what ``logits`` consumes); same arguments."""
-        x, mask, positions = self._inputs(input_ids, inputs_embeds, attention_mask, positions)
-        x, _ = self._layers(x, positions, mask, prefix_length, cache=None, cache_index=None)
-        return self.final_norm(x)
+        if segment_ids is None:
+            x, mask, positions = self._inputs(input_ids, inputs_embeds, attention_mask,
+                                              positions)
+            x, _ = self._layers(x, positions, mask, prefix_length, cache=None,
+                                cache_index=None)
+            return self.final_norm(x)
+        if prefix_length is not None:
+            raise ValueError("decoder: prefix_length does not apply to packed rows "
+                             "(segment_ids)")
+        if positions is None:
+            positions = segment_positions(segment_ids)
+        x, _, positions = self._inputs(input_ids, inputs_embeds, segment_ids > 0, positions)
+        return self.final_norm(self._packed_layers(x, positions, segment_ids))
 
     def prefill(self, input_ids=None, attention_mask=None, positions=None, *,
                 inputs_embeds=None, prefix_length=None,
@@ -286,6 +323,18 @@ class Decoder(nn.Module):
                                         prefix_length=prefix_length)
         return global_mask, local_mask
 
+    def _packed_layers(self, x, positions, segment_ids):
+        """x [B, T, W] of packed rows through every layer (no cache)."""
+        cfg = self.config
+        global_mask = local_mask = None
+        if attention_kernel(cfg, x.shape[1]) != "splash":
+            global_mask = segment_mask(segment_ids)
+            if cfg.has_sliding_layers:
+                local_mask = segment_mask(segment_ids, cfg.sliding_window)
+        x, _ = self._run_layers((x, None), self._rope(positions), global_mask, local_mask,
+                                None, segment_ids)
+        return x
+
     def _layers(self, x, positions, mask, prefix_length, cache, cache_index):
         slots = jnp.arange(x.shape[1])
         key_positions = jnp.where(mask, positions, -1)
@@ -294,7 +343,8 @@ class Decoder(nn.Module):
         return self._run_layers((x, cache), self._rope(positions), global_mask, local_mask,
                                 cache_index)
 
-    def _run_layers(self, carry, rope, global_mask, local_mask, cache_index):
+    def _run_layers(self, carry, rope, global_mask, local_mask, cache_index,
+                    segment_ids=None):
         """(x, cache) through every layer, scanned or one module after another; the cache
         is None, the [L, ...] stacks of keys and values, or (unscanned only) tuples of
         per-layer arrays (``KVCache.per_layer``), returned in the layout it came in."""
@@ -305,7 +355,7 @@ class Decoder(nn.Module):
                 raise ValueError("decoder: the scanned layers take the cache as [L, ...] "
                                  "stacks, not per-layer arrays")
             carry, _ = self.layers(carry, self._per_layer(), rope, global_mask, local_mask,
-                                   cache_index)
+                                   cache_index, segment_ids)
             return carry
         sliding, index = self._per_layer()
         keys, values = [], []
@@ -313,7 +363,7 @@ class Decoder(nn.Module):
             # A per-layer cache: this layer's own arrays (no layer index); else the stacks.
             own = (cache[0][i], cache[1][i]) if per_layer_cache else cache
             (x, own), _ = layer((x, own), (sliding[i], None if per_layer_cache else index[i]),
-                                rope, global_mask, local_mask, cache_index)
+                                rope, global_mask, local_mask, cache_index, segment_ids)
             if per_layer_cache:
                 keys.append(own[0])
                 values.append(own[1])

@@ -30,7 +30,7 @@ from tokenpacker_jax.models import layers
 DECODER_FAMILIES = ("llama", "gemma", "gemma2", "gemma3")
 ROPE_TYPES = ("default", "linear", "llama3")
 LAYER_TYPES = ("full_attention", "sliding_attention")
-ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +81,10 @@ class DecoderConfig(layers.FromDict):
     # (one compiled body; training). False: one module per layer ("layers_0", ...), for
     # decoding on XLA:CPU, which copies each scanned layer's weight slice before using it.
     scan_layers: bool = True
-    attention_impl: str | None = None  # jax.nn.dot_product_attention implementation
+    # Attention kernel: "xla" / "cudnn" (jax.nn.dot_product_attention), or "splash" (the
+    # Pallas TPU kernel; packed training rows only, decoding then uses XLA); None: splash on
+    # TPU, cuDNN on GPU where it applies, else XLA (models/attention.py attention_kernel).
+    attention_impl: str | None = None
 
     def __post_init__(self):
         if self.family not in DECODER_FAMILIES:

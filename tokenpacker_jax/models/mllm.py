@@ -9,9 +9,14 @@ marked position of a sample with that sample's k-th visual token. Shapes are sta
     image_mask     bool  [B, T]      True where a visual token goes
     attention_mask int   [B, T]      1 for real tokens, 0 for padding
     pixel_values   float [B, N, S, S, 3]   N tiles per sample (1 without HD)
+    segment_ids    int   [B, T]      optional: packed rows, 0 for padding
+    positions      int   [B, T]      optional: RoPE positions (restarting in each segment)
 
 Visual tokens of a sample are its tiles' tokens in tile order, M per tile (valid tiles
-first, so padding tiles are never referenced). Parameters live under three top-level
+first, so padding tiles are never referenced). A packed row holds several samples, each a
+segment of its own: their tiles lie in the row's N tile slots in the order of their
+segments, so the k-th marked position of the row is still the row's k-th visual token, and
+attention never crosses a segment (``models/attention.py``). Parameters live under three top-level
 collections, which is what training stages mask: ``vision_tower``, ``projector``,
 ``decoder``.
 """
@@ -98,10 +103,12 @@ class MultimodalLM(nn.Module):
         return splice_visual_tokens(text, self.encode_images(pixel_values), image_mask)
 
     def __call__(self, input_ids: jax.Array, image_mask: jax.Array, pixel_values: jax.Array,
-                 attention_mask: jax.Array) -> jax.Array:
+                 attention_mask: jax.Array, segment_ids: jax.Array | None = None,
+                 positions: jax.Array | None = None) -> jax.Array:
         """Next-token logits [B, T, vocab] (float32)."""
         embeds = self.embed(input_ids, image_mask, pixel_values)
-        return self.decoder(attention_mask=attention_mask, inputs_embeds=embeds)
+        return self.decoder(attention_mask=attention_mask, positions=positions,
+                            inputs_embeds=embeds, segment_ids=segment_ids)
 
     def prefill(self, input_ids: jax.Array, image_mask: jax.Array, pixel_values: jax.Array,
                 attention_mask: jax.Array, *, max_length: int) -> tuple[jax.Array, KVCache]:
