@@ -500,3 +500,16 @@ def test_packed_row_equals_each_sample_alone(tiny):
         np.testing.assert_allclose(got, alone, atol=1e-5 * np.abs(alone).max(), rtol=0)
         expected = torch_logits(torch_model, sample[None], np.ones((1, len(sample)), int))[0]
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("tiny", ["gemma2"], indirect=True)
+def test_splash_kernel_in_the_decoder_equals_xla(tiny):
+    """The splash kernel (interpret mode here) in the scanned layers: Gemma 2's sliding and
+    global layers alternate (a window of 4), logits soft-capped; same logits as XLA."""
+    _, _, _, module, params, forward = tiny
+    ids, segments, _, _ = packed_row(lengths=(40, 50, 30), length=128)
+    splash_module = Decoder(dataclasses.replace(module.config, attention_impl="splash"))
+    got = jax.jit(splash_module.apply)({"params": params}, ids, segment_ids=segments)
+    expected = forward({"params": params}, ids, segment_ids=segments)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected),
+                               atol=1e-5 * float(jnp.abs(expected).max()), rtol=0)
