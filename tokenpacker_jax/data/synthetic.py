@@ -32,6 +32,9 @@ Written to DIR (paths in the JSON are relative to DIR, the image folder):
     meta.json                answer sets and the generation settings
     tokenizer/               (``--tokenizer-vocab V``) a LLaMA-style sentencepiece
                              tokenizer (byte fallback) trained on this text
+    train_llava_mix.json     (``--llava-mix N``) N conversations with the lengths of
+                             LLaVA-1.5's instruction mix over the training images
+                             (``tokenpacker_jax.data.llava_mix``)
 
 Splits: ``train`` (``--num``), ``val`` and ``test`` (``--num-eval`` each). Every image is
 drawn from its own random stream (seed, split, index), so the same seed gives the same
@@ -51,6 +54,7 @@ import sentencepiece as spm
 from PIL import Image, ImageDraw
 
 from tokenpacker_jax import user_error
+from tokenpacker_jax.data import llava_mix as llava_mix_lib
 from tokenpacker_jax.data.conversation import VICUNA_SYSTEM
 from tokenpacker_jax.user_error import InputError
 
@@ -270,7 +274,8 @@ def train_tokenizer(texts: Sequence[str], out_dir: str, vocab_size: int) -> None
 
 
 def generate(out: str, num: int, seed: int, *, num_eval: int | None = None, size: int = 48,
-             jitter: int | None = None, tokenizer_vocab: int = 0) -> dict[str, Any]:
+             jitter: int | None = None, tokenizer_vocab: int = 0,
+             llava_mix: int = 0) -> dict[str, Any]:
     """Writes the dataset (see the module docstring); returns meta.json's content."""
     if size < 24:
         raise InputError(f"--size {size}: images below 24 px cannot hold the scenes")
@@ -289,7 +294,12 @@ def generate(out: str, num: int, seed: int, *, num_eval: int | None = None, size
         if split == "train":
             texts += [t["value"] for r in records["caption"] + records["qa"]
                       for t in r["conversations"]]
-    meta = {"seed": seed, "size": size, "jitter": jitter,
+    if llava_mix:
+        mix = llava_mix_lib.records(llava_mix, seed,
+                                    [f"images/train/{index:05d}.png" for index in range(num)])
+        _write_json(os.path.join(out, "train_llava_mix.json"), mix)
+        texts += [t["value"] for r in mix for t in r["conversations"]]
+    meta = {"seed": seed, "size": size, "jitter": jitter, "llava_mix": llava_mix,
             "num": {"train": num, "val": num_eval, "test": num_eval},
             "answers": {k: list(v) for k, v in ANSWERS.items()},
             "chance": {k: 1 / len(v) for k, v in ANSWERS.items()}}
@@ -314,9 +324,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "anywhere in the cell)")
     parser.add_argument("--tokenizer-vocab", type=int, default=0,
                         help="also train a sentencepiece tokenizer of this size (0: none)")
+    parser.add_argument("--llava-mix", type=int, default=0,
+                        help="also write this many conversations with the lengths of "
+                             "LLaVA-1.5's mix (train_llava_mix.json; 0: none)")
     args = parser.parse_args(argv)
     meta = generate(args.out, args.num, args.seed, num_eval=args.num_eval, size=args.size,
-                    jitter=args.jitter, tokenizer_vocab=args.tokenizer_vocab)
+                    jitter=args.jitter, tokenizer_vocab=args.tokenizer_vocab,
+                    llava_mix=args.llava_mix)
     print(f"wrote {meta['num']} images of {args.size} px to {args.out}")
 
 
