@@ -25,7 +25,8 @@ def test_padding_row_and_abstract_batch_shapes():
     assert {k: (v.shape, v.dtype) for k, v in row.items()} == {
         "input_ids": ((24,), np.int32), "target_ids": ((24,), np.int32),
         "loss_mask": ((24,), np.float32), "attention_mask": ((24,), np.int32),
-        "image_mask": ((24,), np.bool_), "pixel_values": ((2, 16, 16, 3), np.float32),
+        "image_mask": ((24,), np.bool_), "segment_ids": ((24,), np.int32),
+        "positions": ((24,), np.int32), "pixel_values": ((2, 16, 16, 3), np.float32),
         "tile_mask": ((2,), np.bool_), "sample_id": ((), np.int64)}
     assert (row["input_ids"] == 7).all() and (row["target_ids"] == 7).all()
     assert int(row["sample_id"]) == -1 and not row["attention_mask"].any()

@@ -71,7 +71,8 @@ def test_batch_contract(synthetic_dir, tokenizer, records):
                 "loss_mask": ((b, t), np.float32), "attention_mask": ((b, t), np.int32),
                 "image_mask": ((b, t), np.bool_), "pixel_values": ((b, 1, 48, 48, 3),
                                                                     np.float32),
-                "tile_mask": ((b, 1), np.bool_), "sample_id": ((b,), np.int64)}
+                "tile_mask": ((b, 1), np.bool_), "sample_id": ((b,), np.int64),
+                "segment_ids": ((b, t), np.int32), "positions": ((b, t), np.int32)}
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
     pad = tokenizer.pad_id
     for row in range(b):

@@ -119,7 +119,7 @@ class PlacedModel:
     config: ml_collections.ConfigDict
     mesh: Mesh
     model: mllm.MultimodalLM
-    tiles: int  # N, tiles per sample
+    tiles: int  # N, tile slots per row
     abstract_params: Any  # ShapeDtypeStructs
     param_shardings: Any  # NamedShardings, the same tree
 
@@ -134,7 +134,7 @@ def place_model(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> 
     if mesh is None:
         mesh = sharding.make_mesh(config.mesh.to_dict())
     model = build_model(config)
-    tiles = batch_lib.max_tiles(config.data)
+    tiles = batch_lib.Dims.of_config(config).tiles
     abstract, shardings = state_lib.param_shardings(model, mesh, config.sharding.rules, tiles)
     return PlacedModel(config, mesh, model, tiles, abstract, shardings)
 

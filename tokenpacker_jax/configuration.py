@@ -9,7 +9,8 @@ import jax
 import ml_collections
 
 from tokenpacker_jax import sharding
-from tokenpacker_jax.data import conversation, hd
+from tokenpacker_jax.data import batch as batch_lib
+from tokenpacker_jax.data import conversation, hd, packing
 from tokenpacker_jax.data.image import ASPECT_MODES
 from tokenpacker_jax.models.decoder_config import DecoderConfig
 from tokenpacker_jax.models.mllm import PARAM_GROUPS, MLLMConfig
@@ -148,6 +149,16 @@ def validate_data(config: ml_collections.ConfigDict,
     if data.image.aspect_mode == "slice":
         _check(data.hd.patch_num in hd.HD_CANDIDATES, "data.hd.patch_num",
                f"{data.hd.patch_num} is not one of {sorted(hd.HD_CANDIDATES)}")
+    _check(data.get("packing", batch_lib.NO_PACKING) in packing.PACKING, "data.packing",
+           f"{data.get('packing')!r} is not one of {packing.PACKING}")
+    for field in ("max_images_per_row", "max_samples_per_row"):
+        _check(data.get(field, 0) >= 0, f"data.{field}", f"{data.get(field)} must be >= 0")
+    if batch_lib.is_packed(data) and (data.image.aspect_mode != "slice"
+                                      or data.hd.patch_num in hd.HD_CANDIDATES):
+        try:
+            batch_lib.Dims.of_data(data)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     if not config.model.vision_checkpoint:
         # Tokens of the smallest image: one tile (the HD 1x1 grid adds its newline).
         try:

@@ -96,18 +96,22 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     configuration.validate(config)
     train_cfg = config.train
     os.makedirs(workdir, exist_ok=True)
-    steps_per_epoch = pipeline.steps_per_epoch(config.data, "train")
-    total_steps = train_cfg.num_steps if train_cfg.num_steps > 0 else (
-        steps_per_epoch * config.data.num_epochs)
-    assembled = assembly.assemble(config, total_steps=total_steps)
-    model = assembled.model
-
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.decoder_checkpoint)
-    if tokenizer.vocab_size > model.config.decoder.vocab_size:
+    model_config = assembly.build_model(config).config
+    if tokenizer.vocab_size > model_config.decoder.vocab_size:
         raise configuration.ConfigError(
-            f"model.decoder.vocab_size: {model.config.decoder.vocab_size} is smaller than the "
+            f"model.decoder.vocab_size: {model_config.decoder.vocab_size} is smaller than the "
             f"tokenizer's {tokenizer.vocab_size} tokens")
-    tokens_per_tile = pipeline.tokens_per_tile(model.config)
+    tokens_per_tile = pipeline.tokens_per_tile(model_config)
+    total_steps = train_cfg.num_steps
+    if total_steps <= 0:
+        # Packed rows hold several samples each: an epoch takes fewer of them.
+        samples_per_row = pipeline.samples_per_row(config.data, tokenizer, tokens_per_tile,
+                                                   seed=config.seed)
+        total_steps = config.data.num_epochs * pipeline.steps_per_epoch(
+            config.data, "train", samples_per_row=samples_per_row)
+        logging.info("%.2f samples per row: %d steps", samples_per_row, total_steps)
+    assembled = assembly.assemble(config, total_steps=total_steps)
     train_data = pipeline.make_dataset(config.data, tokenizer, tokens_per_tile, "train",
                                        seed=config.seed)
     train_iter = iter(train_data)
@@ -174,6 +178,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                 host = {k: float(v) for k, v in step_metrics.items() if k != "finite"}
                 host.update(throughput.measure())
                 host["lr"] = float(assembled.schedules[assembled.trainable[-1]](step))
+                host.update({f"data_{key}": value
+                             for key, value in pipeline.record_counts(train_iter).items()})
                 writer.write(done, host)
                 progress.set_postfix(loss=f"{host['loss']:.4f}", acc=f"{host['accuracy']:.3f}")
                 summary = {f"train/{k}": v for k, v in host.items()}

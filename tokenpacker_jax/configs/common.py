@@ -64,7 +64,9 @@ def vicuna_7b() -> ml_collections.ConfigDict:
         num_heads=32, num_kv_heads=32, head_dim=128, hidden_act="silu", norm_eps=1e-5,
         rope_theta=10000.0, max_position_embeddings=4096, bos_token_id=1,
         eos_token_id=(2,), pad_token_id=0, dtype="float32", param_dtype="float32",
-        remat_policy="none"))
+        remat_policy="none",
+        # xla | cudnn | splash; None: by platform (tokenpacker_jax/models/attention.py).
+        attention_impl=ml_collections.config_dict.placeholder(str)))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -131,7 +133,13 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.template = "vicuna_v1"  # plain (stage 1) | vicuna_v1 | llama3 | gemma
     # None: the template's own system prompt; "" for none.
     config.data.system_prompt = ml_collections.config_dict.placeholder(str)
-    config.data.max_length = 2048  # T, tokens per sample after truncation and padding
+    config.data.max_length = 2048  # T, positions per row (a longer sample is cut)
+    # Several whole samples per row (tokenpacker_jax/data/packing.py): none | first_fit |
+    # best_fit; packed, a row's tile slots (HD: every tile; at least one sample's) and its
+    # samples (0: T / 16).
+    config.data.packing = "none"
+    config.data.max_images_per_row = 0
+    config.data.max_samples_per_row = 0
     config.data.batch_size = 128  # global; each host takes batch_size / process_count
     config.data.num_epochs = 1  # the trainer's step count; the train stream never ends
     config.data.shuffle = True  # train split (seeded with config.seed, reshuffled per epoch)

@@ -58,7 +58,8 @@ def gemma2_2b() -> ml_collections.ConfigDict:
         layer_types=tuple("full_attention" if i % 2 else "sliding_attention"
                           for i in range(layers)),
         bos_token_id=2, eos_token_id=(1,), pad_token_id=0, dtype="float32",
-        param_dtype="float32", remat_policy="none"))
+        param_dtype="float32", remat_policy="none",
+        attention_impl=ml_collections.config_dict.placeholder(str)))
 
 
 def get_config(arg: str | None = None):

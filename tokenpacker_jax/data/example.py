@@ -60,6 +60,14 @@ class ImageSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class Truncated:
+    """Stands in the stream for an example cut at max_length: counted, then used."""
+
+    example: dict
+    length: int  # positions before the cut
+
+
+@dataclasses.dataclass(frozen=True)
 class Skipped:
     """Stands in the stream for a record that could not be used."""
 
@@ -158,7 +166,8 @@ class ExampleBuilder:
 
     def __call__(self, source: SourceRecord) -> dict[str, np.ndarray] | Skipped:
         try:
-            return self.build(source)
+            example, length = self.build_with_length(source)
+            return Truncated(example, length) if length > self.max_length else example
         except DataError as err:
             return Skipped(err.with_record(source.describe()), source.index)
 
@@ -170,6 +179,10 @@ class ExampleBuilder:
 
     def build(self, source: SourceRecord) -> dict[str, np.ndarray]:
         """Raises DataError (without the record's name) for a record that cannot be used."""
+        return self.build_with_length(source)[0]
+
+    def build_with_length(self, source: SourceRecord) -> tuple[dict[str, np.ndarray], int]:
+        """``build``, and the sample's positions before any cut at max_length."""
         if source.error is not None:
             raise DataError(source.error_reason, source.error)
         record = source.record
@@ -189,7 +202,7 @@ class ExampleBuilder:
             tile_mask = np.zeros_like(tile_mask)
         example.update(pixel_values=pixels, tile_mask=tile_mask,
                        sample_id=np.int64(source.index))
-        return example
+        return example, example.pop("length")
 
     def no_image(self) -> tuple[np.ndarray, np.ndarray]:
         """Pixels [N, S, S, 3] and tile mask [N] of a sample without an image (zeros)."""
@@ -220,7 +233,8 @@ class ExampleBuilder:
     def assemble(self, ids: Sequence[int], supervised: Sequence[bool],
                  span_ids: np.ndarray | None, span_visual: np.ndarray | None
                  ) -> dict[str, Any]:
-        """Text ids with the image slot -> the padded sequence arrays (+ ``image_kept``)."""
+        """Text ids with the image slot -> the padded sequence arrays (+ ``image_kept``,
+        and ``length``: the positions before any cut)."""
         ids, supervised, visual, span = splice_image(ids, supervised, span_ids, span_visual)
         length = len(ids)
         target = np.full(length, self.pad_id, np.int64)
@@ -253,4 +267,6 @@ class ExampleBuilder:
             loss_mask=padded("loss_mask", loss),
             attention_mask=padded("attention_mask", np.ones(length)),
             image_mask=padded("image_mask", visual),
-            image_kept=image_kept)
+            segment_ids=padded("segment_ids", np.ones(length)),
+            positions=padded("positions", np.arange(length)),
+            image_kept=image_kept, length=length)

@@ -6,6 +6,7 @@
       -> decode, preprocess, tokenize    .map(ExampleBuilder)   (example or Skipped)
       -> threads / worker processes      .to_iter_dataset(ReadOptions) [.mp_prefetch()]
       -> skip bad records, count them    SkipBadRecords (main process)
+      -> several samples a row (option)  packing.PackRows (data.packing)
       -> batch                           .batch(per_host_batch)
 
 ``make_dataset(config.data, tokenizer, tokens_per_tile, split)`` builds it; iterate
@@ -57,10 +58,10 @@ from absl import flags
 
 from tokenpacker_jax import sharding as sharding_lib
 from tokenpacker_jax.data import batch as batch_lib
-from tokenpacker_jax.data import errors, hd
+from tokenpacker_jax.data import errors, hd, packing
 from tokenpacker_jax.data.conversation import ConversationTokenizer, get_template, text_tokenizer
 from tokenpacker_jax.data.errors import DataError, SkipCounter
-from tokenpacker_jax.data.example import ExampleBuilder, ImageSettings, Skipped
+from tokenpacker_jax.data.example import ExampleBuilder, ImageSettings, Skipped, Truncated
 from tokenpacker_jax.data.llava import LlavaSource, SourceRecord, split_paths
 from tokenpacker_jax.data.tfds import TfdsCaptionSource
 from tokenpacker_jax.models.projectors import num_output_tokens
@@ -69,6 +70,7 @@ logger = errors.logger
 SPLITS = ("train", "val", "test")
 ON_ERROR = ("skip", "raise")
 SKIP_STATE_KEY = "skipped_by_reason"
+TRUNCATED_STATE_KEY = "truncated"  # samples cut at max_length: in all, in this epoch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +78,8 @@ SKIP_STATE_KEY = "skipped_by_reason"
 
 
 class SkipBadRecords(grain.IterDataset):
-    """Drops (or, with ``replacement``, replaces) ``Skipped`` markers and counts them.
+    """Drops (or, with ``replacement``, replaces) ``Skipped`` markers and counts them; counts
+    and unwraps ``Truncated`` examples (cut at max_length, kept).
 
     Args:
       parent: elements that are examples or ``Skipped``.
@@ -114,6 +117,7 @@ class _SkipIterator(grain.DatasetIterator):
         self._total = SkipCounter()
         self._epoch = SkipCounter(max_logged=0)
         self._good_in_epoch = 0
+        self._truncated = [0, 0]  # in all, in this epoch
         self._finished = False
 
     def __next__(self):
@@ -124,9 +128,13 @@ class _SkipIterator(grain.DatasetIterator):
             except StopIteration:
                 if not self._finished:
                     self._finished = True
-                    self._log_summary(f"{dataset.name}: end of data", self._total)
+                    self._log_summary(f"{dataset.name}: end of data", self._total,
+                                      self._truncated[0])
                 raise
             self._consumed += 1
+            if isinstance(element, Truncated):
+                self._truncated = [count + 1 for count in self._truncated]
+                element = element.example
             if isinstance(element, Skipped):
                 if dataset.on_error == "raise":
                     raise element.error
@@ -138,21 +146,24 @@ class _SkipIterator(grain.DatasetIterator):
             if length and self._consumed % length == 0:
                 epoch = self._consumed // length - 1
                 what = f"{dataset.name}: epoch {epoch}"
-                self._log_summary(what, self._epoch)
+                self._log_summary(what, self._epoch, self._truncated[1])
                 if not self._good_in_epoch:  # an endless stream would spin here forever
                     raise DataError(next(iter(self._epoch.counts)),
                                     f"{self._epoch.summary(what)}: no usable record at "
                                     f"all; the first messages are logged above")
                 self._epoch = SkipCounter(max_logged=0)
                 self._good_in_epoch = 0
+                self._truncated[1] = 0
             if not isinstance(element, Skipped):
                 return element
             if dataset.replacement is not None:
                 return dataset.replacement()
 
     @staticmethod
-    def _log_summary(what: str, counter: SkipCounter) -> None:
-        logger.log(logging.WARNING if counter.total else logging.INFO, counter.summary(what))
+    def _log_summary(what: str, counter: SkipCounter, truncated: int) -> None:
+        cut = f"; {truncated} cut at max_length" if truncated else ""
+        logger.log(logging.WARNING if counter.total else logging.INFO,
+                   counter.summary(what) + cut)
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -162,7 +173,7 @@ class _SkipIterator(grain.DatasetIterator):
     def get_state(self) -> dict[str, Any]:
         return {"parent": self._parent.get_state(), "consumed": self._consumed,
                 SKIP_STATE_KEY: self._total.as_dict(), "epoch_skipped": self._epoch.as_dict(),
-                "epoch_good": self._good_in_epoch}
+                "epoch_good": self._good_in_epoch, TRUNCATED_STATE_KEY: list(self._truncated)}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         self._parent.set_state(state["parent"])
@@ -170,22 +181,48 @@ class _SkipIterator(grain.DatasetIterator):
         self._total = SkipCounter(state[SKIP_STATE_KEY])
         self._epoch = SkipCounter(state["epoch_skipped"], max_logged=0)
         self._good_in_epoch = int(state["epoch_good"])
+        self._truncated = [int(count) for count in state.get(TRUNCATED_STATE_KEY, (0, 0))]
         self._finished = False
 
 
-def skipped_records(iterator_or_state: Any) -> dict[str, int]:
-    """Records skipped so far by reason, from a pipeline iterator or its state."""
-    state = iterator_or_state
-    if isinstance(state, grain.DatasetIterator):
-        state = state.get_state()
+def _find_state(state: Any, key: str) -> Any:
+    """The value under ``key`` in the first mapping of a nested iterator state holding it
+    (None if none does)."""
     stack = [state]
     while stack:
         item = stack.pop()
         if isinstance(item, Mapping):
-            if SKIP_STATE_KEY in item:
-                return dict(item[SKIP_STATE_KEY])
+            if key in item:
+                return item[key]
             stack.extend(item.values())
-    raise ValueError("no SkipBadRecords state found in this iterator state")
+    return None
+
+
+def _state(iterator_or_state: Any) -> Any:
+    if isinstance(iterator_or_state, grain.DatasetIterator):
+        return iterator_or_state.get_state()
+    return iterator_or_state
+
+
+def skipped_records(iterator_or_state: Any) -> dict[str, int]:
+    """Records skipped so far by reason, from a pipeline iterator or its state."""
+    counts = _find_state(_state(iterator_or_state), SKIP_STATE_KEY)
+    if counts is None:
+        raise ValueError("no SkipBadRecords state found in this iterator state")
+    return dict(counts)
+
+
+def record_counts(iterator_or_state: Any) -> dict[str, int]:
+    """What the pipeline did to records so far: ``skipped`` (all reasons), ``truncated``
+    (cut at max_length) and, packing, ``deferred_by_tiles`` (sent to a later row by the
+    row's tile budget)."""
+    state = _state(iterator_or_state)
+    counts = {"skipped": sum(skipped_records(state).values()),
+              "truncated": int(_find_state(state, TRUNCATED_STATE_KEY)[0])}
+    deferred = _find_state(state, packing.DEFERRED_STATE_KEY)
+    if deferred is not None:  # packed rows
+        counts["deferred_by_tiles"] = int(deferred)
+    return counts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,8 +230,42 @@ def skipped_records(iterator_or_state: Any) -> dict[str, int]:
 
 
 def collate(examples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Examples -> a batch: every key stacked on a new leading axis."""
+    """Rows -> a batch: every key stacked on a new leading axis."""
     return {key: np.stack([example[key] for example in examples]) for key in batch_lib.KEYS}
+
+
+class _ThenForever(grain.IterDataset):
+    """The parent's batches, then batches of padding rows without end."""
+
+    def __init__(self, parent: grain.IterDataset, padding_batch: Callable[[], dict]):
+        super().__init__(parent)
+        self.padding_batch = padding_batch
+
+    def __iter__(self):
+        return _ThenForeverIterator(self._parent.__iter__(), self.padding_batch)
+
+
+class _ThenForeverIterator(grain.DatasetIterator):
+
+    def __init__(self, parent: grain.DatasetIterator, padding_batch: Callable[[], dict]):
+        super().__init__(parent)
+        self._padding_batch = padding_batch
+        self._done = False
+
+    def __next__(self):
+        if not self._done:
+            try:
+                return next(self._parent)
+            except StopIteration:
+                self._done = True
+        return self._padding_batch()
+
+    def get_state(self):
+        return {"parent": self._parent.get_state(), "done": self._done}
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self._done = bool(state["done"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,23 +411,92 @@ def tokens_per_tile(model_config: Any) -> int:
 
 
 def steps_per_epoch(data_config: Any, split: str = "train", *, source: Any = None,
-                    process_count: int | None = None) -> int:
+                    process_count: int | None = None,
+                    samples_per_row: float = 1.0) -> int:
     """Batches per epoch of ``split`` on each host (for train: full batches of the host's
-    share, assuming no record is skipped; for val/test: every row, padded)."""
+    share, assuming no record is skipped and ``samples_per_row`` samples in a row, see
+    ``samples_per_row``; for val/test: every row, padded)."""
     process_count = _process_count(process_count)
     batch = per_host_batch_size(data_config, process_count)
     records = len(make_source(data_config, split) if source is None else source)
     if split == "train":
-        return records // process_count // batch
+        return int(records // process_count / samples_per_row) // batch
     return math.ceil(math.ceil(records / process_count) / batch)
 
 
+class _Head:
+    """The first ``count`` records of a source."""
+
+    def __init__(self, source: Any, count: int):
+        self.source, self.count = source, min(count, len(source))
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int):
+        return self.source[index]
+
+
+def head_of_source(data_config: Any, split: str, count: int, seed: int | None = None) -> _Head:
+    """The first ``count`` records of ``split`` (train: of the source shuffled with ``seed``
+    when ``data.shuffle``): a sample of it for estimates."""
+    source = make_source(data_config, split)
+    if split == "train" and data_config.shuffle:
+        source = grain.MapDataset.source(source).shuffle(seed=0 if seed is None else seed)
+    return _Head(source, count)
+
+
+def samples_per_row(data_config: Any, tokenizer: Any, tokens_per_tile: int, *,
+                    records: int = 2048, seed: int | None = None) -> float:
+    """Mean samples per row of the training split: 1 without packing; with packing, over
+    the rows the packer fills from ``records`` shuffled records (the groups of rows it
+    emits before the records run out, when there are any)."""
+    if not batch_lib.is_packed(data_config):
+        return 1.0
+    group = per_host_batch_size(data_config, 1)
+    counts = [int((row["sample_id"] >= 0).sum()) for row in make_rows(
+        data_config, tokenizer, tokens_per_tile, "train",
+        source=head_of_source(data_config, "train", records, seed), shuffle=False,
+        num_epochs=1, process_index=0, process_count=1)]
+    whole = len(counts) // group * group
+    counts = counts[:whole] if whole else counts
+    return sum(counts) / max(len(counts), 1)
+
+
+def padding_batch(data_config: Any, pad_id: int, process_count: int | None = None
+                  ) -> dict[str, np.ndarray]:
+    """A per-host batch of padding rows of ``make_rows``' shapes."""
+    row = batch_lib.padding_row(batch_lib.Dims.of_data(data_config), pad_id)
+    return collate([row] * per_host_batch_size(data_config, process_count))
+
+
 def make_dataset(data_config: Any, tokenizer: Any, tokens_per_tile: int,
-                 split: str = "train", *, seed: int | None = None,
-                 shuffle: bool | None = None, num_epochs: int | None = None,
-                 source: Any = None, process_index: int | None = None,
-                 process_count: int | None = None) -> grain.IterDataset:
-    """The per-host batch stream of ``split`` (see the module docstring).
+                 split: str = "train", **kwargs) -> grain.IterDataset:
+    """The per-host batch stream of ``split`` (see the module docstring): ``make_rows``'
+    rows in batches of data.batch_size / process_count (val / test: the last batch filled
+    with padding rows; packed, padding batches follow without end, as hosts pack their
+    shares into different numbers of rows)."""
+    rows = make_rows(data_config, tokenizer, tokens_per_tile, split, **kwargs)
+    process_count = _process_count(kwargs.get("process_count"))
+    batch_size = per_host_batch_size(data_config, process_count)
+    if split == "train":
+        return rows.batch(batch_size, drop_remainder=True, batch_fn=collate)
+    pad_id = example_builder(data_config, tokenizer, tokens_per_tile).pad_id
+    batches = rows.batch(batch_size, batch_fn=collate).map(_FillBatch(batch_size, functools.partial(
+        batch_lib.padding_row, batch_lib.Dims.of_data(data_config), pad_id)))
+    if batch_lib.is_packed(data_config):
+        batches = _ThenForever(batches, functools.partial(
+            padding_batch, data_config, pad_id, process_count))
+    return batches
+
+
+def make_rows(data_config: Any, tokenizer: Any, tokens_per_tile: int,
+              split: str = "train", *, seed: int | None = None,
+              shuffle: bool | None = None, num_epochs: int | None = None,
+              source: Any = None, process_index: int | None = None,
+              process_count: int | None = None) -> grain.IterDataset:
+    """The per-host row stream of ``split``: one sample per row, or with ``data.packing``
+    several (see the module docstring).
 
     Args:
       data_config: ``config.data``.
@@ -364,7 +504,7 @@ def make_dataset(data_config: Any, tokenizer: Any, tokens_per_tile: int,
         ``conversation.TextTokenizer``.
       tokens_per_tile: visual tokens per image tile (the projector's M; ``tokens_per_tile``).
       split: ``train`` (shuffled, repeated, bad records dropped) or ``val`` / ``test``
-        (in order, one pass, bad records and the remainder as padding rows).
+        (in order, one pass; unpacked, bad records and the remainder as padding rows).
       seed: shuffle seed (the trainer passes ``config.seed``; default 0).
       shuffle: shuffle the training split (default ``data.shuffle``; val/test never are).
       num_epochs: train only: stop after this many passes (default: repeat forever; the
@@ -372,8 +512,7 @@ def make_dataset(data_config: Any, tokenizer: Any, tokens_per_tile: int,
       source: a random-access record source (default: from ``config.data``).
       process_index, process_count: this host and the number of hosts (default: jax's).
     Returns:
-      A grain IterDataset of batch dicts (``tokenpacker_jax.data.batch`` for the keys),
-      leading axis data.batch_size / process_count.
+      A grain IterDataset of row dicts (``tokenpacker_jax.data.batch`` for the keys).
     """
     if data_config.on_error not in ON_ERROR:
         raise ValueError(f"data.on_error must be one of {ON_ERROR}, got "
@@ -414,12 +553,14 @@ def make_dataset(data_config: Any, tokenizer: Any, tokens_per_tile: int,
         stream = stream.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=int(data_config.worker_count),
             per_worker_buffer_size=int(data_config.worker_buffer_size)))
+    packed = batch_lib.is_packed(data_config)
     stream = SkipBadRecords(stream, on_error=data_config.on_error, epoch_length=shard_length,
-                            name=f"data[{split}]", replacement=replacement)
-    if train:
-        return stream.batch(batch_size, drop_remainder=True, batch_fn=collate)
-    return stream.batch(batch_size, batch_fn=collate).map(
-        _FillBatch(batch_size, builder.padding_example))
+                            name=f"data[{split}]", replacement=None if packed else replacement)
+    if not packed:
+        return stream
+    return packing.PackRows(stream.filter(packing.is_sample).map(packing.Unpad()),
+                            data_config.packing, batch_lib.Dims.of_data(data_config),
+                            rows=batch_size, pad_id=builder.pad_id, name=f"data[{split}]")
 
 
 # ---------------------------------------------------------------------------------------------
