@@ -21,6 +21,12 @@ assumptions, chosen to match those forms (the mix's exact histograms are not pub
 | caption      | TextCaps (22)              |  3.3% | yes   | 1     | 6 / 8-25                 |
 | region       | RefCOCO 48, VG 86          | 20.2% | yes   | 3-15  | 8 + a box / 2-10         |
 
+Images (what HD tiling sees: their sizes, not their content, which is a synthetic scene
+scaled up) take the sizes of the sources' photos, also assumed: COCO's 640x480 / 480x640 /
+640x427 for LLaVA-Instruct, VQAv2, OKVQA, A-OKVQA and RefCOCO; Visual Genome's 500x375 /
+800x600 for GQA and region descriptions; book covers of 333x500 for OCR-VQA (a third of
+short_vqa); OpenImages' 1024x768 for TextCaps.
+
 "~N": lognormal with median N, sigma 0.6 (text_only 0.9 for both: ShareGPT's long tail,
 some dialogues longer than 2,048 tokens), cut at 8x the median; "a-b": uniform. With a
 tokenizer whose vocabulary holds the word pool (``synthetic --tokenizer-vocab 2000``), a
@@ -54,6 +60,12 @@ CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices dir
 REGION_PROMPT = "Please provide a short description for this region:"
 
 
+COCO = ((640, 480), (480, 640), (640, 427))
+VISUAL_GENOME = ((500, 375), (800, 600))
+BOOK_COVER = ((333, 500),)
+OPEN_IMAGES = ((1024, 768),)
+
+
 @dataclasses.dataclass(frozen=True)
 class Category:
     """One kind of conversation; lengths in words (see the module docstring)."""
@@ -67,6 +79,7 @@ class Category:
     answer_sigma: float  # lognormal; 0: uniform in answer_range
     answer_range: tuple[int, int] = (1, 1)
     question_sigma: float = 0.0  # lognormal question lengths around question[0] instead
+    image_sizes: tuple[tuple[int, int], ...] = COCO  # (width, height), drawn uniformly
 
 
 # Shares: conversations of each category in mix665k (Table 7), over 664K.
@@ -75,10 +88,14 @@ CATEGORIES = (
     Category("detail", 23, True, (1, 1), (8, 12), 110, 0.6),
     Category("reasoning", 77, True, (1, 1), (10, 25), 100, 0.6),
     Category("text_only", 40, False, (1, 8), (30, 30), 180, 0.9, question_sigma=0.9),
-    Category("short_vqa", 244, True, (1, 12), (5, 12), 0, 0, (1, 3)),
+    # VQAv2 and OKVQA (92K) COCO, GQA (72K) Visual Genome, OCR-VQA (80K) book covers.
+    Category("short_vqa", 244, True, (1, 12), (5, 12), 0, 0, (1, 3),
+             image_sizes=COCO * 3 + VISUAL_GENOME * 3 + BOOK_COVER * 4),
     Category("choice", 66, True, (1, 1), (8, 14), 0, 0, (1, 1)),
-    Category("caption", 22, True, (1, 1), (6, 6), 0, 0, (8, 25)),
-    Category("region", 134, True, (3, 15), (5, 5), 0, 0, (2, 10)),
+    Category("caption", 22, True, (1, 1), (6, 6), 0, 0, (8, 25), image_sizes=OPEN_IMAGES),
+    # RefCOCO (48K) COCO, Visual Genome (86K).
+    Category("region", 134, True, (3, 15), (5, 5), 0, 0, (2, 10),
+             image_sizes=COCO + VISUAL_GENOME * 3),
 )
 
 
@@ -137,14 +154,18 @@ def conversation(rng: np.random.Generator, category: Category,
     return record
 
 
-def records(num: int, seed: int, images: Sequence[str]) -> list[dict[str, Any]]:
-    """``num`` conversations, categories drawn with the mix's shares; image ones take
-    ``images`` in turn."""
+def records(num: int, seed: int) -> list[dict[str, Any]]:
+    """``num`` conversations, categories drawn with the mix's shares; an image one names
+    ``images/mix/{index:06d}.jpg`` and gives its (width, height) under ``image_size``."""
     rng = np.random.default_rng([seed, 665])
     shares = np.asarray([c.share for c in CATEGORIES], float)
     chosen = rng.choice(len(CATEGORIES), size=num, p=shares / shares.sum())
     out = []
     for index, which in enumerate(chosen):
-        record = conversation(rng, CATEGORIES[int(which)], images[index % len(images)])
+        category = CATEGORIES[int(which)]
+        record = conversation(rng, category, f"images/mix/{index:06d}.jpg")
+        if category.image:
+            size = category.image_sizes[int(rng.integers(len(category.image_sizes)))]
+            record["image_size"] = list(size)
         out.append({"id": f"mix-{index:06d}", **record})
     return out

@@ -33,8 +33,9 @@ Written to DIR (paths in the JSON are relative to DIR, the image folder):
     tokenizer/               (``--tokenizer-vocab V``) a LLaMA-style sentencepiece
                              tokenizer (byte fallback) trained on this text
     train_llava_mix.json     (``--llava-mix N``) N conversations with the lengths of
-                             LLaVA-1.5's instruction mix over the training images
-                             (``tokenpacker_jax.data.llava_mix``)
+                             LLaVA-1.5's instruction mix (``tokenpacker_jax.data.llava_mix``),
+                             their images (training scenes at the sizes of the mix's
+                             photos) in images/mix/
 
 Splits: ``train`` (``--num``), ``val`` and ``test`` (``--num-eval`` each). Every image is
 drawn from its own random stream (seed, split, index), so the same seed gives the same
@@ -295,8 +296,14 @@ def generate(out: str, num: int, seed: int, *, num_eval: int | None = None, size
             texts += [t["value"] for r in records["caption"] + records["qa"]
                       for t in r["conversations"]]
     if llava_mix:
-        mix = llava_mix_lib.records(llava_mix, seed,
-                                    [f"images/train/{index:05d}.png" for index in range(num)])
+        mix = llava_mix_lib.records(llava_mix, seed)
+        os.makedirs(os.path.join(out, "images", "mix"), exist_ok=True)
+        for index, record in enumerate(mix):
+            if "image" in record:  # a training scene, scaled to the source's photo size
+                scene_path = os.path.join(out, f"images/train/{index % num:05d}.png")
+                with Image.open(scene_path) as image:
+                    image.convert("RGB").resize(tuple(record["image_size"])).save(
+                        os.path.join(out, record["image"]), quality=90)
         _write_json(os.path.join(out, "train_llava_mix.json"), mix)
         texts += [t["value"] for r in mix for t in r["conversations"]]
     meta = {"seed": seed, "size": size, "jitter": jitter, "llava_mix": llava_mix,
