@@ -23,7 +23,7 @@ LAYERS = (
     ("assembly",),  # models and runs assembled from configs
     ("generate", "region_maps", "evaluation", "serving"),  # inference and scoring
     ("train", "evaluate", "aot", "recipe", "quickstart", "conversion", "bench", "chat",
-     "serve", "serving.lmms_eval_task"),  # commands
+     "serve", "serving.lmms_eval_task", "data_stats"),  # commands
 )
 # What an import inside a function may defer (the reason must name one): optional or
 # seconds-long imports; jax, for the evaluation commands that only score; absl, which the

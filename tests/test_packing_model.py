@@ -8,14 +8,14 @@ import dataclasses
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from configs import tiny
 from tokenpacker_jax import configuration, sharding
 from tokenpacker_jax import train_state as state_lib
+from tokenpacker_jax.configs import tiny
+from tokenpacker_jax.data import batch as batch_lib
 from tokenpacker_jax.models import mllm
 from tokenpacker_jax.models.decoder_config import DecoderConfig
 
@@ -94,8 +94,8 @@ def model_and_params(request):
     config = dataclasses.replace(config, multi_layers=(1, 2, 1, 2), decoder=decoder,
                                  vision=dataclasses.replace(config.vision, num_layers=2))
     model = mllm.MultimodalLM(config)
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), **mllm.init_inputs(
-        config, 1, ROW, TILES_PER_ROW))["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), **batch_lib.example_inputs(
+        batch_lib.Dims.of_model(config, ROW, TILES_PER_ROW)))["params"])
     # Kernels of ~1/sqrt(width), as configs/tiny.py starts them: logits then spread (std
     # 0.24 to 0.6), so a 1e-5 tolerance means something.
     params = {**params, "decoder": state_lib.scale_leaves(params["decoder"], 4.4),
@@ -108,10 +108,6 @@ def model_and_params(request):
         expected.append((np.asarray(logits), float(total), float(count)))
     assert np.std(expected[0][0]) > 0.2, "logits too flat for a meaningful comparison"
     return model, params, expected
-
-
-MODEL_KEYS = ("input_ids", "image_mask", "pixel_values", "attention_mask", "segment_ids",
-              "positions")
 
 
 def check_row(logits, row, order, expected):
@@ -130,7 +126,7 @@ def test_packed_row_equals_each_sample_alone(model_and_params):
     model, params, expected = model_and_params
     row = pack(samples())
     logits = jax.jit(model.apply)({"params": params},
-                                  **{key: row[key][None] for key in MODEL_KEYS})
+                                  **{key: row[key][None] for key in batch_lib.MODEL_INPUTS})
     check_row(np.asarray(logits[0]), row, (0, 1, 2), expected)
 
 
@@ -142,7 +138,7 @@ def test_packed_rows_on_8_devices(model_and_params, mesh8):
     every = samples()
     orders = [(0, 1, 2), (2, 0), (1,), (1, 2, 0)]
     rows = [pack([every[i] for i in order]) for order in orders]
-    batch = {key: np.stack([row[key] for row in rows]) for key in MODEL_KEYS}
+    batch = {key: np.stack([row[key] for row in rows]) for key in batch_lib.MODEL_INPUTS}
     _, shardings = state_lib.param_shardings(model, mesh8, None, TILES_PER_ROW)
     placed = jax.device_put(params, shardings)
     with sharding.use_mesh(mesh8):

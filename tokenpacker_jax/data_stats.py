@@ -14,20 +14,24 @@ Its last line is
 
 the share of row positions that hold a sample's token, one sample per row (padded to
 ``data.max_length``) and packed with the config's ``data.packing`` (``first_fit`` when the
-config has ``none``), rows as one host would fill them (a host's batch of open rows).
+config has ``none``, its tile slots then as many as the positions hold: T / visual tokens
+per tile), rows as one host would fill them (a host's batch of open rows).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Iterable, Mapping
 
 import ml_collections
 import numpy as np
+from absl import flags
+from ml_collections import config_flags
 
-from tokenpacker_jax import configuration
+from tokenpacker_jax import assembly, configuration, user_error
+from tokenpacker_jax.data import batch as batch_lib
 from tokenpacker_jax.data import packing, pipeline
+from tokenpacker_jax.tokenizer import load_tokenizer
 
 
 @dataclasses.dataclass
@@ -86,35 +90,33 @@ def histogram(values: list[int]) -> str:
 def report(config: ml_collections.ConfigDict, split: str = "train",
            samples: int = 2000) -> list[str]:
     """The lines ``python -m tokenpacker_jax.data.stats`` prints (see the module docstring)."""
-    from tokenpacker_jax import loading  # noqa: PLC0415 (the model's configs, read from disk)
-    from tokenpacker_jax.tokenizer import load_tokenizer  # noqa: PLC0415
-
     configuration.validate_data(config)
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.decoder_checkpoint)
-    tokens_per_tile = pipeline.tokens_per_tile(loading.build_model(config).config)
+    tokens_per_tile = pipeline.tokens_per_tile(assembly.build_model(config).config)
     data = config.data
     length = int(data.max_length)
-    strategy = data.get("packing", packing.NONE)
-    packed_strategy = packing.DEFAULT_STRATEGY if strategy == packing.NONE else strategy
+    packed_data = ml_collections.ConfigDict(data.to_dict())
+    if not batch_lib.is_packed(data):
+        packed_data.packing = packing.DEFAULT_STRATEGY
+        packed_data.max_images_per_row = max(batch_lib.max_tiles(data),
+                                             length // tokens_per_tile)
+    unpacked_data = ml_collections.ConfigDict(data.to_dict())
+    unpacked_data.packing = batch_lib.NO_PACKING
     source = pipeline.head_of_source(data, split, samples, config.seed)
 
-    def stream(packing_strategy):
-        variant = ml_collections.ConfigDict(data.to_dict())
-        variant.packing = packing_strategy
-        rows = pipeline.make_rows(variant, tokenizer, tokens_per_tile, split, source=source,
-                                  shuffle=False, num_epochs=1, process_index=0,
-                                  process_count=1)
-        return iter(rows), variant
+    def stream(data_config):
+        return iter(pipeline.make_rows(data_config, tokenizer, tokens_per_tile, split,
+                                       source=source, shuffle=False, num_epochs=1,
+                                       process_index=0, process_count=1))
 
-    padded_rows, _ = stream(packing.NONE)
-    padded = collect(padded_rows, length, len(source))
-    packed_rows, variant = stream(packed_strategy)
+    padded = collect(stream(unpacked_data), length, len(source))
+    packed_rows = stream(packed_data)
     packed = collect(packed_rows, length, len(source))
     counts = pipeline.record_counts(packed_rows)
-    budgets = pipeline.budgets(variant, tokens_per_tile)
+    dims = batch_lib.Dims.of_data(packed_data)
     if not padded.samples:
-        raise ValueError(f"data.stats: no usable sample among the first {len(source)} "
-                         f"records of the {split!r} split")
+        raise user_error.InputError(f"no usable sample among the first {len(source)} records "
+                                    f"of the {split!r} split")
     per_sample = padded.per_sample
     lines = [
         f"{split}: {padded.samples} samples of {len(source)} records read "
@@ -123,8 +125,8 @@ def report(config: ml_collections.ConfigDict, split: str = "train",
         f"visual tokens per sample: {distribution(per_sample['visual'])}",
         f"images per sample: {histogram(per_sample['images'])}",
         f"tiles per sample: {histogram(per_sample['tiles'])}",
-        f"packed ({packed_strategy}; {budgets.length} positions, {budgets.tiles} tile slots, "
-        f"{budgets.samples} samples per row; {pipeline.per_host_batch_size(data, 1)} rows "
+        f"packed ({packed_data.packing}; {dims.length} positions, {dims.tiles} tile slots, "
+        f"{dims.samples} samples per row; {pipeline.per_host_batch_size(data, 1)} rows "
         f"open): {packed.rows} rows for {packed.samples} samples, "
         f"{packed.samples / max(packed.rows, 1):.2f} per row, "
         f"{counts.get('deferred_by_tiles', 0)} deferred by the tile budget",
@@ -137,24 +139,13 @@ def report(config: ml_collections.ConfigDict, split: str = "train",
 
 def main(argv):
     del argv
-    from absl import flags  # noqa: PLC0415
-
-    FLAGS = flags.FLAGS
-    try:
-        lines = report(FLAGS.config, FLAGS.split, FLAGS.samples)
-    except (ValueError, OSError) as err:
-        print(f"data.stats: {err}", file=sys.stderr)
-        sys.exit(2)
-    print("\n".join(lines))
+    print("\n".join(report(flags.FLAGS.config, flags.FLAGS.split, flags.FLAGS.samples)))
 
 
-if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
+def define_flags() -> None:
+    """The command's flags (``data/stats/__main__.py`` defines them before parsing)."""
     config_flags.DEFINE_config_file("config", None, "Config file (with :variant).",
                                     lock_config=True)
     flags.DEFINE_enum("split", "train", pipeline.SPLITS, "Which split to read.")
     flags.DEFINE_integer("samples", 2000, "How many records to read.")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
