@@ -17,6 +17,9 @@ DIMS = batch_lib.Dims(length=24, tiles=2, image_size=16)
 def test_model_inputs_are_the_models_arguments():
     arguments = list(inspect.signature(MultimodalLM.__call__).parameters)[1:]
     assert tuple(arguments) == batch_lib.MODEL_INPUTS
+    prefill = [name for name, parameter in inspect.signature(MultimodalLM.prefill).parameters
+               .items() if parameter.kind == parameter.POSITIONAL_OR_KEYWORD][1:]
+    assert tuple(prefill) == batch_lib.PREFILL_INPUTS
     assert set(batch_lib.STEP_KEYS) <= set(batch_lib.KEYS)
 
 

@@ -33,13 +33,14 @@ from tokenpacker_jax.assembly import load_trained
 from tokenpacker_jax.configs import tiny
 
 import test_train_run
-from test_train_run import STEPS, _final_params, _sample_ids, small_config
+from test_train_run import PACKED, STEPS, _final_params, _sample_ids, small_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # test_train_run's module fixtures, set up once for this module: the generated data and an
 # uninterrupted run (workdir, data order, summary) to compare every rerun with.
 data_dir = test_train_run.data_dir
 uninterrupted = test_train_run.uninterrupted
+uninterrupted_packed = test_train_run.uninterrupted_packed
 
 
 def copy_run(source: Path, target: Path) -> Path:
@@ -205,15 +206,20 @@ def test_restore_step_resumes_from_that_step_and_its_data_position(uninterrupted
 
 # -- preemption and full disks ---------------------------------------------------------------
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_sigkill_during_an_asynchronous_save_then_rerun_equals_uninterrupted(
-        uninterrupted, data_dir, tmp_path):
+        packed, data_dir, tmp_path, request):
     """Killed inside step 4's asynchronous save, after every item is written and before the
     step is committed (the checksums are being recorded): the rerun ignores the unfinished
-    step, resumes from step 2, sees the same data and ends with the same parameters."""
-    reference_dir, reference_order, _ = uninterrupted
+    step, resumes from step 2, sees the same data and ends with the same parameters. Packed
+    rows too: the packer's state (its open rows rebuilt from the samples upstream) is saved
+    with each checkpoint."""
+    reference_dir, reference_order, _ = request.getfixturevalue(
+        "uninterrupted_packed" if packed else "uninterrupted")
+    overrides = {"checkpoint.asynchronous": True, **(PACKED if packed else {})}
     workdir = tmp_path / "killed"
     script = textwrap.dedent(f"""
-        import os, signal, sys
+        import json, os, signal, sys
         sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'tests')!r})
         import jax
         jax.config.update("jax_default_matmul_precision", "highest")
@@ -226,8 +232,8 @@ def test_sigkill_during_an_asynchronous_save_then_rerun_equals_uninterrupted(
             write_manifest(step_dir, items)
         checkpoint_integrity.write_manifest = killing
         def hook(step, batch):
-            print("ids", step, [int(i) for i in batch["sample_id"]], flush=True)
-        config = small_config({str(data_dir)!r}, **{{"checkpoint.asynchronous": True}})
+            print("ids", step, json.dumps(batch["sample_id"].tolist()), flush=True)
+        config = small_config({str(data_dir)!r}, **{overrides!r})
         train.run(config, {str(workdir)!r}, on_step=hook)
     """)
     first = subprocess.run([sys.executable, "-c", script, "kill"], capture_output=True,

@@ -47,8 +47,13 @@ def small_config(data_dir, stage=2, **overrides):
     return config
 
 
+# Packed rows for the small config: rows of 256 positions hold 2-4 samples, 4 images at most.
+PACKED = {"data.packing": "first_fit", "data.max_length": 256, "data.max_images_per_row": 4}
+
+
 def _sample_ids(log):
-    return lambda step, batch: log.append([int(i) for i in batch["sample_id"]])
+    """Records each step's sample ids (packed rows: a list per row)."""
+    return lambda step, batch: log.append(batch["sample_id"].tolist())
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +61,16 @@ def uninterrupted(data_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("uninterrupted")
     order = []
     summary = train.run(small_config(data_dir), str(workdir), on_step=_sample_ids(order))
+    return workdir, order, summary
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_packed(data_dir, tmp_path_factory):
+    """The same run on packed rows."""
+    workdir = tmp_path_factory.mktemp("uninterrupted_packed")
+    order = []
+    summary = train.run(small_config(data_dir, **PACKED), str(workdir),
+                        on_step=_sample_ids(order))
     return workdir, order, summary
 
 
@@ -103,3 +118,12 @@ def test_stage2_starts_from_stage1(data_dir, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, before, after)
     summary = json.loads((tmp_path / "stage2" / "summary.json").read_text())
     assert summary["step"] == 1
+
+
+def test_packed_run_trains_on_several_samples_a_row(uninterrupted_packed):
+    workdir, order, summary = uninterrupted_packed
+    per_row = [sum(i >= 0 for i in row) for step in order for row in step]
+    assert len(order) == STEPS and min(per_row) >= 1 and sum(per_row) > 2 * len(per_row)
+    assert np.isfinite(summary["train/loss"])
+    last = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"train/data_truncated", "train/data_deferred_by_tiles"} <= set(last)

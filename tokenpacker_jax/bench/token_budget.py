@@ -91,7 +91,7 @@ def prompt_batch(config: mllm.MLLMConfig, sizes: Sizes, seed: int = 0) -> dict[s
     generated = batch_lib.synthetic_batch(
         dims, sizes.batch, visual_tokens=visual, vocab_size=config.decoder.vocab_size,
         seed=seed, bos_id=config.decoder.bos_token_id or 1)
-    return batch_lib.select(generated, batch_lib.MODEL_INPUTS)
+    return batch_lib.select(generated, batch_lib.PREFILL_INPUTS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,9 +19,9 @@ A row holds one sample (N: the most tiles a sample takes, ``sample_id`` a scalar
 ``sample_id`` [K] lists the row's samples (K = ``data.max_samples_per_row``). A batch stacks
 rows on a leading axis B. ``FIELDS`` is the one table: the example builder
 pads with it, the pipeline stacks its keys, the trainer and ``aot`` take their inputs from
-it, and adding a key (segment ids, positions) is one entry there. ``MODEL_INPUTS`` are the
-keyword arguments of ``MultimodalLM.__call__`` (a test keeps them equal), ``STEP_KEYS`` what
-the training step reads.
+it, and adding a key is one entry there. ``MODEL_INPUTS`` are the keyword arguments of
+``MultimodalLM.__call__`` and ``PREFILL_INPUTS`` those of its ``prefill`` (a test keeps them
+equal), ``STEP_KEYS`` what the training step reads.
 """
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ KEYS = tuple(FIELDS)
 SEQUENCE_KEYS = tuple(key for key, field in FIELDS.items() if field.dims == ("length",))
 TILE_KEYS = tuple(key for key, field in FIELDS.items() if field.dims[:1] == ("tiles",))
 SEGMENT_KEYS = ("segment_ids", "positions")  # what a packer writes, not the samples
-MODEL_INPUTS = ("input_ids", "image_mask", "pixel_values", "attention_mask", *SEGMENT_KEYS)
+# MultimodalLM.prefill's arguments (prompts: one per row, left-padded), then __call__'s.
+PREFILL_INPUTS = ("input_ids", "image_mask", "pixel_values", "attention_mask")
+MODEL_INPUTS = (*PREFILL_INPUTS, *SEGMENT_KEYS)
 STEP_KEYS = (*MODEL_INPUTS, "target_ids", "loss_mask")
 
 NO_PACKING = "none"  # data.packing of one sample per row

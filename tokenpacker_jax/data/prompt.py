@@ -5,7 +5,7 @@ the answer begins; prompts left-padded into one batch (the decoder's KV-cache co
                  pixel_values float32 [N, S, S, 3], tile_mask bool [N]
     build_prompt         one question (about an image)
     conversation_prompt  a whole conversation: earlier turns, then the question
-    left_pad     prompts -> data.batch.MODEL_INPUTS: [B, T] (T = length) and [B, N, S, S, 3]
+    left_pad     prompts -> data.batch.PREFILL_INPUTS: [B, T] (T = length) and [B, N, S, S, 3]
 
 The question is the user turn of the builder's conversation template; with an image, the
 turn is what training makes of a turn holding ``<image>`` (``conversation.place_image``), and
@@ -140,4 +140,4 @@ def left_pad(prompts: Sequence[Prompt], pad_id: int, length: int | None = None
     inputs["image_mask"], _ = batch_lib.pad_rows([p.image_mask for p in prompts], False,
                                                  length, dtype=bool)
     inputs["pixel_values"] = np.stack([p.pixel_values for p in prompts])
-    return batch_lib.select(inputs, batch_lib.MODEL_INPUTS)
+    return batch_lib.select(inputs, batch_lib.PREFILL_INPUTS)
