@@ -38,24 +38,29 @@ def test_stages_follow_the_paper_recipe(llm, devices, stage):
     config = tokenpacker.get_config(f"llm={llm},stage={stage}")
     configuration.validate(config, num_devices=devices)
     assert config.train.stage == stage
+    # Packed rows: about the recipe's 256 / 128 samples a step (11.2 / 4.3 samples a row).
     if stage == 1:
         assert tuple(config.train.trainable) == ("projector",)
-        assert (config.optim.lr, config.data.batch_size) == (1e-3, 256)
+        assert (config.optim.lr, config.data.batch_size) == (1e-3, 16)
         assert config.data.template == "plain" and config.data.image.aspect_mode == "square"
     else:
         assert tuple(config.train.trainable) == ("projector", "decoder")
-        assert (config.optim.lr, config.data.batch_size) == (2e-5, 128)
+        assert (config.optim.lr, config.data.batch_size) == (2e-5, 32)
         assert config.data.template == ("gemma" if llm == "gemma2_2b" else "vicuna_v1")
         assert config.data.image.aspect_mode == "pad"
     assert not config.model.train_vision
     assert (config.optim.schedule, config.optim.warmup_ratio, config.optim.weight_decay) == (
         "cosine", 0.03, 0.0)
     assert config.data.max_length == 2048 and config.data.num_epochs == 1
+    assert config.data.packing == "first_fit"
+    assert config.data.max_images_per_row == (12 if stage == 1 else 8)
+    padded = tokenpacker.get_config(f"llm={llm},stage={stage},packing=none")
+    assert padded.data.batch_size == (256 if stage == 1 else 128)
     for part in ("vision", "projector", "decoder"):
         assert config.model[part].dtype == "bfloat16"
         assert config.model[part].param_dtype == "float32"
     assert config.model.decoder.remat_policy == "full"
-    # 16 sequences per microbatch: one per data-parallel shard on the slices of the table.
+    # 16 rows per microbatch: one per data-parallel shard on the slices of the table.
     assert config.train.microbatches == config.data.batch_size // 16
     assert config.mesh.fsdp == -1
     assert config.mesh.tensor == (2 if llm == "vicuna13b" else 1)
@@ -94,6 +99,10 @@ def test_hd_variants(patch_num, scale, tiles, max_length):
     # The largest tiling (docs/algorithm.md §6's count) leaves room for text.
     assert config.data.max_length == max_length
     assert config.data.max_length <= config.model.decoder.max_position_embeddings
+    # Packed: as many tile slots as the positions hold, the recipe's rows.
+    tokens = {2: 144, 4: 36}[scale]
+    assert config.data.max_images_per_row == max_length // tokens >= tiles
+    assert config.data.batch_size == 128
 
 
 def test_hd_global_view_variant():
@@ -133,4 +142,9 @@ def test_validation_of_variants_names_the_field():
         configuration.validate(tokenpacker.get_config("llm=vicuna13b"), num_devices=9)
     # Stage 1's 256 sequences do not split over 24 data-parallel chips.
     with pytest.raises(configuration.ConfigError, match="data.batch_size: 256"):
-        configuration.validate(tokenpacker.get_config("stage=1"), num_devices=24)
+        configuration.validate(tokenpacker.get_config("stage=1,packing=none"), num_devices=24)
+    # Packed rows need their tile slots.
+    config = tokenpacker.get_config("stage=2")
+    config.data.max_images_per_row = 0
+    with pytest.raises(configuration.ConfigError, match="data.max_images_per_row: 0"):
+        configuration.validate(config, num_devices=16)

@@ -11,7 +11,8 @@ variant.
 | hd           | TokenPacker-HD (slice tiling)  | false    |
 | patch_num    | 9, 16 (HD tile budget)         | 9        |
 | global_view  | HD global view: reference_canvas (the reference's), fit_image | reference_canvas |
-| microbatches | gradient accumulation; 0: 16 sequences each | 0 |
+| microbatches | gradient accumulation; 0: 16 rows each | 0 |
+| packing      | first_fit, best_fit, none (the reference: one sample per row) | first_fit |
 | data         | LLaVA-1.5 data root (blip_laion_cc_sbu_558k, mix665k) | "" |
 
 Recipe (docs/reference.md §7): stage 1 trains the projector, lr 1e-3, global batch 256, ``plain``
@@ -22,6 +23,15 @@ stays frozen. Mesh: FSDP over all chips (13B: FSDP x 2-way tensor parallelism), 
 stage 2 fits v5e-16 and 13B stage 2 fits v5e-32 (16 GiB chips) with one sequence per
 data-parallel shard per microbatch; ``python -m tokenpacker_jax.aot`` checks a slice before
 you pay for it (BENCHMARKS.md "TPU fit").
+
+Packing (``tokenpacker_jax/data/packing.py``): the reference pads every sample to 2,048
+positions, of which LLaVA-shaped data fills a fifth in stage 2 and a twelfth in stage 1;
+packed rows hold whole samples until full (96-98%). The rows' tile slots and a step's rows
+come from ``python -m tokenpacker_jax.data.stats`` on LLaVA-shaped data (``synthetic
+--llava-mix`` for stage 2, captions for stage 1; BENCHMARKS.md "Packing"): tile slots the
+most a row took, rounded up to a multiple of 4, and rows per step in multiples of 16 (one
+per chip of v5e-16) nearest to the recipe's samples per step. HD rows keep the recipe's
+count with as many tile slots as their positions hold (T / 144).
 """
 
 import ml_collections
@@ -30,11 +40,16 @@ from tokenpacker_jax.configs import common
 from tokenpacker_jax.data import hd as hd_lib
 
 VARIANTS = dict(llm="vicuna7b", scale=2, stage=2, hd=False, patch_num=9,
-                global_view=hd_lib.REFERENCE_CANVAS, microbatches=0, data="")
+                global_view=hd_lib.REFERENCE_CANVAS, microbatches=0, packing="first_fit",
+                data="")
 LLMS = ("vicuna7b", "vicuna13b", "gemma2_2b")
 # Sequences per microbatch by default: one per data-parallel shard on v5e-16 (7B: 16-way
 # FSDP) and v5e-32 (13B: 16-way FSDP x 2-way tensor).
 SEQUENCES_PER_MICROBATCH = 16
+# data.stats on LLaVA-shaped data at 2,048 positions, per (stage, scale): samples per packed
+# row, the most tiles a row took.
+PACKED_ROWS = {(1, 2): (11.24, 12), (1, 3): (21.51, 23), (1, 4): (30.77, 33),
+               (2, 2): (4.28, 7), (2, 3): (5.28, 11), (2, 4): (5.70, 11)}
 
 
 def vicuna_13b() -> ml_collections.ConfigDict:
@@ -92,6 +107,12 @@ def get_config(arg: str | None = None):
     config.data.template = "plain" if stage == 1 else chat
     # LLaVA-1.5's scripts: square images in pretraining, padded to square in finetuning.
     config.data.image.aspect_mode = "square" if stage == 1 else "pad"
+    config.data.packing = variant["packing"]
+    if variant["packing"] != "none" and not variant["hd"]:
+        samples_per_row, most_tiles = PACKED_ROWS[stage, variant["scale"]]
+        config.data.max_images_per_row = -(-most_tiles // 4) * 4
+        rows = round(config.data.batch_size / samples_per_row / SEQUENCES_PER_MICROBATCH)
+        config.data.batch_size = max(1, rows) * SEQUENCES_PER_MICROBATCH
     config.train.microbatches = variant["microbatches"] or max(
         1, config.data.batch_size // SEQUENCES_PER_MICROBATCH)
     if llm == "vicuna13b":
@@ -112,6 +133,8 @@ def get_config(arg: str | None = None):
             longest = hd_lib.max_hd_num_tokens(variant["patch_num"], tokens)
             if longest + 512 > config.data.max_length:
                 config.data.max_length = 4096
+        if variant["packing"] != "none":
+            config.data.max_images_per_row = config.data.max_length // tokens
     if variant["data"]:
         root = variant["data"].rstrip("/")
         if stage == 1:
