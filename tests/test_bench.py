@@ -14,6 +14,7 @@ from tokenpacker_jax.bench import (
     hardware,
     llava_torch,
     measurement,
+    packing,
     paper_table,
     projector,
     report,
@@ -101,6 +102,16 @@ def test_training_table():
     rows = table_rows(section.body)
     assert column(rows, "visual tokens") == ["9"]
     assert float(column(rows, "tokens/s")[0]) > 0
+
+
+def test_packing_table():
+    section = packing.run("tiny", runs=2, log=quiet, devices=jax.devices()[:1])
+    stats = [line for line in section.body.splitlines() if line.startswith("real tokens:")]
+    assert len(stats) == 2 and all("(max_length" in line for line in stats)
+    rows = table_rows(section.body)
+    assert column(rows, "rows") == ["padded", "packed", "packed, rows x2"]
+    real = [float(value.rstrip("%")) for value in column(rows, "real positions")]
+    assert real[2] > real[0] and all(float(v) > 0 for v in column(rows, "supervised tokens/s"))
 
 
 def test_paper_table_trains_and_scores(tmp_path):
@@ -207,9 +218,10 @@ def test_tables_measured_on_a_gpu_get_sections_of_their_own(tmp_path, monkeypatc
 def test_command_line():
     args = cli.parse(["1", "training", "paper", "--sizes=tiny", "--runs=2"])
     assert args.which == ["projector", "training", "paper"]
-    assert cli.parse([]).which == list(cli.DEFAULT) == list(cli.TABLES[:5])
-    assert cli.parse(["--sizes=tiny"]).which == list(cli.TABLES[:4])  # tpu_fit: no toy size
-    for bad in (["7"], ["nonsense"], ["--runs=3"], ["--sizes=tiny", "--write"],
+    assert cli.parse([]).which == list(cli.DEFAULT) == [*cli.TABLES[:5], "packing"]
+    # tpu_fit: no toy size
+    assert cli.parse(["--sizes=tiny"]).which == [*cli.TABLES[:4], "packing"]
+    for bad in (["8"], ["nonsense"], ["--runs=3"], ["--sizes=tiny", "--write"],
                 ["tpu_fit", "--sizes=tiny"]):
         with pytest.raises(SystemExit):
             cli.parse(bad)

@@ -11,10 +11,12 @@ table  name            what                                                     
 4      training        tiny-config training step per projector: tokens/s, images/s  training
 5      tpu_fit         the 7B / 13B steps compiled for TPU slices (``aot.py``)      tpu_fit
 6      paper           the paper's projector table in miniature (trains 39 runs)    paper_table
+7      packing         real positions padded vs packed (``data.stats``), the tiny   packing
+                       step's supervised tokens/s packed vs padded
 =====  ==============  ===========================================================  ==========
 
-``python -m tokenpacker_jax.bench`` runs tables 1-5; ``paper`` is asked for by name (it trains
-for hours). See ``__main__.py`` for the flags.
+``python -m tokenpacker_jax.bench`` runs tables 1-5 and 7; ``paper`` is asked for by name (it
+trains for hours). See ``__main__.py`` for the flags.
 
 Also here: ``data_pipeline`` (samples per second of the input pipeline, BENCHMARKS.md "Data
 pipeline"; ``python -m tokenpacker_jax.bench.data_pipeline``) and ``torch_tokenpacker``

@@ -35,6 +35,7 @@ from tokenpacker_jax.bench import (
     hardware,
     llava_torch,
     measurement,
+    packing,
     paper_table,
     projector,
     report,
@@ -42,8 +43,9 @@ from tokenpacker_jax.bench import (
     training,
 )
 
-TABLES = ("projector", "token_budget", "llava_torch", "training", "tpu_fit", "paper")
-DEFAULT = TABLES[:5]  # paper (6) trains for hours: by name only
+TABLES = ("projector", "token_budget", "llava_torch", "training", "tpu_fit", "paper",
+          "packing")
+DEFAULT = (*TABLES[:5], "packing")  # paper (6) trains for hours: by name only
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "BENCHMARKS.md")
 
@@ -70,7 +72,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser = user_error.ArgumentParser(prog="python -m tokenpacker_jax.bench",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("which", nargs="*", default=[],
-                        help=f"tables by name or number 1-6: {', '.join(TABLES)} "
+                        help=f"tables by name or number 1-7: {', '.join(TABLES)} "
                              f"(default: {' '.join(DEFAULT)})")
     parser.add_argument("--sizes", choices=("full", "tiny"), default="full")
     parser.add_argument("--runs", type=int, default=measurement.MIN_RUNS,
@@ -97,9 +99,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     names = []
     for item in args.which:
-        name = TABLES[int(item) - 1] if item.isdigit() and 1 <= int(item) <= 6 else item
+        name = TABLES[int(item) - 1] if item.isdigit() and 1 <= int(item) <= 7 else item
         if name not in TABLES:
-            parser.error(f"unknown table {item!r}; known: {', '.join(TABLES)} or 1-6")
+            parser.error(f"unknown table {item!r}; known: {', '.join(TABLES)} or 1-7")
         names.append(name)
     if args.sizes == "tiny" and "tpu_fit" in names:
         parser.error("tpu_fit has no tiny size (it compiles the 7B / 13B table for TPU slices)")
@@ -124,6 +126,8 @@ def run_table(name: str, args: argparse.Namespace) -> report.Section:
         return training.run(args.sizes, args.runs)
     if name == "tpu_fit":
         return tpu_fit(args.jobs)
+    if name == "packing":
+        return packing.run(args.sizes, args.runs)
     sizes = dict(stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
                  num=args.num, num_eval=args.num_eval, jitter=args.jitter)
     if args.sizes == "tiny":  # unset sizes: a few steps on a few images
