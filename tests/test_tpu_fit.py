@@ -16,13 +16,16 @@ def test_short_out_of_memory_message():
 def test_fit_table_of_the_tiny_stage_1_step_in_two_worker_processes():
     """``fit_table`` (bench's entry point) with jobs=2: a v5e and a v5p slice compiled at once
     in worker processes; arguments = what the state holds (stage 1: Adam moments for the
-    projector only), donated, and a Markdown row per report."""
+    projector only), donated, and a Markdown row per report. Packed rows of 128 positions:
+    the TPU step attends with the splash kernel."""
     entries = []
     for name in ("v5e:2x2", "v5p:2x2x1"):
         topology = aot.parse_topology(name)
         config = tiny.get_config("stage=1")
+        config.data.update(packing="first_fit", max_length=128, max_images_per_row=4)
         tpu_fit.one_sequence_per_shard(config, topology)
-        entries.append(tpu_fit.TableEntry("tiny stage 1", config, topology))
+        entries.append(tpu_fit.TableEntry("tiny stage 1", config, topology,
+                                          samples_per_step=40.0, padded_flops_per_sample=1e9))
     assert entries[0].config.train.microbatches == 4
     logged = []
     reports = tpu_fit.fit_table(entries, log=logged.append, jobs=2)
@@ -33,11 +36,17 @@ def test_fit_table_of_the_tiny_stage_1_step_in_two_worker_processes():
         assert report.alias_bytes > 0.9 * report.output_bytes
         assert report.argument_bytes < 16 * 2**20
         assert report.xla_flops and report.analytic_flops
+        assert report.attention == "splash" and report.rows.startswith("packed (first_fit")
     assert [line.split(":")[0] for line in logged] == ["tiny stage 1 on v5e-4",
                                                        "tiny stage 1 on v5p-8"]
-    table = tpu_fit.fit_table_markdown(reports).splitlines()
-    assert table[0].startswith("| model | slice | mesh fsdp x tensor | microbatches "
-                               "(sequences per shard) |")
-    assert table[2].startswith("| tiny stage 1 | v5e-4 (v5e:2x2) | 4 x 1 | 4 (1) |")
-    assert table[3].startswith("| tiny stage 1 | v5p-8 (v5p:2x2x1) | 4 x 1 | 4 (1) |")
+    table = tpu_fit.fit_table_markdown(reports, entries).splitlines()
+    assert table[0].startswith("| model | slice | mesh fsdp x tensor | rows (microbatches) "
+                               "| samples per step |")
+    assert table[2].startswith("| tiny stage 1 | v5e-4 (v5e:2x2) | 4 x 1 | 16 (4) | 40 |")
+    assert table[3].startswith("| tiny stage 1 | v5p-8 (v5p:2x2x1) | 4 x 1 | 16 (4) | 40 |")
     assert "| 16 | yes |" in table[2] and "| 95 | yes |" in table[3]
+    # Per 1,000 samples: the step's time over 40 samples; padded: 1,000 x 1e9 FLOPs.
+    report = reports[0]
+    seconds = report.step_seconds_at_mfu()
+    padded = 1e12 / (0.4 * 4 * report.peak_flops_per_chip)
+    assert f"| {1000 * seconds / 40:.1f} s ({padded:.1f} s) |" in table[2]

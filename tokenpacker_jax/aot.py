@@ -46,6 +46,7 @@ from ml_collections import config_flags
 
 from tokenpacker_jax import assembly, configuration, flops, sharding, user_error
 from tokenpacker_jax.data import batch as batch_lib
+from tokenpacker_jax.models import attention
 from tokenpacker_jax.user_error import InputError, UserError
 
 GiB = 1024**3
@@ -190,6 +191,8 @@ class FitReport:
     analytic_flops: float = 0.0  # flops.train_step_flops
     compile_seconds: float = 0.0
     out_of_memory: str = ""  # the compiler's message when the program exceeded HBM
+    rows: str = "one sample per row"  # or "packed (STRATEGY, N tile slots, K samples)"
+    attention: str = ""  # the packed rows' attention kernel (models/attention.py)
 
     @property
     def total_bytes(self) -> int:
@@ -229,6 +232,7 @@ class FitReport:
             f"{self.topology.chips} chips, {self.device_kind}); mesh {mesh}",
             f"step: global batch {self.batch} x {self.length} tokens in {self.microbatches} "
             f"microbatch(es) of {per_micro} ({per_micro / replicas:g} per data-parallel shard)",
+            f"rows: {self.rows}; attention: {self.attention}",
         ]
         if self.out_of_memory:
             out.append(f"compile: out of memory: {self.out_of_memory}")
@@ -302,13 +306,18 @@ def compile_step(config: ml_collections.ConfigDict, topology: str | Topology,
     run = assembly.assemble(config, mesh, total_steps=total_steps)
     batch_args = batch_lib.abstract_batch(batch_lib.Dims.of_config(config),
                                           config.data.batch_size, mesh)
+    dims = batch_lib.Dims.of_config(config)
     report = FitReport(
         config_name=config_name, topology=topology, device_kind=devices[0].device_kind,
         mesh=mesh_sizes, batch=config.data.batch_size, length=config.data.max_length,
         microbatches=config.train.microbatches, analytic_flops=run.step_flops())
+    if batch_lib.is_packed(config.data):
+        report.rows = (f"packed ({config.data.packing}, {dims.tiles} tile slots, "
+                       f"{dims.samples} samples)")
 
     start = time.perf_counter()
     with run.use_mesh():
+        report.attention = attention.attention_kernel(run.model.config.decoder, dims.length)
         lowered = run.train_step.lower(run.state_targets(), batch_args)
         try:
             compiled = lowered.compile()

@@ -3,10 +3,14 @@ machine (BENCHMARKS.md "TPU fit").
 
     python -m tokenpacker_jax.bench.tpu_fit [--jobs=2]
 
-Each entry is ``configs/tokenpacker.py:llm=...,stage=...`` on a slice, with
-``train.microbatches`` set so that each data-parallel shard holds one sequence per
-microbatch; ``aot.compile_step`` compiles it with libtpu's compile-only devices and measures
-it. Prints a line per entry as it finishes, then the Markdown table.
+Each entry is ``configs/tokenpacker.py:llm=...,stage=...`` (packed rows, splash attention on
+the TPU) on a slice, with ``train.microbatches`` set so that each data-parallel shard holds
+one row per microbatch; ``aot.compile_step`` compiles it with libtpu's compile-only devices
+and measures it. Samples per step are its rows times the samples a packed row holds on
+LLaVA-shaped data (``tokenpacker.PACKED_ROWS``); beside its step time at 40% MFU per 1,000
+samples stands the padded config's (``packing=none``: the recipe's batch, one sample per
+row; the same analytic FLOPs, not compiled). Prints a line per entry as it finishes, then the
+Markdown table.
 ``python -m tokenpacker_jax.bench tpu_fit`` runs this command in a process of its own and
 writes the table into BENCHMARKS.md.
 """
@@ -21,7 +25,7 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from tokenpacker_jax import aot, sharding, user_error
+from tokenpacker_jax import aot, configuration, flops, sharding, user_error
 from tokenpacker_jax.configs import tokenpacker
 
 TABLE_SLICES = ("v5e-8", "v5e-16", "v5e-32", "v5p-8", "v5p-16")
@@ -34,6 +38,17 @@ class TableEntry:
     label: str  # e.g. "vicuna7b stage 2"
     config: ml_collections.ConfigDict
     topology: aot.Topology
+    samples_per_step: float  # rows x samples a row (measured, PACKED_ROWS)
+    padded_flops_per_sample: float  # the padded config's analytic FLOPs / its batch
+
+
+def padded_flops_per_sample(llm: str, stage: int) -> float:
+    """Analytic FLOPs per sample of the padded config (one sample per 2,048 positions)."""
+    config = tokenpacker.get_config(f"llm={llm},stage={stage},packing=none")
+    step = flops.train_step_flops(
+        configuration.mllm_config(config), batch=config.data.batch_size,
+        length=config.data.max_length, tiles=1, trainable=tuple(config.train.trainable))
+    return step.total / config.data.batch_size
 
 
 def one_sequence_per_shard(config: ml_collections.ConfigDict, topology: aot.Topology) -> None:
@@ -47,15 +62,18 @@ def one_sequence_per_shard(config: ml_collections.ConfigDict, topology: aot.Topo
 
 def paper_table_entries(slices: Sequence[str] = TABLE_SLICES,
                         models: Sequence[tuple[str, int]] = TABLE_MODELS) -> list[TableEntry]:
-    """The paper's 7B / 13B stages (scale 2, 2048 tokens, docs/reference.md §7 batches) on
-    each slice."""
+    """The paper's 7B / 13B stages (scale 2, 2048 positions; the recipe's
+    batches, docs/reference.md §7, in packed rows) on each slice."""
     entries = []
     for llm, stage in models:
+        padded = padded_flops_per_sample(llm, stage)
         for name in slices:
             topology = aot.parse_topology(name)
             config = tokenpacker.get_config(f"llm={llm},stage={stage}")
             one_sequence_per_shard(config, topology)
-            entries.append(TableEntry(f"{llm} stage {stage}", config, topology))
+            samples_per_row = tokenpacker.PACKED_ROWS[stage, 2][0]
+            entries.append(TableEntry(f"{llm} stage {stage}", config, topology,
+                                      config.data.batch_size * samples_per_row, padded))
     return entries
 
 
@@ -98,17 +116,24 @@ def _short_out_of_memory(message: str) -> str:
     return message
 
 
-def fit_table_markdown(reports: Sequence[aot.FitReport]) -> str:
-    """The reports as a Markdown table (memory per chip in GiB)."""
-    lines = ["| model | slice | mesh fsdp x tensor | microbatches (sequences per shard) "
+def fit_table_markdown(reports: Sequence[aot.FitReport],
+                       entries: Sequence[TableEntry]) -> str:
+    """The reports of ``entries`` as a Markdown table (memory per chip in GiB)."""
+    lines = ["| model | slice | mesh fsdp x tensor | rows (microbatches) | samples per step "
              "| arguments | temporaries | total | HBM | fits | PFLOP per step "
-             "| step at 40% MFU | compile |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in reports:
+             "| step at 40% MFU | per 1,000 samples (padded) | compile |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r, entry in zip(reports, entries):
         shards = r.mesh["data"] * r.mesh["fsdp"]
         mesh = f"{shards} x {r.mesh['tensor']}" if r.mesh["data"] == 1 else (
             f"{r.mesh['data']} data x {r.mesh['fsdp']} x {r.mesh['tensor']}")
         seconds = r.step_seconds_at_mfu()
+        per_thousand = "-"
+        if seconds is not None:
+            padded = (1000 * entry.padded_flops_per_sample
+                      / (0.4 * r.topology.chips * r.peak_flops_per_chip))
+            per_thousand = (f"{1000 * seconds / entry.samples_per_step:.1f} s "
+                            f"({padded:.1f} s)")
         if r.out_of_memory:
             arguments = temporaries = total = "-"
             fits = f"no: {_short_out_of_memory(r.out_of_memory)}"
@@ -119,10 +144,11 @@ def fit_table_markdown(reports: Sequence[aot.FitReport]) -> str:
             fits = "yes" if r.fits else "no"
         lines.append(
             f"| {r.config_name} | {r.topology.slice_name} ({r.topology.name}) | {mesh} | "
-            f"{r.microbatches} ({r.batch // r.microbatches // shards}) | {arguments} | "
+            f"{r.batch} ({r.microbatches}) | {entry.samples_per_step:.0f} | {arguments} | "
             f"{temporaries} | {total} | {r.hbm_bytes / GiB:.0f} | {fits} | "
             f"{r.analytic_flops / 1e15:.2f} | "
-            f"{'-' if seconds is None else f'{seconds:.1f} s'} | {r.compile_seconds:.0f} s |")
+            f"{'-' if seconds is None else f'{seconds:.1f} s'} | {per_thousand} | "
+            f"{r.compile_seconds:.0f} s |")
     return "\n".join(lines)
 
 
@@ -135,8 +161,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="compile this many entries at once (worker processes)")
     args = parser.parse_args(argv)
     aot.keep_jax_on_the_host()
-    reports = fit_table(paper_table_entries(), log=print, jobs=args.jobs)
-    print(fit_table_markdown(reports))
+    entries = paper_table_entries()
+    reports = fit_table(entries, log=print, jobs=args.jobs)
+    print(fit_table_markdown(reports, entries))
 
 
 if __name__ == "__main__":
