@@ -191,7 +191,7 @@ class FitReport:
     analytic_flops: float = 0.0  # flops.train_step_flops
     compile_seconds: float = 0.0
     out_of_memory: str = ""  # the compiler's message when the program exceeded HBM
-    rows: str = "one sample per row"  # or "packed (STRATEGY, N tile slots, K samples)"
+    rows: str = "one sample per row"  # or "packed (STRATEGY: up to N tile slots and K ...)"
     attention: str = ""  # the packed rows' attention kernel (models/attention.py)
 
     @property
@@ -312,8 +312,8 @@ def compile_step(config: ml_collections.ConfigDict, topology: str | Topology,
         mesh=mesh_sizes, batch=config.data.batch_size, length=config.data.max_length,
         microbatches=config.train.microbatches, analytic_flops=run.step_flops())
     if batch_lib.is_packed(config.data):
-        report.rows = (f"packed ({config.data.packing}, {dims.tiles} tile slots, "
-                       f"{dims.samples} samples)")
+        report.rows = (f"packed ({config.data.packing}: up to {dims.tiles} tile slots and "
+                       f"{dims.samples} samples a row)")
 
     start = time.perf_counter()
     with run.use_mesh():

@@ -1,7 +1,8 @@
 """Table 5: the paper's 7B / 13B training steps compiled for Cloud TPU slices on this
 machine (BENCHMARKS.md "TPU fit").
 
-    python -m tokenpacker_jax.bench.tpu_fit [--jobs=2]
+    python -m tokenpacker_jax.bench.tpu_fit [--jobs=2] [--models=vicuna7b:2,...] \\
+        [--slices=v5e-16,...]
 
 Each entry is ``configs/tokenpacker.py:llm=...,stage=...`` (packed rows, splash attention on
 the TPU) on a slice, with ``train.microbatches`` set so that each data-parallel shard holds
@@ -27,6 +28,7 @@ import ml_collections
 
 from tokenpacker_jax import aot, configuration, flops, sharding, user_error
 from tokenpacker_jax.configs import tokenpacker
+from tokenpacker_jax.user_error import InputError
 
 TABLE_SLICES = ("v5e-8", "v5e-16", "v5e-32", "v5p-8", "v5p-16")
 TABLE_MODELS = (("vicuna7b", 1), ("vicuna7b", 2), ("vicuna13b", 1), ("vicuna13b", 2))
@@ -159,9 +161,26 @@ def main(argv: Sequence[str] | None = None) -> None:
                                        description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=1,
                         help="compile this many entries at once (worker processes)")
+    parser.add_argument("--models", default=",".join(f"{m}:{s}" for m, s in TABLE_MODELS),
+                        help="the table's rows: LLM:STAGE, comma-separated")
+    parser.add_argument("--slices", default=",".join(TABLE_SLICES),
+                        help="the slices each model is compiled for, comma-separated")
     args = parser.parse_args(argv)
+    models = []
+    for item in args.models.split(","):
+        llm, _, stage = item.partition(":")
+        if llm not in tokenpacker.LLMS or stage not in ("1", "2"):
+            parser.error(f"--models: {item!r} is not LLM:STAGE with LLM one of "
+                         f"{', '.join(tokenpacker.LLMS)} and STAGE 1 or 2")
+        models.append((llm, int(stage)))
+    slices = args.slices.split(",")
+    for name in slices:
+        try:
+            aot.parse_topology(name)
+        except InputError as error:
+            parser.error(f"--slices: {error}")
     aot.keep_jax_on_the_host()
-    entries = paper_table_entries()
+    entries = paper_table_entries(slices, models)
     reports = fit_table(entries, log=print, jobs=args.jobs)
     print(fit_table_markdown(reports, entries))
 
