@@ -1,9 +1,11 @@
 """The TPU fit table (BENCHMARKS.md table 5): entries compiled for TPU slices in worker
 processes with libtpu's compile-only devices, and their Markdown rows."""
 
+import pytest
+
 from tokenpacker_jax import aot
 from tokenpacker_jax.bench import tpu_fit
-from tokenpacker_jax.configs import tiny
+from tokenpacker_jax.configs import tiny, tokenpacker
 
 
 def test_short_out_of_memory_message():
@@ -50,3 +52,15 @@ def test_fit_table_of_the_tiny_stage_1_step_in_two_worker_processes():
     seconds = report.step_seconds_at_mfu()
     padded = 1e12 / (0.4 * 4 * report.peak_flops_per_chip)
     assert f"| {1000 * seconds / 40:.1f} s ({padded:.1f} s) |" in table[2]
+
+
+def test_table_entries_and_mistakes_on_the_command_line(capsys):
+    (entry,) = tpu_fit.paper_table_entries(["v5e-16"], [("vicuna7b", 2)])
+    rows = entry.config.data.batch_size
+    assert entry.samples_per_step == rows * tokenpacker.PACKED_ROWS[2, 2][0]
+    assert entry.config.train.microbatches == rows // 16
+    for argv, said in ((["--models=vicuna7b:3"], "--models: 'vicuna7b:3'"),
+                       (["--slices=v5e-7"], "--slices: topology 'v5e-7'")):
+        with pytest.raises(SystemExit) as exit_info:
+            tpu_fit.main(argv)
+        assert exit_info.value.code == 2 and said in capsys.readouterr().err

@@ -41,6 +41,8 @@ def get_config(arg: str | None = None):
         head_dim=16, max_position_embeddings=512))
     config.data.image.image_size = 48
     # The longest synthetic conversation is 84 tokens with its 9 visual tokens: 88 pads less.
+    # Not packed: one sample fills 71% of a row, and packed rows' extra tile slots cost the
+    # trained tower more than they save (BENCHMARKS.md "Packing": 0.89x tokens per second).
     config.data.update(dict(max_length=88, batch_size=16, read_threads=2, prefetch_buffer=32,
                             system_prompt=""))
     config.data.hd.update(dict(comma_id=-1, newline_id=-1))
