@@ -118,7 +118,9 @@ class Dims:
         per_row = int(data_config.get("max_images_per_row", 0))
         if per_row < tiles:
             raise ValueError(f"data.max_images_per_row: {per_row} tile slots per packed row "
-                             f"hold less than one sample's {tiles}")
+                             f"hold less than one sample's {tiles} (with data.packing="
+                             f"{data_config.packing}, set the slots a row has; "
+                             "python -m tokenpacker_jax.data.stats shows how many rows take)")
         samples = int(data_config.get("max_samples_per_row", 0)) or max(
             1, length // MIN_SAMPLE_POSITIONS)
         return cls(length, per_row, size, samples=samples)
