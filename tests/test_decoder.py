@@ -471,7 +471,7 @@ def packed_row(lengths=(5, 9, 7), length=24, seed=9):
     samples = [rng.randint(4, VOCAB, size=n) for n in lengths]
     ids, segments = np.zeros((1, length), np.int64), np.zeros((1, length), np.int32)
     starts = np.cumsum((0, *lengths[:-1]))
-    for segment, (start, sample) in enumerate(zip(starts, samples), 1):
+    for segment, (start, sample) in enumerate(zip(starts, samples, strict=True), 1):
         ids[0, start:start + len(sample)] = sample
         segments[0, start:start + len(sample)] = segment
     return ids, segments, samples, starts
@@ -492,7 +492,7 @@ def test_packed_row_equals_each_sample_alone(tiny):
                                   segment_ids=segments))
     valid = segments[0] > 0  # (padding slots' positions differ: 0 here, 0, 1, 2 by default)
     np.testing.assert_array_equal(explicit[0, valid], packed[0, valid])
-    for sample, start in zip(samples, starts):
+    for sample, start in zip(samples, starts, strict=True):
         got = packed[0, start:start + len(sample)]
         alone = np.asarray(forward(variables, sample[None]))[0]
         # Rows of other lengths sum in another order: float32 rounding, relative to logits

@@ -7,11 +7,13 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from data_helpers import data_config
 from tokenpacker_jax.data import pipeline, synthetic
 from tokenpacker_jax.data.llava import LlavaSource
 from tokenpacker_jax.tokenizer import load_tokenizer
+
+from data_helpers import data_config
 
 G = 36  # tokens per tile of a 48 px tower in patches of 4, packed 2x
 NUM = 120
@@ -116,7 +118,6 @@ def test_best_fit_and_hd_tiles(synthetic_dir, tokenizer, tmp_path):
     for index, record in enumerate(records):
         height, width = (48, 48 * int(rng.integers(1, 4)))
         path = tmp_path / f"wide{index}.png"
-        from PIL import Image
         Image.fromarray(rng.integers(0, 255, (height, width, 3), np.uint8)).save(path)
         record["image"] = str(path)
     (tmp_path / "hd.json").write_text(json.dumps(records))

@@ -147,5 +147,5 @@ def test_packed_rows_on_8_devices(model_and_params, mesh8):
         logits = jax.jit(model.apply, out_shardings=NamedSharding(
             mesh8, PartitionSpec(("data", "fsdp"))))({"params": placed}, **inputs)
     assert logits.sharding.shard_shape(logits.shape)[0] == 1
-    for row, order, row_logits in zip(rows, orders, np.asarray(logits)):
+    for row, order, row_logits in zip(rows, orders, np.asarray(logits), strict=True):
         check_row(row_logits, row, order, expected)

@@ -26,7 +26,7 @@ def packed_rows(batch, seed=0):
     segments = np.zeros((batch, LENGTH), np.int32)
     for row in range(batch):
         cuts = np.sort(rng.choice(np.arange(5, LENGTH - 5), rng.integers(2, 5), replace=False))
-        for segment, (start, end) in enumerate(zip((0, *cuts[:-1]), cuts), 1):
+        for segment, (start, end) in enumerate(zip((0, *cuts[:-1]), cuts, strict=True), 1):
             segments[row, start:end] = segment
     q = rng.standard_normal((batch, LENGTH, HEADS, HEAD_DIM), np.float32)
     k, v = rng.standard_normal((2, batch, LENGTH, KV_HEADS, HEAD_DIM), np.float32)
@@ -50,7 +50,7 @@ def value_and_grads(attention, weights):
     def run(q, k, v, segments):
         results = []
         for is_sliding in (jnp.asarray(False), jnp.asarray(True)):
-            def loss(q, k, v):
+            def loss(q, k, v, is_sliding=is_sliding):
                 out = attention(q, k, v, segments, is_sliding)
                 return jnp.sum(out * weights), out
 
@@ -62,10 +62,10 @@ def value_and_grads(attention, weights):
 
 
 def assert_same(got, expected):
-    for (out, grads), (out_ref, grads_ref) in zip(got, expected):
+    for (out, grads), (out_ref, grads_ref) in zip(got, expected, strict=True):
         # Every slot, padding included: both paths let padding attend to padding.
         np.testing.assert_allclose(np.asarray(out), np.asarray(out_ref), atol=1e-5, rtol=0)
-        for grad, grad_ref in zip(grads, grads_ref):
+        for grad, grad_ref in zip(grads, grads_ref, strict=True):
             scale = float(np.abs(np.asarray(grad_ref)).max())
             np.testing.assert_allclose(np.asarray(grad), np.asarray(grad_ref),
                                        atol=1e-5 * max(scale, 1.0), rtol=0)

@@ -106,9 +106,10 @@ def step_rows(data: str, batches: int, runs: int, log, shrink: bool = False,
         tokenizer = load_tokenizer(config.model.tokenizer)
         local = [batch for _, batch in zip(range(batches), iter(pipeline.make_dataset(
             config.data, tokenizer, pipeline.tokens_per_tile(run.model.config), "train",
-            seed=0)))]
-        params = jax.device_put(measurement.random_params(run.model, **batch_lib.example_inputs(
-            batch_lib.Dims.of_model(run.model.config, 8))), run.param_shardings)
+            seed=0)), strict=False)]
+        example = batch_lib.example_inputs(batch_lib.Dims.of_model(run.model.config, 8))
+        params = jax.device_put(measurement.random_params(run.model, **example),
+                                run.param_shardings)
         state = [run.init_state(params, jax.random.key(0))]
         placed = [run.global_batch(batch) for batch in local]
         with run.use_mesh():

@@ -125,7 +125,7 @@ def fit_table_markdown(reports: Sequence[aot.FitReport],
              "| arguments | temporaries | total | HBM | fits | PFLOP per step "
              "| step at 40% MFU | per 1,000 samples (padded) | compile |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r, entry in zip(reports, entries):
+    for r, entry in zip(reports, entries, strict=True):
         shards = r.mesh["data"] * r.mesh["fsdp"]
         mesh = f"{shards} x {r.mesh['tensor']}" if r.mesh["data"] == 1 else (
             f"{r.mesh['data']} data x {r.mesh['fsdp']} x {r.mesh['tensor']}")

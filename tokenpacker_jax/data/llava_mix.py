@@ -36,7 +36,6 @@ word is about one token; box coordinates take about twenty (digits are split).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
