@@ -45,9 +45,9 @@ def test_hbm_per_generation():
 
 
 def test_microbatches_must_divide_over_the_data_parallel_chips():
-    config = tokenpacker.get_config("llm=vicuna7b,stage=2")  # 128 sequences, 8 microbatches
+    config = tokenpacker.get_config("llm=vicuna7b,stage=2")  # 32 packed rows, 2 microbatches
     aot.check_microbatches(config, {"data": 1, "fsdp": 16, "tensor": 1})
-    with pytest.raises(configuration.ConfigError, match=r"train.microbatches: 8 .* 32 chips"):
+    with pytest.raises(configuration.ConfigError, match=r"train.microbatches: 2 .* 32 chips"):
         aot.check_microbatches(config, {"data": 2, "fsdp": 16, "tensor": 1})
 
 
