@@ -32,9 +32,10 @@ def data_dir(tmp_path_factory):
     return out
 
 
-def small_config(data_dir, stage=2, **overrides):
-    """configs/tiny.py, made smaller still so that several runs fit in the test budget."""
-    config = tiny.get_config(f"stage={stage},data={data_dir}")
+def small_config(data_dir, stage=2, variant="", **overrides):
+    """configs/tiny.py (``variant``: more of its variant string), made smaller still so that
+    several runs fit in the test budget. ``overrides``: {"section.field": value}."""
+    config = tiny.get_config(f"stage={stage},data={data_dir}" + (f",{variant}" * bool(variant)))
     config.model.vision.num_layers = 2
     config.model.features.multi_layers = (1, 2, 1, 2)
     config.model.decoder.num_layers = 1
@@ -42,8 +43,11 @@ def small_config(data_dir, stage=2, **overrides):
     config.train.update(dict(num_steps=STEPS, log_every=1))
     config.checkpoint.update(dict(every_steps=2, asynchronous=False))
     for key, value in overrides.items():
-        section, field = key.split(".")
-        config[section][field] = value
+        *sections, field = key.split(".")
+        node = config
+        for section in sections:
+            node = node[section]
+        node[field] = value
     return config
 
 

@@ -46,17 +46,19 @@ def make_batch(seed=0):
                                      vocab_size=VOCAB, seed=seed, image_every=2)
 
 
-def build(model, mesh, trainable, microbatches=1, lr=3e-3, tx=None):
+def build(model, mesh, trainable, microbatches=1, lr=3e-3, tx=None, **step_options):
     rules = sharding.DEFAULT_RULES
     abstract, shardings = state_lib.param_shardings(model, mesh, rules)
     if tx is None:
         tx, _ = make_optimizer(_optim(lr), split_trainable(abstract, trainable)[0],
                                total_steps=100)
     params = state_lib.init_params(model, mesh, rules, jax.random.key(0), {}, shardings)
-    state = state_lib.create_state(params, tx, trainable, shardings, mesh)
-    state_shardings = state_lib.state_shardings(state, shardings, tx, trainable, mesh)
+    memory_kind = "pinned_host" if step_options.get("offload") else None
+    state = state_lib.create_state(params, tx, trainable, shardings, mesh, memory_kind)
+    state_shardings = state_lib.state_shardings(state, shardings, tx, trainable, mesh,
+                                                memory_kind)
     with sharding.use_mesh(mesh, rules):
-        step = jax.jit(make_train_step(model, tx, trainable, microbatches),
+        step = jax.jit(make_train_step(model, tx, trainable, microbatches, **step_options),
                        in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
                        donate_argnums=0)
     return state, step, state_shardings
@@ -136,6 +138,31 @@ def test_gradient_accumulation_matches_one_big_batch(model, mesh8):
         np.testing.assert_allclose(metrics[1][key], metrics[0][key], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6),
                  results[0], results[1])
+
+
+def test_lean_step_options_give_the_same_update(model, mesh8):
+    """The chunked loss, bfloat16 microbatch gradients (summed in float32) and the optimizer
+    state in host memory against the plain step: the same loss and, up to bfloat16 rounding
+    of the weights and gradients (this model computes in float32), the same update."""
+    batch = make_batch(2)
+    updates, metrics = [], []
+    tx = optax.sgd(1.0, momentum=0.9)  # per-parameter state, and linear in the gradient
+    for options in ({}, {"loss_chunk": 7, "grad_dtype": "bfloat16", "offload": True}):
+        state, step, _ = build(model, mesh8, ("projector", "decoder"), 2, tx=tx, **options)
+        before = jax.tree.map(np.asarray, state.params)
+        with sharding.use_mesh(mesh8, sharding.DEFAULT_RULES):
+            state, step_metrics = step(state, global_batch(batch, mesh8))
+        updates.append(jax.tree.map(lambda a, b: np.asarray(b) - a, before, state.params))
+        metrics.append({k: float(v) for k, v in step_metrics.items()})
+        assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(state.params))
+        kinds = {leaf.sharding.memory_kind for leaf in jax.tree.leaves(state.opt_state)
+                 if leaf.ndim}
+        assert kinds == {"pinned_host" if options else "device"}
+    np.testing.assert_allclose(metrics[1]["loss"], metrics[0]["loss"], rtol=1e-2)
+    assert metrics[1]["supervised_tokens"] == metrics[0]["supervised_tokens"]
+    plain, lean = (np.concatenate([u.ravel() for u in jax.tree.leaves(x)]) for x in updates)
+    assert np.abs(plain).max() > 0
+    assert np.linalg.norm(lean - plain) < 0.05 * np.linalg.norm(plain)
 
 
 def test_checkpoint_restores_onto_other_meshes(stage2_run, tmp_path):

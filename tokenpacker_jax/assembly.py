@@ -51,7 +51,8 @@ def build_model(config: ml_collections.ConfigDict) -> mllm.MultimodalLM:
         decoder = hf_decoder.decoder_config_from_hf(
             checkpoint_io.read_config(config.model.decoder_checkpoint), dtype=d.dtype,
             param_dtype=d.param_dtype, remat_policy=d.remat_policy,
-            attention_impl=d.get("attention_impl"))
+            attention_impl=d.get("attention_impl"), attention_chunk=d.get("attention_chunk", 0),
+            gather_embedding_table=d.get("gather_embedding_table", True))
     return mllm.MultimodalLM(configuration.mllm_config(config, vision=vision,
                                                        decoder=decoder))
 
@@ -127,6 +128,14 @@ class PlacedModel:
         """The mesh made current, with the config's logical axis rules installed."""
         return sharding.use_mesh(self.mesh, self.config.sharding.rules)
 
+    def plain_layout(self) -> PlacedModel:
+        """The same model without LoRA adapters on the same mesh: the layout of pretrained
+        checkpoints, earlier stages and merged runs, which a LoRA run starts from."""
+        model = mllm.MultimodalLM(mllm.without_adapters(self.model.config))
+        abstract, shardings = state_lib.param_shardings(model, self.mesh,
+                                                        self.config.sharding.rules, self.tiles)
+        return PlacedModel(self.config, self.mesh, model, self.tiles, abstract, shardings)
+
 
 def place_model(config: ml_collections.ConfigDict, mesh: Mesh | None = None) -> PlacedModel:
     """``build_model(config)`` and its parameter shardings on ``mesh`` (default: the
@@ -161,7 +170,7 @@ class Run(PlacedModel):
             self.param_shardings, self.tiles,
             kernel_scale=self.config.model.get("init_kernel_scale"))
         return state_lib.create_state(params, self.tx, self.trainable, self.param_shardings,
-                                      self.mesh)
+                                      self.mesh, optimizer_memory_kind(self.config))
 
     def state_targets(self) -> state_lib.TrainState:
         """ShapeDtypeStructs of the state carrying its shardings: what a checkpoint restores
@@ -178,6 +187,12 @@ class Run(PlacedModel):
             self.model.config, batch=self.config.data.batch_size,
             length=self.config.data.max_length, tiles=self.tiles,
             trainable=self.trainable).total
+
+
+def optimizer_memory_kind(config: ml_collections.ConfigDict) -> str | None:
+    """Where the optimizer state lives: "pinned_host" with ``optim.offload`` (host memory,
+    visiting the devices for the update), else None (the devices' memory)."""
+    return "pinned_host" if config.optim.get("offload") else None
 
 
 def assemble(config: ml_collections.ConfigDict, mesh: Mesh | None = None, *,
@@ -199,13 +214,16 @@ def assemble(config: ml_collections.ConfigDict, mesh: Mesh | None = None, *,
         step=jax.ShapeDtypeStruct((), jnp.int32), params=placed.abstract_params,
         opt_state=jax.eval_shape(tx.init, trainable_params))
     state_shardings = state_lib.state_shardings(abstract_state, placed.param_shardings, tx,
-                                                trainable, mesh)
+                                                trainable, mesh, optimizer_memory_kind(config))
     dims = batch_lib.Dims.of_config(config)
     batch_shardings = {key: sharding.batch_sharding(mesh, 1 + len(dims.shape(key)))
                        for key in batch_lib.STEP_KEYS}
     replicated = sharding.replicated(mesh)
     jitted_train = jax.jit(
-        make_train_step(placed.model, tx, trainable, config.train.microbatches),
+        make_train_step(placed.model, tx, trainable, config.train.microbatches,
+                        loss_chunk=config.train.get("loss_chunk", 0),
+                        grad_dtype=config.train.get("grad_dtype", ""),
+                        offload=bool(config.optim.get("offload")), seed=config.seed),
         in_shardings=(state_shardings, batch_shardings),
         out_shardings=(state_shardings, replicated), donate_argnums=0)
     jitted_eval = jax.jit(make_eval_step(placed.model),
@@ -226,6 +244,7 @@ class TrainedModel:
     params: dict
     tokenizer: Any
     tokens_per_tile: int
+    step: int  # of the checkpoint the parameters come from
 
 
 def load_trained(workdir: str, *, mesh: Mesh | None = None,
@@ -235,6 +254,8 @@ def load_trained(workdir: str, *, mesh: Mesh | None = None,
     The parameters are restored onto ``mesh`` (default: a one-device mesh), whatever mesh
     the run trained on.
     """
+    if step is None:
+        step = checkpoint.latest_step(workdir)
     config = saved_config(workdir, step)
     if mesh is None:
         mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1},
@@ -244,4 +265,4 @@ def load_trained(workdir: str, *, mesh: Mesh | None = None,
                                        placed.param_shardings, step)
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.decoder_checkpoint)
     return TrainedModel(config, placed.model, params, tokenizer,
-                        pipeline.tokens_per_tile(placed.model.config))
+                        pipeline.tokens_per_tile(placed.model.config), step)

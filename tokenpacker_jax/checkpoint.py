@@ -316,6 +316,14 @@ def run_directory(workdir: str | os.PathLike) -> str:
     return os.path.join(workdir, "checkpoints")
 
 
+def latest_step(workdir: str | os.PathLike) -> int:
+    """The newest checkpoint step of a run; FileNotFoundError when it has none."""
+    step = make_manager(run_directory(workdir), asynchronous=False).latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{workdir}: no checkpoint in {run_directory(workdir)}")
+    return step
+
+
 def restore_params(workdir: str | os.PathLike, abstract_params: Any, shardings: Any,
                    step: int | None = None) -> dict:
     """The parameters alone from a run's checkpoint (default: its newest), onto

@@ -5,6 +5,8 @@ Errors name the field (``model.projector.scale_factor``) and say what would be v
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import ml_collections
 
@@ -13,6 +15,7 @@ from tokenpacker_jax.data import batch as batch_lib
 from tokenpacker_jax.data import conversation, hd, packing
 from tokenpacker_jax.data.image import ASPECT_MODES
 from tokenpacker_jax.models.decoder_config import DecoderConfig
+from tokenpacker_jax.models.lora import LoraConfig
 from tokenpacker_jax.models.mllm import PARAM_GROUPS, MLLMConfig
 from tokenpacker_jax.models.projectors import ProjectorConfig, num_output_tokens
 from tokenpacker_jax.models.vision import VisionConfig
@@ -48,14 +51,38 @@ def projector_config(config: ml_collections.ConfigDict, out_dim: int) -> Project
         raise ConfigError(f"model.projector: {err}") from err
 
 
+def lora_config(config: ml_collections.ConfigDict, group: str) -> LoraConfig | None:
+    """The LoRA adapters of parameter group ``group`` from ``config.model.lora`` (None: the
+    group has none: rank 0, or no targets for it)."""
+    section = config.model.get("lora")
+    if section is None or not section.rank:
+        return None
+    targets = dict(section.targets or {}).get(group)
+    if not targets:
+        return None
+    try:
+        return LoraConfig(rank=section.rank, alpha=section.alpha, dropout=section.dropout,
+                          targets=(targets,) if isinstance(targets, str) else tuple(targets),
+                          quantize=section.quantize, block_size=section.block_size)
+    except ValueError as err:
+        raise ConfigError(f"model.lora: {err}") from err
+
+
 def mllm_config(config: ml_collections.ConfigDict, *, vision: VisionConfig | None = None,
                 decoder: DecoderConfig | None = None) -> MLLMConfig:
     """The MLLMConfig; ``vision`` / ``decoder`` (e.g. read from checkpoints) replace the
-    config's sections."""
-    vision = vision or vision_config(config)
-    decoder = decoder or decoder_config(config)
+    config's sections. The parts take their LoRA adapters from ``config.model.lora``."""
+    vision = dataclasses.replace(vision or vision_config(config),
+                                 lora=lora_config(config, "vision_tower"))
+    decoder = dataclasses.replace(decoder or decoder_config(config),
+                                  lora=lora_config(config, "decoder"))
+    projector = projector_config(config, decoder.width)
+    try:
+        projector = dataclasses.replace(projector, lora=lora_config(config, "projector"))
+    except ValueError as err:
+        raise ConfigError(f"model.lora.targets: {err}") from err
     features = config.model.features
-    return MLLMConfig(vision=vision, projector=projector_config(config, decoder.width),
+    return MLLMConfig(vision=vision, projector=projector,
                       decoder=decoder, select_layer=features.select_layer,
                       multi_layers=tuple(features.multi_layers),
                       train_vision=config.model.train_vision)
@@ -112,12 +139,32 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
                f"{target!r}: {group!r} is not a parameter group (valid: {PARAM_GROUPS})")
         _check(factor > 0, "model.init_kernel_scale", f"{target}: factor {factor} must be > 0")
 
+    validate_lora(config)
     image = config.data.image
     _check(image.aspect_mode in ASPECT_MODES, "data.image.aspect_mode",
            f"{image.aspect_mode!r} is not one of {ASPECT_MODES}")
     _check(len(image.mean) == 3 and len(image.std) == 3 and min(image.std) > 0,
            "data.image", "mean and std need 3 channels and std > 0")
     validate_data(config, mesh)
+
+
+def validate_lora(config: ml_collections.ConfigDict) -> None:
+    """``config.model.lora``: adapters only on groups that exist and train."""
+    section = config.model.get("lora")
+    if section is None or not section.rank:
+        return
+    _check(section.rank > 0, "model.lora.rank", f"{section.rank} must be >= 0")
+    targets = dict(section.targets or {})
+    unknown = sorted(set(targets) - set(PARAM_GROUPS))
+    _check(not unknown, "model.lora.targets",
+           f"{unknown} are not parameter groups (valid: {PARAM_GROUPS})")
+    trainable = tuple(config.train.trainable)
+    for group, names in targets.items():
+        if names:
+            _check(group in trainable, "model.lora.targets",
+                   f"{group!r} has adapters but does not train (train.trainable: "
+                   f"{trainable}); its adapters would stay zero")
+            lora_config(config, group)
 
 
 def validate_data(config: ml_collections.ConfigDict,

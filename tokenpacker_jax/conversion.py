@@ -1,9 +1,11 @@
-"""Checkpoints to and from PyTorch: ``python -m tokenpacker_jax.convert import|export``.
+"""Checkpoints to and from PyTorch: ``python -m tokenpacker_jax.convert import|export``,
+and LoRA adapters folded into their base: ``merge-lora``.
 
     python -m tokenpacker_jax.convert import --checkpoint=REF_DIR --vision=CLIP_DIR \\
         --out=WORKDIR [--tokenizer=DIR]
     python -m tokenpacker_jax.convert export --checkpoint=WORKDIR --out=DIR \\
         --format=reference|hf|vision [--dtype=float32|bfloat16]
+    python -m tokenpacker_jax.convert merge-lora --checkpoint=WORKDIR --out=WORKDIR2
 
 ``import`` reads a checkpoint in the reference TokenPacker / LLaVA layout (see
 ``convert/llava.py``) plus a local HF CLIP / SigLIP directory (``--vision``; default: the
@@ -33,6 +35,13 @@ of the new run), not a run to resume.
 - ``vision``: the tower as a vision-only HF CLIP / SigLIP directory with a
   ``preprocessor_config.json`` describing our preprocessing.
 
+A run with LoRA adapters (``model.lora``) exports its LLM in the ``hf`` format as the
+frozen base (dequantised if it was stored quantised) plus ``DIR/adapter`` in PEFT's format
+(``peft.PeftModel.from_pretrained(model, DIR/adapter)``); every other part, and every
+part in the other formats, with its adapters folded in. ``merge-lora`` folds all adapters
+into their bases and writes a run workdir (step 0, no optimizer state, the tokenizer in
+``WORKDIR2/tokenizer``) of the same model without adapters.
+
 Tensors are fetched from the devices and written one at a time (safetensors shards of at
 most ``--max_shard_gb``); ``--dtype`` casts them.
 """
@@ -54,8 +63,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from tokenpacker_jax import assembly, checkpoint, configuration, sharding, user_error
-from tokenpacker_jax.convert import checkpoint_io, hf, hf_decoder, hf_vision, llava, reference
+from tokenpacker_jax.convert import adapters, checkpoint_io, hf, hf_decoder, hf_vision, llava, reference
 from tokenpacker_jax.data import image
+from tokenpacker_jax.models import mllm
 from tokenpacker_jax.models.decoder import Decoder
 from tokenpacker_jax.models.decoder_config import DecoderConfig
 from tokenpacker_jax.models.vision import VisionTransformer
@@ -63,6 +73,7 @@ from tokenpacker_jax.tokenizer import load_tokenizer
 from tokenpacker_jax.user_error import CheckpointError, InputError
 
 FORMATS = ("reference", "hf", "vision")
+ADAPTER_DIR = "adapter"  # where an hf export of a LoRA run puts the PEFT adapter
 # What a tokenizer directory may hold (config.json is written separately: it is the model's).
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "generation_config.json",
@@ -234,6 +245,38 @@ def import_checkpoint(checkpoint_dir: str | os.PathLike, out: str | os.PathLike,
     return checkpoint.save_params(out, params, config.to_json())
 
 
+def merge_lora(workdir: str | os.PathLike, out: str | os.PathLike, *,
+               step: int | None = None) -> str:
+    """A LoRA run (its newest checkpoint, or ``step``) -> a run workdir ``out`` of the same
+    model without adapters, each folded into its base (``lora.merge``); returns ``out``.
+
+    The merged parameters take the dtypes of the model without adapters (a QLoRA base,
+    dequantised, is stored in the config's ``param_dtype``)."""
+    out = Path(out).absolute()
+    _require_empty(out, "--out")
+    mesh = _all_devices_mesh()
+    trained = assembly.load_trained(str(workdir), mesh=mesh, step=step)
+    if not any(mllm.lora_configs(trained.model.config).values()):
+        raise InputError(f"{workdir}: the run has no LoRA adapters (model.lora.rank is 0), "
+                         "nothing to merge")
+    config = ml_collections.ConfigDict(trained.config.to_dict())
+    config.model.lora.rank = 0
+    plain = assembly.place_model(config, mesh)
+    abstract, shardings = plain.abstract_params, plain.param_shardings
+    merged = mllm.merge_adapters(trained.model.config, trained.params)
+    for group, tree in merged.items():
+        _check_like(abstract[group], tree, group)
+    params = jax.tree.map(lambda value, like, where: jax.device_put(
+        value.astype(like.dtype), where), merged, abstract, shardings)
+    tokenizer_dir = out / "tokenizer"
+    write_tokenizer(_tokenizer_source(trained.config), tokenizer_dir,
+                    plain.model.config.decoder)
+    config.model.tokenizer = str(tokenizer_dir)
+    config.convert = ml_collections.ConfigDict(dict(
+        merged_from=str(Path(workdir).absolute()), merged_step=int(trained.step)))
+    return checkpoint.save_params(out, params, config.to_json())
+
+
 # -- export ----------------------------------------------------------------------------------
 
 def _tokenizer_source(config: ml_collections.ConfigDict) -> str:
@@ -252,15 +295,25 @@ def export_checkpoint(workdir: str | os.PathLike, out: str | os.PathLike, fmt: s
     out = Path(out).absolute()
     _require_empty(out, "--out")
     trained = assembly.load_trained(str(workdir), mesh=_all_devices_mesh(), step=step)
-    model_config, params = trained.model.config, trained.params
+    adapted_config = trained.model.config
+    # Every part with its adapters folded in; the hf LLM keeps its adapters apart.
+    model_config = mllm.without_adapters(adapted_config)
+    params = mllm.merge_adapters(adapted_config, trained.params)
     cast = jnp.dtype(dtype) if dtype else None
     max_bytes = int(max_shard_gb * 2**30)
 
     if fmt == "vision":
         _export_vision(trained.config, model_config.vision, params, out, cast)
     elif fmt == "hf":
-        hf.save_decoder(Decoder(model_config.decoder), params["decoder"], out, dtype=cast,
+        decoder_params = params["decoder"]
+        if adapted_config.decoder.lora is not None:
+            decoder_params = adapters.base_params(trained.params["decoder"],
+                                                  adapted_config.decoder)
+        hf.save_decoder(Decoder(model_config.decoder), decoder_params, out, dtype=cast,
                         max_shard_bytes=max_bytes)
+        if adapted_config.decoder.lora is not None:
+            adapters.save_peft_adapter(adapted_config.decoder, trained.params["decoder"],
+                                       out / ADAPTER_DIR, base_model=str(out), dtype=cast)
         copy_tokenizer(_tokenizer_source(trained.config), out)
         reference.save_reference_projector(params["projector"], out / projector_file,
                                            name=trained.config.model.projector.name,
@@ -335,12 +388,20 @@ def parser() -> argparse.ArgumentParser:
                      help="hf: the projector's file name (.bin or .safetensors)")
     exp.add_argument("--max_shard_gb", type=float, default=5.0,
                      help="largest safetensors shard")
+
+    merge = commands.add_parser("merge-lora", help="LoRA run workdir -> run workdir with the "
+                                                   "adapters folded in")
+    merge.add_argument("--checkpoint", required=True, help="run workdir of a LoRA run")
+    merge.add_argument("--out", required=True, help="workdir to create")
+    merge.add_argument("--step", type=int, help="checkpoint step (default: the newest)")
     return root
 
 
 def main(argv: Sequence[str] | None = None) -> str:
     args = parser().parse_args(argv)
-    if args.command == "import":
+    if args.command == "merge-lora":
+        result = merge_lora(args.checkpoint, args.out, step=args.step)
+    elif args.command == "import":
         result = import_checkpoint(
             args.checkpoint, args.out, vision=args.vision, tokenizer=args.tokenizer,
             multi_layers=args.multi_layers, num_heads=args.projector_heads,

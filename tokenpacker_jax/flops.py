@@ -111,7 +111,26 @@ def train_step_flops(config: MLLMConfig, *, batch: int, length: int, tiles: int,
     decoder_f = decoder_forward_flops(config, batch, length)
     vision_mult = 3 if "vision_tower" in trainable else 1
     projector_mult = 3 if "projector" in trainable else 1
-    # Gradients reach the projector through the decoder's activations in every stage.
-    decoder_mult = 3 if "decoder" in trainable else 2
+    # Gradients reach the projector through the decoder's activations in every stage; a
+    # decoder with LoRA adapters computes no gradients for its frozen base, only its
+    # adapters' (forward and both backward products).
+    decoder_mult = 3 if "decoder" in trainable and config.decoder.lora is None else 2
+    adapters = 0.0
+    if "decoder" in trainable and config.decoder.lora is not None:
+        adapters = 3 * decoder_adapter_flops(config, batch, length)
     return StepFlops(vision_f * vision_mult, projector_f * projector_mult,
-                     decoder_f * decoder_mult)
+                     decoder_f * decoder_mult + adapters)
+
+
+def decoder_adapter_flops(config: MLLMConfig, batch: int, length: int) -> float:
+    """Forward FLOPs of the decoder's LoRA adapters: x . A . B, 2 r (in + out) per token and
+    adapted layer."""
+    d = config.decoder
+    q_dim, kv_dim = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
+    sizes = {"q_proj": (d.width, q_dim), "k_proj": (d.width, kv_dim),
+             "v_proj": (d.width, kv_dim), "o_proj": (q_dim, d.width),
+             "gate_proj": (d.width, d.mlp_dim), "up_proj": (d.width, d.mlp_dim),
+             "down_proj": (d.mlp_dim, d.width)}
+    per_token = sum(2 * d.lora.rank * (n_in + n_out) for name, (n_in, n_out) in sizes.items()
+                    if d.lora.applies_to(name))
+    return batch * length * d.num_layers * per_token

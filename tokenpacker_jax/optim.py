@@ -3,8 +3,11 @@
 Stages are masks, not code paths: ``config.train.trainable`` names the parameter groups that
 train (``projector``; ``projector`` + ``decoder``; ``vision_tower`` only if asked). The
 optimizer sees only those groups, so frozen groups carry no optimizer state and get no
-weight gradients computed at all. Inside, ``optax.multi_transform`` labels every leaf with
-its group, so each group may have its own learning rate (``optim.group_lr``).
+weight gradients computed at all. A group with LoRA adapters (``models/lora.py``) trains
+its adapters only: its base weights are frozen like a frozen group's. Inside,
+``optax.multi_transform`` labels every leaf with its group, so each group may have its own
+learning rate (``optim.group_lr``); ``optim.mu_dtype`` stores Adam's first moment in
+another dtype (bfloat16 halves it).
 
 Recipe: global-norm clipping, then AdamW with linear warmup and cosine decay to zero (the
 HF Trainer's ``cosine`` schedule, which LLaVA / TokenPacker train with).
@@ -18,7 +21,9 @@ from typing import Any
 
 import jax
 import optax
+from flax import traverse_util
 
+from tokenpacker_jax.models import lora
 from tokenpacker_jax.models.mllm import PARAM_GROUPS
 
 
@@ -32,9 +37,35 @@ def check_trainable(trainable: Sequence[str]) -> tuple[str, ...]:
 
 def split_trainable(params: Mapping[str, Any],
                     trainable: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(trainable groups, frozen groups) of a params dict keyed by PARAM_GROUPS."""
-    return ({k: v for k, v in params.items() if k in trainable},
-            {k: v for k, v in params.items() if k not in trainable})
+    """(trained leaves, frozen leaves) of a params dict keyed by PARAM_GROUPS, as two nested
+    dicts: a group named in ``trainable`` trains whole, or only its adapters if it has any
+    (``join_params`` puts the two back together)."""
+    trained, frozen = {}, {}
+    for group, tree in params.items():
+        if group not in trainable:
+            frozen[group] = tree
+        elif not lora.has_adapters(tree):
+            trained[group] = tree
+        else:
+            flat = traverse_util.flatten_dict(tree)
+            trained[group] = traverse_util.unflatten_dict(
+                {path: leaf for path, leaf in flat.items() if lora.is_adapter(path)})
+            frozen[group] = traverse_util.unflatten_dict(
+                {path: leaf for path, leaf in flat.items() if not lora.is_adapter(path)})
+    return trained, frozen
+
+
+def join_params(trained: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of ``split_trainable``."""
+    joined = dict(frozen)
+    for group, tree in trained.items():
+        if group in joined:
+            joined[group] = traverse_util.unflatten_dict(
+                {**traverse_util.flatten_dict(joined[group]),
+                 **traverse_util.flatten_dict(tree)})
+        else:
+            joined[group] = tree
+    return joined
 
 
 def learning_rate_schedule(peak: float, total_steps: int, warmup_ratio: float,
@@ -59,7 +90,7 @@ def make_optimizer(optim_config, trainable_params: Mapping[str, Any],
 
     Args:
       optim_config: ``config.optim`` (lr, group_lr, warmup_ratio, schedule, weight_decay,
-        b1, b2, eps, grad_clip).
+        b1, b2, eps, grad_clip, mu_dtype: "" keeps the parameters' dtype).
       trainable_params: {group: params} of the trained groups (arrays or ShapeDtypeStructs):
         the labels and weight-decay masks are trees of the same structure (not functions,
         so ``optax.tree_map_params`` can map the state to shardings).
@@ -83,6 +114,7 @@ def make_optimizer(optim_config, trainable_params: Mapping[str, Any],
                       for g, subtree in trainable_params.items()}
         per_group[group] = optax.adamw(schedules[group], b1=optim_config.b1,
                                        b2=optim_config.b2, eps=optim_config.eps,
+                                       mu_dtype=optim_config.get("mu_dtype") or None,
                                        weight_decay=optim_config.weight_decay, mask=decay_mask)
     chain = []
     if optim_config.grad_clip > 0:

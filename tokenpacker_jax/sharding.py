@@ -47,6 +47,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("patch_height", None),
     ("patch_width", None),
     ("levels", None),
+    # after "embed": an adapter's rank takes the FSDP axis only where its layer leaves it free
+    ("lora_rank", "fsdp"),
     # activations
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", None),

@@ -125,11 +125,19 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         state = checkpoint.restore(manager, latest, assembled.state_targets(), train_iter)
         logging.info("resumed from step %d", latest)
     else:
+        # Checkpoints to start from have the plain layout (no adapters, float kernels).
+        plain = assembled.plain_layout()
         if train_cfg.init_from:
-            loaded = checkpoint.restore_params(train_cfg.init_from, assembled.abstract_params,
-                                               assembled.param_shardings)
+            source = assembly.saved_config(train_cfg.init_from)
+            if (source.model.get("lora") or {}).get("rank"):
+                raise configuration.ConfigError(
+                    f"train.init_from: {train_cfg.init_from} has LoRA adapters; fold them into "
+                    "a run without (python -m tokenpacker_jax.convert merge-lora) and start "
+                    "from that")
+            loaded = checkpoint.restore_params(train_cfg.init_from, plain.abstract_params,
+                                               plain.param_shardings)
         else:
-            loaded = assembly.load_pretrained(config, assembled.param_shardings)
+            loaded = assembly.load_pretrained(config, plain.param_shardings)
         state = assembled.init_state(loaded, jax.random.key(config.seed))
     start_step = int(state.step)
 

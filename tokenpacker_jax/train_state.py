@@ -16,11 +16,12 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 from jax.sharding import Mesh
 
 from tokenpacker_jax import sharding
 from tokenpacker_jax.data import batch as batch_lib
-from tokenpacker_jax.models import mllm
+from tokenpacker_jax.models import lora, mllm
 from tokenpacker_jax.optim import split_trainable
 
 
@@ -65,53 +66,73 @@ def init_params(model: mllm.MultimodalLM, mesh: Mesh, rules: Any, key: jax.Array
                 loaded: dict[str, Any], shardings: Any, tiles: int = 1,
                 kernel_scale: Mapping[str, float] | None = None) -> dict:
     """All parameter groups: ``loaded`` ones as given, the others freshly initialised
-    straight into their shards (XLA drops the init of groups that are not returned).
+    straight into their shards (XLA drops the init of what is not returned).
+
+    A loaded group of a part with LoRA adapters comes in the plain layout (float kernels,
+    no adapters: a pretrained LLM, an earlier stage): its adapted kernels are quantised if
+    the config says so (``lora.adapt``) and its adapters initialised.
 
     ``kernel_scale`` (``config.model.init_kernel_scale``) multiplies parameters of freshly
     initialised groups; loaded groups are never rescaled. A key ``group`` scales the
     group's dense kernels, ``group/name`` its leaves called ``name`` (e.g.
     ``vision_tower/position_embedding``).
     """
-    missing = [group for group in mllm.PARAM_GROUPS if group not in loaded]
     inputs = batch_lib.example_inputs(batch_lib.Dims.of_model(model.config, 8, tiles))
     kernel_scale = dict(kernel_scale or {})
+    loras = mllm.lora_configs(model.config)
+    with sharding.use_mesh(mesh, rules):
+        boxed = jax.eval_shape(model.init, key, **inputs)["params"]
+    abstract = nn.meta.unbox(boxed)
+    provided = {group: tree if loras[group] is None else
+                lora.adapt(tree, abstract[group], loras[group], shardings[group])
+                for group, tree in loaded.items()}
+    flat_provided = traverse_util.flatten_dict(provided)
+    missing = [path for path in traverse_util.flatten_dict(abstract)
+               if path not in flat_provided]
+    whole = [group for group in mllm.PARAM_GROUPS if group not in loaded]
 
     def init_missing(key):
         params = nn.meta.unbox(model.init(key, **inputs)["params"])
-        fresh = {group: params[group] for group in missing}
+        params = {group: params[group] for group in mllm.PARAM_GROUPS}
         for target, factor in kernel_scale.items():
             group, _, name = target.partition("/")
-            if group in fresh and factor != 1.0:
+            if group in whole and factor != 1.0:
                 try:
-                    fresh[group] = scale_leaves(fresh[group], factor, name or "kernel")
+                    params[group] = scale_leaves(params[group], factor, name or "kernel")
                 except ValueError as error:
                     raise ValueError(f"model.init_kernel_scale[{target!r}]: {error} in "
                                      f"{group}") from error
-        return fresh
+        flat = traverse_util.flatten_dict(params)
+        return {"/".join(path): flat[path] for path in missing}
 
     fresh = {}
     if missing:
+        flat_shardings = traverse_util.flatten_dict(shardings)
         with sharding.use_mesh(mesh, rules):
-            fresh = jax.jit(init_missing,
-                            out_shardings={g: shardings[g] for g in missing})(key)
-    return {group: loaded[group] if group in loaded else fresh[group]
-            for group in mllm.PARAM_GROUPS}
+            fresh = jax.jit(init_missing, out_shardings={
+                "/".join(path): flat_shardings[path] for path in missing})(key)
+    params = traverse_util.unflatten_dict(
+        {**flat_provided, **{path: fresh["/".join(path)] for path in missing}})
+    return {group: params[group] for group in mllm.PARAM_GROUPS}
 
 
 def create_state(params: dict, tx: optax.GradientTransformation,
-                 trainable: Sequence[str], shardings: Any, mesh: Mesh) -> TrainState:
-    """A step-0 TrainState whose optimizer state is sharded like its parameters."""
+                 trainable: Sequence[str], shardings: Any, mesh: Mesh,
+                 memory_kind: str | None = None) -> TrainState:
+    """A step-0 TrainState whose optimizer state is sharded like its parameters (in
+    ``memory_kind``, e.g. "pinned_host", if given)."""
     trainable_params, _ = split_trainable(params, trainable)
-    opt_shardings = optimizer_shardings(tx, trainable_params, shardings, mesh)
+    opt_shardings = optimizer_shardings(tx, trainable_params, shardings, mesh, memory_kind)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable_params)
     step = jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))
     return TrainState(step=step, params=params, opt_state=opt_state)
 
 
 def optimizer_shardings(tx: optax.GradientTransformation, trainable_params: Any,
-                        shardings: Any, mesh: Mesh) -> Any:
-    """Moments and other per-parameter optimizer leaves take their parameter's sharding;
-    counters and the like are replicated.
+                        shardings: Any, mesh: Mesh, memory_kind: str | None = None) -> Any:
+    """Moments and other per-parameter optimizer leaves take their parameter's sharding
+    (in ``memory_kind``: "pinned_host" keeps them in the host's memory, ``optim.offload``);
+    counters and the like are replicated on the devices.
 
     Optimizer states hold copies of the parameter tree (Adam's mu and nu), so a state leaf
     belongs to the parameter whose path its own dict-key path ends with (same shape).
@@ -128,7 +149,7 @@ def optimizer_shardings(tx: optax.GradientTransformation, trainable_params: Any,
         for start in range(len(keys)):
             match = by_path.get(keys[start:])
             if match is not None and match[0] == tuple(leaf.shape):
-                return match[1]
+                return match[1].with_memory_kind(memory_kind) if memory_kind else match[1]
         return replicated
 
     return jax.tree_util.tree_map_with_path(leaf_sharding, abstract_state)
@@ -141,8 +162,11 @@ def _lookup(tree: Any, keys: tuple[str, ...]) -> Any:
 
 
 def state_shardings(state_like: TrainState, shardings: Any, tx: optax.GradientTransformation,
-                    trainable: Sequence[str], mesh: Mesh) -> TrainState:
-    """Shardings of a TrainState (a concrete or abstract one), for jit and for restoring."""
+                    trainable: Sequence[str], mesh: Mesh,
+                    memory_kind: str | None = None) -> TrainState:
+    """Shardings of a TrainState (a concrete or abstract one), for jit and for restoring;
+    ``memory_kind`` as ``optimizer_shardings``."""
     trainable_params, _ = split_trainable(state_like.params, trainable)
     return TrainState(step=sharding.replicated(mesh), params=shardings,
-                      opt_state=optimizer_shardings(tx, trainable_params, shardings, mesh))
+                      opt_state=optimizer_shardings(tx, trainable_params, shardings, mesh,
+                                                    memory_kind))

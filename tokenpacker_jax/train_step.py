@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import jax
@@ -22,21 +23,62 @@ from tokenpacker_jax import train_state as state_lib
 from tokenpacker_jax.data import batch as batch_lib
 from tokenpacker_jax.data import pipeline
 from tokenpacker_jax.models import mllm
-from tokenpacker_jax.optim import split_trainable
+from tokenpacker_jax.optim import join_params, split_trainable
+
+
+# Leaves the model only uses cast to its compute dtype (dense and conv kernels, embedding
+# tables, LoRA adapters): their gradients may be taken in that dtype (train.grad_dtype).
+MATMUL_WEIGHTS = ("kernel", "embedding", "lora_a", "lora_b")
 
 
 def make_train_step(model: mllm.MultimodalLM, tx: optax.GradientTransformation,
-                    trainable: tuple[str, ...], microbatches: int):
-    """(state, batch) -> (state, metrics). Gradients only for the trainable groups; the
-    global batch is split into ``microbatches`` whose gradients are summed (accumulation),
-    and the loss is the mean over all supervised tokens of the global batch."""
+                    trainable: tuple[str, ...], microbatches: int, *, loss_chunk: int = 0,
+                    grad_dtype: str = "", offload: bool = False, seed: int = 0):
+    """(state, batch) -> (state, metrics). Gradients only for the trainable leaves
+    (``optim.split_trainable``); the global batch is split into ``microbatches`` whose
+    gradients are summed (accumulation), and the loss is the mean over all supervised tokens
+    of the global batch.
 
-    def microbatch_sums(trainable_params, frozen_params, batch):
+    ``loss_chunk`` > 0 computes the loss that many positions at a time
+    (``mllm.chunked_token_loss_sums``). ``grad_dtype`` (e.g. "bfloat16"): each microbatch's
+    gradients of the matmul weights (``MATMUL_WEIGHTS``, which the model casts to its compute
+    dtype anyway) are taken in that dtype, half the memory of float32 ones, and summed in
+    float32. ``offload``: the optimizer state lives in the host's memory (``optim.offload``)
+    and visits the devices for the update only, after the microbatches' activations are gone.
+    LoRA dropout draws from ``seed``, the step and the microbatch, so a resumed run draws
+    what an uninterrupted one would.
+    """
+    dropout = mllm.uses_dropout(model.config)
+
+    def differentiated(trainable_params):
+        if not grad_dtype:
+            return trainable_params
+        return jax.tree_util.tree_map_with_path(
+            lambda path, p: p.astype(grad_dtype) if path[-1].key in MATMUL_WEIGHTS else p,
+            trainable_params)
+
+    def accumulator(trainable_params):
+        return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype,
+                                                                          jnp.float32)),
+                            trainable_params)
+
+    def microbatch_sums(trainable_params, frozen_params, batch, key):
+        rngs = {"dropout": key} if dropout else {}
+        inputs = batch_lib.select(batch, batch_lib.MODEL_INPUTS)
+
         def loss_sum(tp):
-            logits = model.apply({"params": {**frozen_params, **tp}},
-                                 **batch_lib.select(batch, batch_lib.MODEL_INPUTS))
-            total, correct, count = mllm.token_loss_sums(logits, batch["target_ids"],
-                                                         batch["loss_mask"])
+            variables = {"params": join_params(tp, frozen_params)}
+            if loss_chunk:
+                hidden = model.apply(variables, **inputs, rngs=rngs,
+                                     method=mllm.MultimodalLM.hidden_states)
+                head = functools.partial(model.apply, variables,
+                                         method=mllm.MultimodalLM.logits)
+                total, correct, count = mllm.chunked_token_loss_sums(
+                    head, hidden, batch["target_ids"], batch["loss_mask"], loss_chunk)
+            else:
+                logits = model.apply(variables, **inputs, rngs=rngs)
+                total, correct, count = mllm.token_loss_sums(logits, batch["target_ids"],
+                                                             batch["loss_mask"])
             return total, (correct, count)
 
         (total, (correct, count)), grads = jax.value_and_grad(loss_sum, has_aux=True)(
@@ -54,30 +96,44 @@ def make_train_step(model: mllm.MultimodalLM, tx: optax.GradientTransformation,
 
         return jax.tree.map(split, batch)
 
+    def to_memory(opt_state, space):
+        # The per-parameter leaves (train_state.optimizer_shardings); counters stay put.
+        return jax.tree.map(lambda x: jax.device_put(x, space) if x.ndim else x, opt_state)
+
     def train_step(state: state_lib.TrainState, batch: dict):
         trainable_params, frozen_params = split_trainable(state.params, trainable)
+        diff_params = differentiated(trainable_params)
+        step_key = jax.random.fold_in(jax.random.key(seed), state.step)
         if microbatches == 1:
-            grads, total, correct, count = microbatch_sums(trainable_params, frozen_params,
-                                                           batch)
+            grads, total, correct, count = microbatch_sums(diff_params, frozen_params,
+                                                           batch, step_key)
         else:
-            def body(carry, micro):
-                sums = microbatch_sums(trainable_params, frozen_params, micro)
-                return jax.tree.map(jnp.add, carry, sums), None
+            def body(carry, piece):
+                index, micro = piece
+                sums = microbatch_sums(diff_params, frozen_params, micro,
+                                       jax.random.fold_in(step_key, index))
+                return jax.tree.map(lambda a, b: a + b.astype(a.dtype), carry, sums), None
 
-            zeros = (jax.tree.map(jnp.zeros_like, trainable_params), jnp.zeros(()),
-                     jnp.zeros(()), jnp.zeros(()))
+            zeros = (accumulator(trainable_params), jnp.zeros(()), jnp.zeros(()),
+                     jnp.zeros(()))
             (grads, total, correct, count), _ = jax.lax.scan(
-                body, zeros, split_microbatches(batch))
+                body, zeros, (jnp.arange(microbatches), split_microbatches(batch)))
         denominator = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / denominator, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, trainable_params)
+        grads = jax.tree.map(lambda g, p: (g.astype(jnp.float32) / denominator).astype(
+            jnp.promote_types(p.dtype, jnp.float32)), grads, trainable_params)
+        opt_state = state.opt_state
+        if offload:
+            opt_state = to_memory(opt_state, jax.memory.Space.Device)
+        updates, opt_state = tx.update(grads, opt_state, trainable_params)
+        if offload:
+            opt_state = to_memory(opt_state, jax.memory.Space.Host)
         new_trainable = optax.apply_updates(trainable_params, updates)
         loss = total / denominator
         step_metrics = {"loss": loss, "accuracy": correct / denominator,
                         "supervised_tokens": count, "grad_norm": optax.global_norm(grads),
                         "finite": jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))}
         new_state = state.replace(step=state.step + 1,
-                                  params={**frozen_params, **new_trainable},
+                                  params=join_params(new_trainable, frozen_params),
                                   opt_state=opt_state)
         return new_state, step_metrics
 

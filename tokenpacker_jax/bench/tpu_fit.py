@@ -11,7 +11,8 @@ and measures it. Samples per step are its rows times the samples a packed row ho
 LLaVA-shaped data (``tokenpacker.PACKED_ROWS``); beside its step time at 40% MFU per 1,000
 samples stands the padded config's (``packing=none``: the recipe's batch, one sample per
 row; the same analytic FLOPs, not compiled). Prints a line per entry as it finishes, then the
-Markdown table.
+Markdown table. The stage-2 recipes ``lean=true``, ``lora=true`` and
+``qlora=true`` follow on the slices they are for.
 ``python -m tokenpacker_jax.bench tpu_fit`` runs this command in a process of its own and
 writes the table into BENCHMARKS.md.
 """
@@ -32,6 +33,15 @@ from tokenpacker_jax.user_error import InputError
 
 TABLE_SLICES = ("v5e-8", "v5e-16", "v5e-32", "v5p-8", "v5p-16")
 TABLE_MODELS = (("vicuna7b", 1), ("vicuna7b", 2), ("vicuna13b", 1), ("vicuna13b", 2))
+# Stage 2 recipes for smaller slices: (llm, variant, slices).
+TABLE_RECIPES = (
+    ("vicuna7b", "lean=true", ("v5e-8",)),
+    ("vicuna13b", "lean=true", ("v5e-16",)),
+    ("vicuna7b", "lora=true", ("v5e-4", "v5e-8")),
+    ("vicuna13b", "lora=true", ("v5e-4", "v5e-8")),
+    ("vicuna7b", "qlora=true", ("v5e-4", "v5e-8")),
+    ("vicuna13b", "qlora=true", ("v5e-4", "v5e-8")),
+)
 GiB = aot.GiB
 
 
@@ -44,9 +54,10 @@ class TableEntry:
     padded_flops_per_sample: float  # the padded config's analytic FLOPs / its batch
 
 
-def padded_flops_per_sample(llm: str, stage: int) -> float:
-    """Analytic FLOPs per sample of the padded config (one sample per 2,048 positions)."""
-    config = tokenpacker.get_config(f"llm={llm},stage={stage},packing=none")
+def padded_flops_per_sample(llm: str, stage: int, extra: str = "") -> float:
+    """Analytic FLOPs per sample of the padded config (one sample per 2,048 positions);
+    ``extra``: more variant settings, e.g. ",lora=true"."""
+    config = tokenpacker.get_config(f"llm={llm},stage={stage}{extra},packing=none")
     step = flops.train_step_flops(
         configuration.mllm_config(config), batch=config.data.batch_size,
         length=config.data.max_length, tiles=1, trainable=tuple(config.train.trainable))
@@ -63,19 +74,24 @@ def one_sequence_per_shard(config: ml_collections.ConfigDict, topology: aot.Topo
 
 
 def paper_table_entries(slices: Sequence[str] = TABLE_SLICES,
-                        models: Sequence[tuple[str, int]] = TABLE_MODELS) -> list[TableEntry]:
-    """The paper's 7B / 13B stages (scale 2, 2048 positions; the recipe's
-    batches, docs/reference.md §7, in packed rows) on each slice."""
+                        models: Sequence[tuple[str, int]] = TABLE_MODELS,
+                        recipes: Sequence[tuple[str, str, Sequence[str]]] = TABLE_RECIPES
+                        ) -> list[TableEntry]:
+    """The paper's 7B / 13B stages (scale 2, 2048 positions; the recipe's batches,
+    docs/reference.md §7, in packed rows) on each slice, then the stage-2 recipes (lean,
+    LoRA, QLoRA) on the slices they are for."""
+    runs = [(llm, stage, "", name) for llm, stage in models for name in slices]
+    runs += [(llm, 2, f",{variant}", name) for llm, variant, names in recipes for name in names]
     entries = []
-    for llm, stage in models:
-        padded = padded_flops_per_sample(llm, stage)
-        for name in slices:
-            topology = aot.parse_topology(name)
-            config = tokenpacker.get_config(f"llm={llm},stage={stage}")
-            one_sequence_per_shard(config, topology)
-            samples_per_row = tokenpacker.PACKED_ROWS[stage, 2][0]
-            entries.append(TableEntry(f"{llm} stage {stage}", config, topology,
-                                      config.data.batch_size * samples_per_row, padded))
+    for llm, stage, extra, name in runs:
+        topology = aot.parse_topology(name)
+        config = tokenpacker.get_config(f"llm={llm},stage={stage}{extra}")
+        one_sequence_per_shard(config, topology)
+        samples_per_row = tokenpacker.PACKED_ROWS[stage, 2][0]
+        label = f"{llm} stage {stage}" + (f" {extra[1:]}" if extra else "")
+        entries.append(TableEntry(label, config, topology,
+                                  config.data.batch_size * samples_per_row,
+                                  padded_flops_per_sample(llm, stage, extra)))
     return entries
 
 
@@ -152,8 +168,6 @@ def fit_table_markdown(reports: Sequence[aot.FitReport],
             f"{'-' if seconds is None else f'{seconds:.1f} s'} | {per_thousand} | "
             f"{r.compile_seconds:.0f} s |")
     return "\n".join(lines)
-
-
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -15,6 +15,7 @@ import ml_collections
 
 from tokenpacker_jax import sharding
 from tokenpacker_jax.data.image import CLIP_MEAN, CLIP_STD
+from tokenpacker_jax.models.lora import DECODER_TARGETS
 
 
 def parse_variant(arg: str | None, defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -109,6 +110,13 @@ def base_config() -> ml_collections.ConfigDict:
     # the group's leaves called name instead (e.g. "vision_tower/position_embedding");
     # {} keeps every init.
     config.model.init_kernel_scale = {}
+    # LoRA (tokenpacker_jax/models/lora.py): rank 0 = none. targets: {group: dense layer
+    # names (fnmatch patterns)}; a group with adapters trains them only, its base frozen.
+    # quantize: the adapted layers' frozen base as "none", "int8" or "nf4" (QLoRA), one scale
+    # per block_size entries of the last input axis.
+    config.model.lora = ml_collections.ConfigDict(dict(
+        rank=0, alpha=16.0, dropout=0.0, targets={"decoder": DECODER_TARGETS},
+        quantize="none", block_size=64))
 
     config.data = ml_collections.ConfigDict()
     config.data.image = ml_collections.ConfigDict(dict(
@@ -168,6 +176,11 @@ def base_config() -> ml_collections.ConfigDict:
         trainable=("projector", "decoder"),
         num_steps=-1,  # -1: data.num_epochs over the training split
         microbatches=1,  # gradient accumulation: the global batch in this many pieces
+        # > 0: the loss over this many positions at a time (never all the logits at once)
+        loss_chunk=0,
+        # "bfloat16": each microbatch's gradients of the matmul weights in bfloat16 (half the
+        # memory), summed in float32; "": in the parameters' dtype
+        grad_dtype="",
         init_from="",  # a previous run's workdir (stage 1 for stage 2): its params
         log_every=10,
         eval_every=0,  # 0: no periodic evaluation
@@ -183,6 +196,10 @@ def base_config() -> ml_collections.ConfigDict:
         b2=0.999,
         eps=1e-8,
         grad_clip=1.0,
+        mu_dtype="",  # Adam's first moment: "" = the parameters' dtype, or e.g. "bfloat16"
+        # True: the optimizer state lives in the host's memory and visits the accelerator
+        # for the update only (TPU / GPU; frees its memory while the microbatches run)
+        offload=False,
     ))
     # restore_step: the step a rerun resumes from (its later steps are moved aside; restarted
     # with the same command once it has saved again, the run goes on from its newest step);

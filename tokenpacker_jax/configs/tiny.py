@@ -15,13 +15,18 @@ configs keep it frozen), and the dense kernels of the decoder and projector star
 1/sqrt(width)-sized weights rather than the big models' 0.02 (``model.init_kernel_scale``):
 at widths of 64-128 the 0.02 init leaves the visual tokens ~10x smaller than the text
 embeddings, and runs learned the answers' priors but not the images.
+
+``lora=true`` (stage 2): the LoRA recipe at toy scale: rank-8 adapters (alpha 16, dropout
+0.05) on every linear layer of the LLM, whose base stays frozen, the projector trained in
+full at its own learning rate, the tower frozen; ``quantize=int8|nf4`` stores the frozen
+base of the adapted layers quantised (QLoRA).
 """
 
 import os
 
 from tokenpacker_jax.configs import common
 
-VARIANTS = dict(stage=1, data="")
+VARIANTS = dict(stage=1, data="", lora=False, quantize="none")
 
 
 def get_config(arg: str | None = None):
@@ -69,6 +74,17 @@ def get_config(arg: str | None = None):
         config.data.template = "vicuna_v1"
         config.data.image.aspect_mode = "pad"
         kind = "qa"
+    if variant["lora"]:
+        if stage != 2:
+            raise ValueError("configs/tiny.py: lora=true is a stage-2 recipe (stage=2)")
+        config.model.train_vision = False
+        config.train.trainable = ("projector", "decoder")
+        config.model.lora.update(dict(rank=8, alpha=16.0, dropout=0.05,
+                                      quantize=variant["quantize"]))
+        config.optim.update(dict(lr=2e-3, group_lr={"projector": 1e-3}))
+    elif variant["quantize"] != "none":
+        raise ValueError("configs/tiny.py: quantize= stores the base of LoRA layers; add "
+                         "lora=true")
     if variant["data"]:
         root = variant["data"]
         config.data.image_folder = root

@@ -14,6 +14,9 @@ variant.
 | microbatches | gradient accumulation; 0: 16 rows each | 0 |
 | packing      | first_fit, best_fit, none (the reference: one sample per row) | first_fit |
 | data         | LLaVA-1.5 data root (blip_laion_cc_sbu_558k, mix665k) | "" |
+| lora         | stage 2 with LoRA adapters on the LLM (frozen base) | false |
+| qlora        | lora with the adapted layers' base stored as NF4 | false |
+| lean         | full stage 2 in less memory: bf16 Adam first moments, chunked loss | false |
 
 Recipe (docs/reference.md §7): stage 1 trains the projector, lr 1e-3, global batch 256, ``plain``
 captions; stage 2 the projector and the LLM, lr 2e-5, batch 128, the LLM's chat template.
@@ -32,6 +35,17 @@ come from ``python -m tokenpacker_jax.data.stats`` on LLaVA-shaped data (``synth
 most a row took, rounded up to a multiple of 4, and rows per step in multiples of 16 (one
 per chip of v5e-16) nearest to the recipe's samples per step. HD rows keep the recipe's
 count with as many tile slots as their positions hold (T / 144).
+
+LoRA (``lora=true``, the reference's ``finetune_lora.sh``): rank 128, alpha 256, dropout
+0.05 on every linear layer of the LLM (q, k, v, o, gate, up, down), the LLM's base frozen
+in bfloat16, the projector trained in full at 2e-5 and the adapters at 2e-4.
+``qlora=true`` stores the adapted layers' frozen base as NF4 (``finetune_qlora.sh``'s 4 bits).
+``lean=true`` keeps the full stage 2 in less memory: Adam's moments in the host's memory
+(the first in bfloat16) but for the update, each microbatch's weight gradients in bfloat16
+(summed in float32), the loss and the attention
+512 positions at a time (never the whole [tokens, 32000] logits, nor [heads, 2048, 2048]),
+and token lookups in the FSDP-split embedding table: 7B stage 2 on v5e-8, one sequence per
+chip per microbatch.
 """
 
 import ml_collections
@@ -41,7 +55,7 @@ from tokenpacker_jax.data import hd as hd_lib
 
 VARIANTS = dict(llm="vicuna7b", scale=2, stage=2, hd=False, patch_num=9,
                 global_view=hd_lib.REFERENCE_CANVAS, microbatches=0, packing="first_fit",
-                data="")
+                data="", lora=False, qlora=False, lean=False)
 LLMS = ("vicuna7b", "vicuna13b", "gemma2_2b")
 # Sequences per microbatch by default: one per data-parallel shard on v5e-16 (7B: 16-way
 # FSDP) and v5e-32 (13B: 16-way FSDP x 2-way tensor).
@@ -50,6 +64,9 @@ SEQUENCES_PER_MICROBATCH = 16
 # row, the most tiles a row took.
 PACKED_ROWS = {(1, 2): (11.24, 12), (1, 3): (21.51, 23), (1, 4): (30.77, 33),
                (2, 2): (4.28, 7), (2, 3): (5.28, 11), (2, 4): (5.70, 11)}
+# lean=true: positions per piece of the chunked loss and attention (a sequence's logits
+# [512, 32000] float32 = 62.5 MiB, against 250 MiB for all 2048 positions).
+LOSS_CHUNK = 512
 
 
 def vicuna_13b() -> ml_collections.ConfigDict:
@@ -113,8 +130,14 @@ def get_config(arg: str | None = None):
         config.data.max_images_per_row = -(-most_tiles // 4) * 4
         rows = round(config.data.batch_size / samples_per_row / SEQUENCES_PER_MICROBATCH)
         config.data.batch_size = max(1, rows) * SEQUENCES_PER_MICROBATCH
+    # One sequence per chip in each microbatch on the slice each recipe is for.
+    per_microbatch = SEQUENCES_PER_MICROBATCH
+    if variant["lean"]:
+        per_microbatch = 8  # v5e-8
+    if variant["lora"] or variant["qlora"]:
+        per_microbatch = 4  # v5e-4 (on v5e-8: --config.train.microbatches=16)
     config.train.microbatches = variant["microbatches"] or max(
-        1, config.data.batch_size // SEQUENCES_PER_MICROBATCH)
+        1, config.data.batch_size // per_microbatch)
     if llm == "vicuna13b":
         # Halves the all-gathered layer weights and activations per chip: 13.5 instead of
         # 15.6 GiB of 16 on v5e-32 (BENCHMARKS.md "TPU fit").
@@ -135,6 +158,19 @@ def get_config(arg: str | None = None):
                 config.data.max_length = 4096
         if variant["packing"] != "none":
             config.data.max_images_per_row = config.data.max_length // tokens
+    if variant["lora"] or variant["qlora"]:
+        if stage != 2:
+            raise ValueError("configs/tokenpacker.py: lora / qlora are stage-2 recipes")
+        config.model.lora.update(dict(rank=128, alpha=256.0, dropout=0.05,
+                                      quantize="nf4" if variant["qlora"] else "none"))
+        config.model.decoder.param_dtype = "bfloat16"
+        config.optim.update(dict(lr=2e-4, group_lr={"projector": 2e-5}))
+        config.train.loss_chunk = LOSS_CHUNK
+    if variant["lean"]:
+        config.optim.update(dict(mu_dtype="bfloat16", offload=True))
+        config.train.update(dict(loss_chunk=LOSS_CHUNK, grad_dtype="bfloat16"))
+        config.model.decoder.update(dict(attention_chunk=LOSS_CHUNK,
+                                         gather_embedding_table=False))
     if variant["data"]:
         root = variant["data"].rstrip("/")
         if stage == 1:

@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from tokenpacker_jax.models import layers, splash
 from tokenpacker_jax.models.decoder_config import DecoderConfig
@@ -177,6 +178,32 @@ def attend(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array, 
     return out.reshape(batch, length, num_heads, head_dim)
 
 
+def attend_in_chunks(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array,
+                     *, chunk: int, **kwargs) -> jax.Array:
+    """``attend`` ``chunk`` queries at a time: the same values, with the logits of one piece
+    [B, heads, chunk, S] alive at a time (each piece is recomputed in the backward pass,
+    ``jax.checkpoint``) instead of [B, heads, T, S]. Shapes as ``attend``."""
+    batch, length = query.shape[:2]
+    if length <= chunk:
+        return attend(query, key, value, mask, **kwargs)
+    pieces = -(-length // chunk)
+    pad = pieces * chunk - length
+    q = jnp.pad(query, [(0, 0), (0, pad), (0, 0), (0, 0)])
+    m = jnp.pad(jnp.broadcast_to(mask, (batch, 1, length, mask.shape[-1])),
+                [(0, 0), (0, 0), (0, pad), (0, 0)])
+    q = jnp.moveaxis(q.reshape(batch, pieces, chunk, *q.shape[2:]), 1, 0)
+    m = jnp.moveaxis(m.reshape(batch, 1, pieces, chunk, m.shape[-1]), 2, 0)
+
+    @jax.checkpoint
+    def one(piece):
+        q_piece, m_piece = piece
+        return attend(q_piece, key, value, m_piece, **kwargs)
+
+    out = jax.lax.map(one, (q, m))  # [pieces, B, chunk, N, H]
+    out = jnp.moveaxis(out, 0, 1).reshape(batch, pieces * chunk, *out.shape[3:])
+    return out[:, :length]
+
+
 def attend_one_token(query: jax.Array, key_cache: jax.Array, value_cache: jax.Array,
                      mask: jax.Array, *, scale: float,
                      softcap: float | None = None) -> jax.Array:
@@ -231,7 +258,8 @@ class Attention(nn.Module):
                  layer: jax.Array | None = None, cache_index: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, is_sliding: jax.Array | None = None):
         cfg = self.config
-        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, use_bias=cfg.attention_bias)
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, use_bias=cfg.attention_bias,
+                  lora=cfg.lora)
         q = layers.dense((cfg.num_heads, cfg.head_dim), axes=("embed", "heads", "head_dim"),
                          name="q_proj", **kw)(x)
         k = layers.dense((cfg.num_kv_heads, cfg.head_dim),
@@ -278,10 +306,16 @@ class Attention(nn.Module):
         elif out is None:
             packed = segment_ids is not None and cache is None
             kernel = attention_kernel(cfg, q.shape[1]) if packed else cfg.attention_impl
-            out = attend(q, k, v, mask, scale=cfg.query_scale,
-                         softcap=cfg.attn_logit_softcap, causal=packed,
-                         implementation=None if kernel in (None, "splash") else kernel)
-        out = layers.constrain(out, HEADS_ACT)
+            implementation = None if kernel in (None, "splash") else kernel
+            if cfg.attention_chunk:  # the causal hint would not hold for a piece of queries
+                out = attend_in_chunks(q, k, v, mask, chunk=cfg.attention_chunk,
+                                       scale=cfg.query_scale, softcap=cfg.attn_logit_softcap,
+                                       implementation=implementation)
+            else:
+                out = attend(q, k, v, mask, scale=cfg.query_scale,
+                             softcap=cfg.attn_logit_softcap, causal=packed,
+                             implementation=implementation)
+        out = checkpoint_name(layers.constrain(out, HEADS_ACT), layers.ATTENTION_OUT)
         out = layers.dense(cfg.width, axes=("heads", "head_dim", "embed"), axis=(-2, -1),
                            name="o_proj", **kw)(out)
         return out, new_cache

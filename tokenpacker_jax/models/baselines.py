@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tokenpacker_jax.models import layers
+from tokenpacker_jax.models.lora import LoraConfig
 from tokenpacker_jax.models.tokenpacker import (
     LENGTH_AXES,
     MultiheadAttention,
@@ -113,11 +114,14 @@ class PooledProjector(Projector, kw_only=True):
 class MLP2xGelu(Projector, kw_only=True):
     """LLaVA-1.5 ``mlp2x_gelu``: Linear -> GELU -> Linear on every patch; keeps all N tokens."""
 
+    lora: LoraConfig | None = None  # adapters on the dense layers it names
+
     @nn.compact
     def __call__(self, x_last: jax.Array, x_multi: jax.Array | None = None) -> jax.Array:
         grid_size(x_last.shape[1])
         x = layers.constrain(x_last, LENGTH_AXES)
-        return mlp2x(x, self.out_dim, self.out_dim, layers.gelu_exact, kw=_kw(self))
+        return mlp2x(x, self.out_dim, self.out_dim, layers.gelu_exact, kw=_kw(self),
+                     lora=self.lora)
 
 
 class AvgPoolMLP(PooledProjector, kw_only=True):

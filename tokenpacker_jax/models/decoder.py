@@ -73,7 +73,11 @@ class Embedder(nn.Module):
         cfg = self.config
         # Gather the FSDP-split width first (as for any weight under FSDP): a lookup into
         # the split table would need the output replicated and re-split by the compiler.
-        table = layers.constrain(self.embedding, ("vocab", None))
+        # gather_embedding_table=False does exactly that instead, which spares the whole
+        # table's copy (and its gradient's) on each chip.
+        table = self.embedding
+        if cfg.gather_embedding_table:
+            table = layers.constrain(table, ("vocab", None))
         x = jnp.take(table, input_ids, axis=0).astype(cfg.dtype)
         if cfg.scale_embeddings:
             # HF rounds sqrt(W) to the model dtype first (55.4256 -> 55.5 in bfloat16).
@@ -95,7 +99,8 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, use_bias=cfg.mlp_bias)
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, use_bias=cfg.mlp_bias,
+                  lora=cfg.lora)
         hidden_axes = ("activation_batch", "activation_length", "activation_mlp")
         gate = layers.dense(cfg.mlp_dim, axes=("embed", "mlp"), name="gate_proj", **kw)(x)
         up = layers.dense(cfg.mlp_dim, axes=("embed", "mlp"), name="up_proj", **kw)(x)
@@ -153,7 +158,7 @@ def _scanned_layers(cfg: DecoderConfig) -> nn.Module:
     return nn.scan(
         _layer_class(cfg),
         variable_axes={"params": 0},
-        split_rngs={"params": True},
+        split_rngs={"params": True, "dropout": True},
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},

@@ -24,8 +24,10 @@ converters, every behaviour is an explicit field:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 from tokenpacker_jax.models import layers
+from tokenpacker_jax.models.lora import LoraConfig
 
 DECODER_FAMILIES = ("llama", "gemma", "gemma2", "gemma3")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -85,6 +87,13 @@ class DecoderConfig(layers.FromDict):
     # Pallas TPU kernel; packed training rows only, decoding then uses XLA); None: splash on
     # TPU, cuDNN on GPU where it applies, else XLA (models/attention.py attention_kernel).
     attention_impl: str | None = None
+    # > 0: attention this many queries at a time (the logits of one piece alive at once)
+    attention_chunk: int = 0
+    # Under FSDP: all-gather the embedding table before the lookup (True), or look tokens
+    # up in the split table and move the activations instead (less memory, more traffic).
+    gather_embedding_table: bool = True
+    # LoRA adapters on the dense layers it names (models/lora.py); None: no adapters.
+    lora: LoraConfig | None = None
 
     def __post_init__(self):
         if self.family not in DECODER_FAMILIES:
@@ -101,6 +110,8 @@ class DecoderConfig(layers.FromDict):
         if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"decoder attention_impl must be one of "
                              f"{ATTENTION_IMPLEMENTATIONS}, got {self.attention_impl!r}")
+        if self.attention_chunk < 0:
+            raise ValueError(f"decoder attention_chunk must be >= 0, got {self.attention_chunk}")
         if self.attention_impl == "cudnn" and self.attn_logit_softcap is not None:
             raise ValueError("decoder attention_impl 'cudnn' cannot soft-cap attention logits "
                              "(attn_logit_softcap is set); use None or 'xla'")
@@ -116,6 +127,8 @@ class DecoderConfig(layers.FromDict):
             if "sliding_attention" in self.layer_types and not self.sliding_window:
                 raise ValueError("decoder layer_types has sliding layers but sliding_window "
                                  "is not set")
+        if isinstance(self.lora, Mapping):
+            object.__setattr__(self, "lora", LoraConfig(**self.lora))
         if not isinstance(self.eos_token_id, tuple):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         layers.activation(self.hidden_act)

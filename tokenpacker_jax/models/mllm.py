@@ -30,7 +30,9 @@ import jax
 import jax.numpy as jnp
 
 from tokenpacker_jax.models import layers
+from tokenpacker_jax.models import lora as lora_lib
 from tokenpacker_jax.models.decoder import Decoder, DecoderConfig, KVCache
+from tokenpacker_jax.models.lora import LoraConfig
 from tokenpacker_jax.models.projectors import ProjectorConfig, build_projector
 from tokenpacker_jax.models.vision import VisionConfig, VisionTransformer, select_features
 
@@ -51,6 +53,35 @@ class MLLMConfig:
             raise ValueError(f"projector out_dim {self.projector.out_dim} must equal the "
                              f"decoder width {self.decoder.width}")
         object.__setattr__(self, "multi_layers", tuple(self.multi_layers))
+
+
+def lora_configs(config: MLLMConfig) -> dict[str, LoraConfig | None]:
+    """{group: its LoRA config, or None} for the three parameter groups."""
+    return {"vision_tower": config.vision.lora, "projector": config.projector.lora,
+            "decoder": config.decoder.lora}
+
+
+def without_adapters(config: MLLMConfig) -> MLLMConfig:
+    """The same model without LoRA: the plain parameter layout that pretrained checkpoints,
+    earlier stages and merged runs have."""
+    return dataclasses.replace(
+        config, vision=dataclasses.replace(config.vision, lora=None),
+        projector=dataclasses.replace(config.projector, lora=None),
+        decoder=dataclasses.replace(config.decoder, lora=None))
+
+
+def merge_adapters(config: MLLMConfig, params: dict, fold: bool = True) -> dict:
+    """Parameters of ``without_adapters(config)``: every group's adapters folded into its
+    base (``lora.merge``; ``fold=False`` drops them instead), quantised kernels dequantised."""
+    configs = lora_configs(config)
+    return {group: tree if configs.get(group) is None else
+            lora_lib.merge(tree, configs[group], fold=fold)
+            for group, tree in params.items()}
+
+
+def uses_dropout(config: MLLMConfig) -> bool:
+    """Whether training must pass a ``dropout`` rng (LoRA dropout somewhere)."""
+    return any(c is not None and c.dropout > 0 for c in lora_configs(config).values())
 
 
 def splice_visual_tokens(text_embeds: jax.Array, visual_tokens: jax.Array,
@@ -110,6 +141,17 @@ class MultimodalLM(nn.Module):
         return self.decoder(attention_mask=attention_mask, positions=positions,
                             inputs_embeds=embeds, segment_ids=segment_ids)
 
+    def hidden_states(self, input_ids: jax.Array, image_mask: jax.Array,
+                      pixel_values: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """The decoder's final-norm outputs [B, T, W], which ``logits`` maps to the vocabulary
+        (a chunked loss applies it a piece of the sequence at a time)."""
+        embeds = self.embed(input_ids, image_mask, pixel_values)
+        return self.decoder.hidden_states(attention_mask=attention_mask, inputs_embeds=embeds)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final-norm outputs [..., W] -> logits [..., vocab] (float32)."""
+        return self.decoder.logits(hidden)
+
     def prefill(self, input_ids: jax.Array, image_mask: jax.Array, pixel_values: jax.Array,
                 attention_mask: jax.Array, *, max_length: int) -> tuple[jax.Array, KVCache]:
         """Runs left-padded prompts; logits [B, vocab] of each row's last token + the cache."""
@@ -136,6 +178,38 @@ def token_loss_sums(logits: jax.Array, target_ids: jax.Array,
     target_logit = jnp.take_along_axis(logits, target_ids[..., None], axis=-1)[..., 0]
     correct = (jnp.argmax(logits, axis=-1) == target_ids).astype(jnp.float32)
     return ((log_z - target_logit) * mask).sum(), (correct * mask).sum(), mask.sum()
+
+
+def chunked_token_loss_sums(head, hidden: jax.Array, target_ids: jax.Array,
+                            loss_mask: jax.Array, chunk: int
+                            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``token_loss_sums`` of ``head(hidden)``, ``chunk`` positions at a time.
+
+    Args:
+      head: final-norm outputs [B, C, W] -> logits [B, C, V] (float32).
+      hidden: [B, T, W]; target_ids, loss_mask: [B, T]; T is padded to a multiple of
+        ``chunk`` with unsupervised positions.
+    The logits of one chunk exist at a time, in the forward pass and (each chunk recomputed
+    under ``jax.checkpoint``) in the backward pass: [B, chunk, V] float32 instead of
+    [B, T, V]. Same sums and gradients as the whole-sequence loss, up to summation order.
+    """
+    batch, length = target_ids.shape
+    pieces = -(-length // chunk)
+    pad = pieces * chunk - length
+
+    def split(x):
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.swapaxes(x.reshape(batch, pieces, chunk, *x.shape[2:]), 0, 1)
+
+    @jax.checkpoint
+    def body(sums, piece):
+        h, targets, mask = piece
+        return jax.tree.map(jnp.add, sums, token_loss_sums(head(h), targets, mask)), None
+
+    zero = jnp.zeros((), jnp.float32)
+    sums, _ = jax.lax.scan(body, (zero, zero, zero),
+                           (split(hidden), split(target_ids), split(loss_mask)))
+    return sums
 
 
 def loss_and_metrics(logits: jax.Array, target_ids: jax.Array,

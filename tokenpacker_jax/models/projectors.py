@@ -35,6 +35,7 @@ from tokenpacker_jax.models.baselines import (
     PixelShuffleMLP,
     Resampler,
 )
+from tokenpacker_jax.models.lora import LoraConfig
 from tokenpacker_jax.models.tokenpacker import TokenPacker, check_scale
 
 __all__ = ["PROJECTORS", "ProjectorConfig", "TokenPacker", "build_projector",
@@ -54,6 +55,8 @@ class ProjectorConfig(layers.FromDict):
     depth: int = 3  # c_abstractor: ResNet blocks before and after pooling
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
+    # LoRA adapters on the dense layers it names (tokenpacker and mlp2x_gelu).
+    lora: LoraConfig | None = None
 
     def __post_init__(self):
         if self.name not in PROJECTORS:
@@ -75,7 +78,13 @@ class ProjectorConfig(layers.FromDict):
                              f"projector.num_heads {self.num_heads}")
         if self.depth < 0:
             raise ValueError(f"projector.depth must be >= 0, got {self.depth}")
+        if self.lora is not None and self.name not in LORA_PROJECTORS:
+            raise ValueError(f"projector.name {self.name!r} takes no LoRA adapters (those that "
+                             f"do: {LORA_PROJECTORS})")
 
+
+
+LORA_PROJECTORS = ("tokenpacker", "mlp2x_gelu")
 
 
 def num_output_tokens(config: ProjectorConfig, grid: int) -> int:
@@ -97,8 +106,9 @@ def uses_multi_level(config: ProjectorConfig) -> bool:
 # name -> builder(config, {out_dim, dtype, param_dtype}) -> module
 PROJECTORS: dict[str, Callable[[ProjectorConfig, dict], nn.Module]] = {
     "tokenpacker": lambda c, common: TokenPacker(
-        scale_factor=c.scale_factor, embed_dim=c.embed_dim, num_heads=c.num_heads, **common),
-    "mlp2x_gelu": lambda c, common: MLP2xGelu(**common),
+        scale_factor=c.scale_factor, embed_dim=c.embed_dim, num_heads=c.num_heads,
+        lora=c.lora, **common),
+    "mlp2x_gelu": lambda c, common: MLP2xGelu(lora=c.lora, **common),
     "avgpool": lambda c, common: AvgPoolMLP(scale_factor=c.scale_factor, **common),
     "pixel_shuffle": lambda c, common: PixelShuffleMLP(scale_factor=c.scale_factor, **common),
     "ldpv2": lambda c, common: LDPv2(scale_factor=c.scale_factor, **common),

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tokenpacker_jax.models import layers
+from tokenpacker_jax.models.lora import LoraConfig
 
 LENGTH_AXES = ("activation_batch", "activation_length", "activation_embed")
 REGION_AXES = ("activation_batch", "activation_region", "activation_slot", "activation_embed")
@@ -101,12 +102,13 @@ def group_regions(x: jax.Array, grid: int, scale_factor: int) -> jax.Array:
 
 
 def mlp2x(x: jax.Array, hidden: int, out: int, act, *, kw: dict, prefix: str = "mlp",
-          axes: tuple[str, ...] = ("embed", "mlp", "embed")) -> jax.Array:
+          axes: tuple[str, ...] = ("embed", "mlp", "embed"),
+          lora: LoraConfig | None = None) -> jax.Array:
     """Linear -> act -> Linear named ``{prefix}_0`` / ``{prefix}_2`` (PyTorch Sequential indices
     0 and 2, the activation being index 1). Call from inside a compact method."""
-    h = layers.dense(hidden, axes=axes[:2], name=f"{prefix}_0", **kw)(x)
+    h = layers.dense(hidden, axes=axes[:2], name=f"{prefix}_0", lora=lora, **kw)(x)
     h = layers.constrain(h, (*LENGTH_AXES[:-1], "activation_mlp"))
-    return layers.dense(out, axes=axes[1:], name=f"{prefix}_2", **kw)(act(h))
+    return layers.dense(out, axes=axes[1:], name=f"{prefix}_2", lora=lora, **kw)(act(h))
 
 
 def packed_xavier_uniform(num_packed: int = 3, num_in_axes: int = 1) -> layers.Initializer:
@@ -146,6 +148,7 @@ class MultiheadAttention(nn.Module):
     num_heads: int
     dtype: str = "float32"
     param_dtype: str = "float32"
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(self, query: jax.Array, key: jax.Array, value: jax.Array
@@ -156,7 +159,7 @@ class MultiheadAttention(nn.Module):
         head_dim = dim // self.num_heads
         kw = dict(dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
         in_proj = dict(features=(self.num_heads, head_dim), axes=("embed", "heads", "head_dim"),
-                       kernel_init=packed_xavier_uniform(3), **kw)
+                       kernel_init=packed_xavier_uniform(3), lora=self.lora, **kw)
         q_proj, k_proj, v_proj = (layers.dense(name=f"{part}_proj", **in_proj)
                                   for part in "qkv")
         q = q_proj(query) * head_dim**-0.5  # scaled before the product, as PyTorch does
@@ -169,7 +172,7 @@ class MultiheadAttention(nn.Module):
                              f"[B, R, S, D] nor cross [B, S, D] attention for query "
                              f"{query.shape}")
         out = layers.dense(dim, axes=("heads", "head_dim", "embed"), axis=(-2, -1),
-                           name="out_proj", **kw)(out)
+                           name="out_proj", lora=self.lora, **kw)(out)
         return out, weights
 
     @staticmethod
@@ -185,8 +188,8 @@ class MultiheadAttention(nn.Module):
         heads_axes = ("activation_batch", "activation_region", "activation_heads", None)
         wide_axes = ("activation_heads", "activation_batch", "activation_region",
                      "activation_embed")
-        k_kernel, _ = k_proj.weights(key.shape[-1:])  # its bias drops out of the softmax
-        v_kernel, v_bias = v_proj.weights(value.shape[-1:])
+        k_kernel, _ = k_proj.merged_kernel(key.shape[-1:])  # its bias drops out of the softmax
+        v_kernel, v_bias = v_proj.merged_kernel(value.shape[-1:])
         q = layers.constrain(q, heads_axes)
         key, value = layers.constrain(key, REGION_AXES), layers.constrain(value, REGION_AXES)
         q_keys = layers.constrain(jnp.einsum("brhd,ehd->hbre", q, k_kernel), wide_axes)
@@ -230,6 +233,7 @@ class TokenPacker(nn.Module):
     layer_norm_eps: float = 1e-6
     dtype: str = "float32"
     param_dtype: str = "float32"
+    lora: LoraConfig | None = None  # adapters on the dense layers it names
 
     @nn.compact
     def __call__(self, x_last: jax.Array, x_multi: jax.Array, return_attention: bool = False):
@@ -246,7 +250,8 @@ class TokenPacker(nn.Module):
 
         def injected(prefix: str) -> jax.Array:
             """K or V: LN(Linear(GELU(Linear(x_multi)))), [B, N, D]."""
-            h = mlp2x(x_multi, dim, dim, layers.gelu_exact, kw=kw, prefix=f"{prefix}_proj_1")
+            h = mlp2x(x_multi, dim, dim, layers.gelu_exact, kw=kw, prefix=f"{prefix}_proj_1",
+                      lora=self.lora)
             h = layers.layer_norm(self.layer_norm_eps, name=f"ln_{prefix}_1", **kw)(h)
             return layers.constrain(h, LENGTH_AXES)
 
@@ -259,13 +264,14 @@ class TokenPacker(nn.Module):
         points = resize_bilinear(image, (out_grid, out_grid)).astype(x_last.dtype)
         points = points.reshape(batch, out_grid * out_grid, width)
         query = layers.dense(dim, axes=("embed", "mlp"), use_bias=False, name="q_proj_1",
-                             **kw)(points)
+                             lora=self.lora, **kw)(points)
         query = layers.layer_norm(self.layer_norm_eps, name="ln_q_1", **kw)(query)
         query = layers.constrain(query, LENGTH_AXES)
 
         packed, weights = MultiheadAttention(self.num_heads, self.dtype, self.param_dtype,
-                                             name="clip_attn")(query, keys, values)
+                                             self.lora, name="clip_attn")(query, keys, values)
         packed = layers.constrain(packed, LENGTH_AXES)
-        tokens = mlp2x(packed, self.out_dim, self.out_dim, layers.gelu_exact, kw=kw)
+        tokens = mlp2x(packed, self.out_dim, self.out_dim, layers.gelu_exact, kw=kw,
+                       lora=self.lora)
         tokens = layers.constrain(tokens, LENGTH_AXES)
         return (tokens, weights) if return_attention else tokens

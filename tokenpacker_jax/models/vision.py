@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from tokenpacker_jax.models import layers
+from tokenpacker_jax.models.lora import LoraConfig
 
 VISION_FAMILIES = ("clip", "siglip")
 
@@ -42,6 +43,9 @@ class VisionConfig(layers.FromDict):
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat_policy: str = "none"
+    # LoRA adapters on the dense layers it names (q_proj, k_proj, v_proj, out_proj, fc1,
+    # fc2); None: no adapters.
+    lora: LoraConfig | None = None
 
     def __post_init__(self):
         if self.family not in VISION_FAMILIES:
@@ -83,7 +87,7 @@ class Attention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         head_dim = cfg.width // cfg.num_heads
-        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, lora=cfg.lora)
         qkv_axes = ("embed", "heads", "head_dim")
         q = layers.dense((cfg.num_heads, head_dim), axes=qkv_axes, name="q_proj", **kw)(x)
         k = layers.dense((cfg.num_heads, head_dim), axes=qkv_axes, name="k_proj", **kw)(x)
@@ -111,10 +115,11 @@ class EncoderLayer(nn.Module):
         h = layers.layer_norm(cfg.layer_norm_eps, name="layer_norm1", **kw)(x)
         x = x + Attention(cfg, name="self_attn")(h)
         h = layers.layer_norm(cfg.layer_norm_eps, name="layer_norm2", **kw)(x)
-        h = layers.dense(cfg.mlp_dim, axes=("embed", "mlp"), name="fc1", **kw)(h)
+        h = layers.dense(cfg.mlp_dim, axes=("embed", "mlp"), name="fc1", lora=cfg.lora,
+                         **kw)(h)
         h = layers.constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
         h = layers.activation(cfg.hidden_act)(h)
-        h = layers.dense(cfg.width, axes=("mlp", "embed"), name="fc2", **kw)(h)
+        h = layers.dense(cfg.width, axes=("mlp", "embed"), name="fc2", lora=cfg.lora, **kw)(h)
         x = layers.constrain(x + h, residual_axes)
         # Scan carry and per-layer output are the same tensor: the hidden state.
         return x, x
@@ -135,7 +140,7 @@ class Encoder(nn.Module):
         scanned = nn.scan(
             block,
             variable_axes={"params": 0},
-            split_rngs={"params": True},
+            split_rngs={"params": True, "dropout": True},
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
