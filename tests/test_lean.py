@@ -137,5 +137,5 @@ def test_attention_in_chunks_equals_attention(softcap):
     value_b, grads_b = jax.value_and_grad(functools.partial(loss, attention.attend), (0, 1, 2))(
         query, key, value)
     np.testing.assert_allclose(value_a, value_b, rtol=1e-6)
-    for a, b in zip(grads_a, grads_b):
+    for a, b in zip(grads_a, grads_b, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)

@@ -21,11 +21,13 @@ import torch
 import transformers
 from flax import traverse_util
 from safetensors.numpy import load_file
-from test_decoder import hf_config, padded_batch, torch_logits
 
+from tokenpacker_jax.bench import qlora
 from tokenpacker_jax.convert import adapters, hf
 from tokenpacker_jax.models import layers, lora
 from tokenpacker_jax.models.decoder import Decoder
+
+from test_decoder import hf_config, padded_batch, torch_logits
 
 RANK, ALPHA, BLOCK = 4, 8.0, 16
 
@@ -199,3 +201,13 @@ def test_dense_layers_take_adapters_by_name():
     with pytest.raises(ValueError, match="does not split into blocks"):
         lora.quantize(jnp.ones((10, 4)), 1, lora.LoraConfig(rank=1, alpha=1.0,
                                                             quantize="nf4", block_size=4))
+
+
+def test_nf4_base_equals_qwix():
+    """Our NF4 base (codes, block scales, dequantised matmul) against qwix's QLoRA provider
+    on the same plain decoder, float weights and adapters (its MLP projections, which qwix
+    adapts): the same logits. (int8 rounds differently: BENCHMARKS.md "LoRA and QLoRA".)"""
+    sides = qlora.build_sides(qlora.SIZES["tiny"], "nf4")
+    ours, theirs = sides.logits("ours"), sides.logits("qwix")
+    assert qlora.relative_rms(ours, sides.reference) > 1e-3  # the base is quantised
+    np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)

@@ -22,7 +22,6 @@ import torch
 import transformers
 from flax import traverse_util
 from PIL import Image
-from test_train_run import data_dir, small_config  # noqa: F401 (data_dir: a fixture)
 
 from tokenpacker_jax import assembly, checkpoint, conversion, sharding, train
 from tokenpacker_jax import train_state as state_lib
@@ -31,6 +30,8 @@ from tokenpacker_jax.evaluation.runner import Answerer
 from tokenpacker_jax.models import lora
 from tokenpacker_jax.models.decoder import Decoder
 from tokenpacker_jax.optim import split_trainable
+
+from test_train_run import data_dir, small_config  # noqa: F401 (data_dir: a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6

@@ -25,7 +25,6 @@ from tokenpacker_jax.data import pipeline
 from tokenpacker_jax.models import mllm
 from tokenpacker_jax.optim import join_params, split_trainable
 
-
 # Leaves the model only uses cast to its compute dtype (dense and conv kernels, embedding
 # tables, LoRA adapters): their gradients may be taken in that dtype (train.grad_dtype).
 MATMUL_WEIGHTS = ("kernel", "embedding", "lora_a", "lora_b")
