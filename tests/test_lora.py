@@ -161,7 +161,6 @@ def test_quantised_base_stays_close_to_float_base(tiny, quantize):
     np.testing.assert_allclose(folded[valid], got[valid], atol=1e-5, rtol=0)
 
 
-# -- the quantisers against NumPy --------------------------------------------------------------
 
 def numpy_quantise(kernel, block, kind):
     """Dequantised [in, out] kernel: blocks of ``block`` rows, each column scaled by its

@@ -226,7 +226,7 @@ def compare(sizes: Sizes, quantize: str, runs: int) -> list[list[str]]:
     return rows
 
 
-HEADERS = ("base", "side", "logits vs float base (rel. RMS)", "max |ours - qwix|",
+HEADERS = ("base", "side", "logits vs float base (rel. RMS)", "largest ours - qwix difference",
            "base stored (MiB)", "adapter step (ms)", "compile (s)", "program (MiB)",
            "targets adapted when asked for all 7")
 

@@ -92,7 +92,6 @@ class LoraConfig:
         return name is not None and any(fnmatch.fnmatchcase(name, p) for p in self.targets)
 
 
-# -- quantisation -----------------------------------------------------------------------------
 
 def block_length(size: int, config: LoraConfig, where: str = "") -> int:
     """Entries per scale along an input axis of ``size`` (the whole axis if shorter)."""
@@ -165,7 +164,6 @@ def codes_dtype(config: LoraConfig) -> Any:
     return jnp.int8 if config.quantize == "int8" else jnp.uint8
 
 
-# -- the adapted product ----------------------------------------------------------------------
 
 def kaiming_uniform(num_in_axes: int) -> Any:
     """PEFT's ``lora_A`` init (``kaiming_uniform_(a=sqrt(5))``): U(-b, b), b = 1/sqrt(fan_in),
@@ -218,7 +216,6 @@ def folded_delta(adapters: Adapters, config: LoraConfig, dtype: Any) -> jax.Arra
     return delta * jnp.asarray(config.scale, dtype)
 
 
-# -- parameter trees --------------------------------------------------------------------------
 
 def is_adapter(path: Sequence[Any]) -> bool:
     """Does the leaf at ``path`` (keys, or jax key entries) hold LoRA weights."""
