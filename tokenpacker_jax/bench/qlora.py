@@ -14,7 +14,7 @@ quantiser. Both take the same adapters (B random, so the adapters act). Per row:
   the largest difference between the two sides' logits;
 - the frozen base's bytes as stored (codes and scales);
 - one step (loss, gradients of the adapters) compiled and timed: median of ``--runs``,
-  the two sides in turns (``common.time_interleaved``);
+  the two sides in turns (``measurement.time_interleaved``);
 - how many of the seven LoRA targets (q, k, v, o, gate, up, down) each side adapts when
   asked for all seven.
 """
@@ -34,7 +34,7 @@ from qwix._src.core import qarray
 from qwix._src.providers import ptq
 
 from tokenpacker_jax import user_error
-from tokenpacker_jax.bench import common
+from tokenpacker_jax.bench import hardware, measurement, report
 from tokenpacker_jax.models import lora
 from tokenpacker_jax.models.decoder import Decoder
 from tokenpacker_jax.models.decoder_config import DecoderConfig
@@ -185,7 +185,7 @@ def build_sides(sizes: Sizes, quantize: str, targets: Sequence[str] = MLP_TARGET
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, sizes.vocab, (sizes.batch, sizes.length)), jnp.int32)
     inputs = (ids, jnp.ones_like(ids))
-    float_params = common.random_params(Decoder(config), *inputs)
+    float_params = measurement.random_params(Decoder(config), *inputs)
     ours = our_decoder(config, quantize, targets)
     adapters = random_adapters(ours, inputs)
     float_model = our_decoder(config, "none", targets)
@@ -204,12 +204,12 @@ def compare(sizes: Sizes, quantize: str, runs: int) -> list[list[str]]:
     for name, (model, params) in sides.models.items():
         logits[name] = sides.logits(name)
         trained, frozen = split_adapters(params)
-        program, seconds = common.compile_jit(adapter_step(model), trained, frozen,
+        program, seconds = measurement.compile_jit(adapter_step(model), trained, frozen,
                                               *sides.inputs)
-        compiled[name] = (seconds, common.program_bytes(program))
+        compiled[name] = (seconds, measurement.program_bytes(program))
         calls[name] = (lambda program=program, args=(trained, frozen, *sides.inputs):
                        program(*args))
-    timings = common.time_interleaved(calls, runs=runs)
+    timings = measurement.time_interleaved(calls, runs=runs)
     gap = float(np.abs(logits["ours"] - logits["qwix"]).max())
     config = decoder_config(sizes)
     all_seven = {"ours": adapted_targets(our_decoder(config, quantize, lora.DECODER_TARGETS),
@@ -231,21 +231,21 @@ HEADERS = ("base", "side", "logits vs float base (rel. RMS)", "largest ours - qw
            "targets adapted when asked for all 7")
 
 
-def run(sizes: str = "full", runs: int = common.MIN_RUNS) -> common.Section:
+def run(sizes: str = "full", runs: int = measurement.MIN_RUNS) -> report.Section:
     chosen = SIZES[sizes]
     rows = [row for quantize in ("int8", "nf4") for row in compare(chosen, quantize, runs)]
-    body = (f"{common.machine()}; decoder width {chosen.width}, MLP {chosen.mlp_dim}, "
+    body = (f"{hardware.machine()}; decoder width {chosen.width}, MLP {chosen.mlp_dim}, "
             f"{chosen.num_layers} layers, vocabulary {chosen.vocab}, batch {chosen.batch} x "
             f"{chosen.length} tokens, rank {RANK}, block {BLOCK}; median of {runs}.\n\n"
-            + common.markdown_table(HEADERS, rows))
-    return common.section("qlora", "QLoRA: ours against qwix", body)
+            + report.markdown_table(HEADERS, rows))
+    return report.section("qlora", "QLoRA: ours against qwix", body)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = user_error.ArgumentParser(prog="python -m tokenpacker_jax.bench.qlora",
                                        description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", choices=tuple(SIZES), default="full")
-    parser.add_argument("--runs", type=int, default=common.MIN_RUNS)
+    parser.add_argument("--runs", type=int, default=measurement.MIN_RUNS)
     args = parser.parse_args(argv)
     print(run(args.sizes, args.runs).markdown())
 
