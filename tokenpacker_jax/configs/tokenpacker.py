@@ -44,8 +44,9 @@ in bfloat16, the projector trained in full at 2e-5 and the adapters at 2e-4.
 (the first in bfloat16) but for the update, each microbatch's weight gradients in bfloat16
 (summed in float32), the loss and the attention
 512 positions at a time (never the whole [tokens, 32000] logits, nor [heads, 2048, 2048]),
-and token lookups in the FSDP-split embedding table: 7B stage 2 on v5e-8, one sequence per
-chip per microbatch.
+and token lookups in the FSDP-split embedding table, one sequence per chip per microbatch:
+aimed at 7B stage 2 on v5e-8, which it does not reach yet (17.7 GiB of 16 per chip,
+BENCHMARKS.md "LoRA and QLoRA").
 """
 
 import ml_collections
