@@ -63,7 +63,15 @@ import jax.numpy as jnp
 import ml_collections
 
 from tokenpacker_jax import assembly, checkpoint, configuration, sharding, user_error
-from tokenpacker_jax.convert import adapters, checkpoint_io, hf, hf_decoder, hf_vision, llava, reference
+from tokenpacker_jax.convert import (
+    adapters,
+    checkpoint_io,
+    hf,
+    hf_decoder,
+    hf_vision,
+    llava,
+    reference,
+)
 from tokenpacker_jax.data import image
 from tokenpacker_jax.models import mllm
 from tokenpacker_jax.models.decoder import Decoder
