@@ -142,11 +142,15 @@ class MultimodalLM(nn.Module):
                             inputs_embeds=embeds, segment_ids=segment_ids)
 
     def hidden_states(self, input_ids: jax.Array, image_mask: jax.Array,
-                      pixel_values: jax.Array, attention_mask: jax.Array) -> jax.Array:
+                      pixel_values: jax.Array, attention_mask: jax.Array,
+                      segment_ids: jax.Array | None = None,
+                      positions: jax.Array | None = None) -> jax.Array:
         """The decoder's final-norm outputs [B, T, W], which ``logits`` maps to the vocabulary
-        (a chunked loss applies it a piece of the sequence at a time)."""
+        (a chunked loss applies it a piece of the sequence at a time); same arguments as
+        ``__call__``."""
         embeds = self.embed(input_ids, image_mask, pixel_values)
-        return self.decoder.hidden_states(attention_mask=attention_mask, inputs_embeds=embeds)
+        return self.decoder.hidden_states(attention_mask=attention_mask, positions=positions,
+                                          inputs_embeds=embeds, segment_ids=segment_ids)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final-norm outputs [..., W] -> logits [..., vocab] (float32)."""
