@@ -55,7 +55,7 @@ def test_fit_table_of_the_tiny_stage_1_step_in_two_worker_processes():
 
 
 def test_table_entries_and_mistakes_on_the_command_line(capsys):
-    (entry,) = tpu_fit.paper_table_entries(["v5e-16"], [("vicuna7b", 2)])
+    (entry,) = tpu_fit.paper_table_entries(["v5e-16"], [("vicuna7b", 2)], recipes=())
     rows = entry.config.data.batch_size
     assert entry.samples_per_step == rows * tokenpacker.PACKED_ROWS[2, 2][0]
     assert entry.config.train.microbatches == rows // 16

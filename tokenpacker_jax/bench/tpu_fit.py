@@ -19,6 +19,7 @@ writes the table into BENCHMARKS.md.
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import dataclasses
 import multiprocessing
@@ -179,7 +180,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="the table's rows: LLM:STAGE, comma-separated")
     parser.add_argument("--slices", default=",".join(TABLE_SLICES),
                         help="the slices each model is compiled for, comma-separated")
+    parser.add_argument("--recipes", action=argparse.BooleanOptionalAction, default=None,
+                        help="also the stage-2 recipes (lean, LoRA, QLoRA) on their slices "
+                             "(default: only when neither --models nor --slices is given)")
     args = parser.parse_args(argv)
+    with_recipes = args.recipes
+    if with_recipes is None:
+        with_recipes = (args.models == parser.get_default("models")
+                        and args.slices == parser.get_default("slices"))
     models = []
     for item in args.models.split(","):
         llm, _, stage = item.partition(":")
@@ -194,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         except InputError as error:
             parser.error(f"--slices: {error}")
     aot.keep_jax_on_the_host()
-    entries = paper_table_entries(slices, models)
+    entries = paper_table_entries(slices, models, TABLE_RECIPES if with_recipes else ())
     reports = fit_table(entries, log=print, jobs=args.jobs)
     print(fit_table_markdown(reports, entries))
 
