@@ -183,3 +183,28 @@ def test_jitter_bounds_how_far_items_sit_off_their_cells_centre():
     assert len(seen[1]) > 2 and len(seen[None]) > len(seen[1])
     with pytest.raises(ValueError, match="--jitter -1"):
         synthetic.generate("/nonexistent", 1, 0, jitter=-1)
+
+
+def test_captions_follow_the_attributes_not_the_grid(generated):
+    """Each caption names every object once, with its colour, shape and cell, either colour
+    first in the colours' order or shape first in the shapes' order (both forms occur), so
+    that no word follows from the object's place in the grid."""
+    captions = json.loads((generated / "train_caption.json").read_text())
+    forms = set()
+    for record in captions:
+        index = int(record["image"].rsplit("/", 1)[1].split(".")[0])
+        rng = np.random.default_rng([5, synthetic.SPLITS["train"], index])
+        _, info = synthetic.scene(rng, 48, None)
+        text = record["conversations"][1]["value"]
+        listed, digit = text.rstrip(".").split("; ")
+        assert digit == f"the digit {info['digit']} at the {info['digit_position']}"
+        items = listed.replace(" and ", ", ").split(", ")
+        colour_first = [f"a {o['colour']} {o['shape']} at the {o['position']}"
+                        for o in sorted(info["objects"],
+                                        key=lambda o: list(synthetic.COLOURS).index(o["colour"]))]
+        shape_first = [f"a {o['shape']} in {o['colour']} at the {o['position']}"
+                       for o in sorted(info["objects"],
+                                       key=lambda o: synthetic.SHAPES.index(o["shape"]))]
+        assert items in (colour_first, shape_first), (record["id"], text)
+        forms.add("colour" if items == colour_first else "shape")
+    assert forms == {"colour", "shape"}

@@ -19,8 +19,8 @@ set size):
 Written to DIR (paths in the JSON are relative to DIR, the image folder):
 
     images/{split}/{index:05d}.png
-    {split}_caption.json     stage 1: ``<image>`` + a caption naming every item in reading
-                             order (plain)
+    {split}_caption.json     stage 1: ``<image>`` + a caption naming every item, in the
+                             order of their colours or of their shapes (``caption``)
     {split}_qa.json          stage 2: one conversation per image, the questions shuffled:
                              count, digit and as many colour / shape / position
                              questions as the image has objects (up to three), each
@@ -201,11 +201,25 @@ def conversation_questions(info: dict[str, Any],
     return list(asked[:kept]) + list(asked[len(ATTRIBUTE_CATEGORIES):])
 
 
-def caption(info: dict[str, Any]) -> str:
-    """Every object in reading order (top left to bottom right), then the digit: a caption
-    fixed by the image, so that each of its words is read off the pixels."""
-    objects = sorted(info["objects"], key=lambda o: POSITIONS.index(o["position"]))
-    items = [f"a {o['colour']} {o['shape']} at the {o['position']}" for o in objects]
+def caption(info: dict[str, Any], rng: np.random.Generator) -> str:
+    """Every object, then the digit, in one of two forms chosen at random: colour first in
+    the colours' order ("a red circle at the top, a blue cross at the left ...") or shape
+    first in the shapes' order ("a circle in red at the top, a cross in blue at the left
+    ...").
+
+    The order follows the attributes, not the grid, so that no word can be read off its
+    place in the list: each form has the model find an object by the word it has just
+    written (its colour, or its shape) and read that object's other attributes and its cell.
+    Both directions of that lookup are what the questions ask (a shape by its colour, a
+    colour by its shape, a cell by both); captions in reading order trained only the first,
+    and held-out colour questions stayed near the colour of a random object of the image.
+    """
+    if rng.integers(2):
+        objects = sorted(info["objects"], key=lambda o: list(COLOURS).index(o["colour"]))
+        items = [f"a {o['colour']} {o['shape']} at the {o['position']}" for o in objects]
+    else:
+        objects = sorted(info["objects"], key=lambda o: SHAPES.index(o["shape"]))
+        items = [f"a {o['shape']} in {o['colour']} at the {o['position']}" for o in objects]
     listed = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
     return f"{listed}; the digit {info['digit']} at the {info['digit_position']}."
 
@@ -228,9 +242,6 @@ def generate_split(out: str, split: str, num: int, seed: int, size: int,
         with open(os.path.join(out, image), "wb") as file:
             file.write(_png(pixels))
         sample_id = f"{split}-{index:05d}"
-        captions.append({"id": sample_id, "image": image, "conversations": [
-            {"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
-            {"from": "gpt", "value": caption(info)}]})
         asked = questions(info, rng)
         kept = conversation_questions(info, asked)
         turns = []
@@ -240,6 +251,9 @@ def generate_split(out: str, split: str, num: int, seed: int, size: int,
             turns += [{"from": "human", "value": prefix + question["text"]},
                       {"from": "gpt", "value": question["answer"]}]
         conversations.append({"id": sample_id, "image": image, "conversations": turns})
+        captions.append({"id": sample_id, "image": image, "conversations": [
+            {"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
+            {"from": "gpt", "value": caption(info, rng)}]})
         for question in sorted(asked, key=lambda q: CATEGORIES.index(q["category"])):
             evaluation.append({"question_id": f"{sample_id}-{question['category']}",
                                "image": image, "text": question["text"],
