@@ -116,7 +116,8 @@ def test_packing_table():
 
 def test_paper_table_trains_and_scores(tmp_path):
     section = paper_table.run(workdir=str(tmp_path), seeds=1, projectors=("tokenpacker",),
-                              budgets=(2,), stage1_steps=0, stage2_steps=2, num=8,
+                              budgets=(2,), stage0_steps=0, stage1_steps=0, stage2_steps=2,
+                              num=8,
                               num_eval=2, adjust=training.shrink, log=quiet)
     rows = table_rows(section.body)
     assert column(rows, "projector") == ["tokenpacker", "(chance)"]
@@ -126,7 +127,8 @@ def test_paper_table_trains_and_scores(tmp_path):
     (result,) = tmp_path.glob("tokenpacker_s2_seed0_*/result.json")
     result.write_text(result.read_text().replace('"accuracy": ', '"accuracy": 0.5, "x": '))
     again = paper_table.run(workdir=str(tmp_path), seeds=1, projectors=("tokenpacker",),
-                            budgets=(2,), stage1_steps=0, stage2_steps=2, num=8,
+                            budgets=(2,), stage0_steps=0, stage1_steps=0, stage2_steps=2,
+                            num=8,
                             num_eval=2, adjust=training.shrink, log=quiet)
     assert "0.500 ± 0.000" in again.body
 

@@ -6,10 +6,13 @@ Runs ``tokenpacker_jax.recipe`` (the one definition of the main job):
 
 1. writes a synthetic fine-detail dataset (``tokenpacker_jax.data.synthetic``, items centred
    in their cells unless ``--jitter``) and a tokenizer trained on its text;
-2. trains ``configs/tiny.py`` stage 1 (projector, captions), then stage 2 (from stage 1;
-   questions and answers);
-3. answers the held-out questions about one image (one per category);
-4. answers every held-out question and scores exact match; the last line is
+2. stage 0 (``--stage0_steps``, 0: none): pretrains the tiny vision tower to tell what each
+   cell of the training images holds (``tokenpacker_jax.tower_pretraining``);
+3. trains ``configs/tiny.py`` stage 1 (projector, captions), then stage 2 (from stage 1;
+   questions and answers), with stage 0's tower loaded and frozen (without stage 0, the
+   tower starts random and stage 2 trains it);
+4. answers the held-out questions about one image (one per category);
+5. answers every held-out question and scores exact match; the last line is
    ``held-out accuracy: X (n=N)``.
 
 Rerunning resumes: finished stages are not trained again (their checkpoints are found).
@@ -31,6 +34,9 @@ _WORKDIR = flags.DEFINE_string("workdir", "/tmp/tokenpacker_quickstart", "Where 
 _NUM = flags.DEFINE_integer("num", _MAIN_JOB.num, "Training images.")
 _NUM_EVAL = flags.DEFINE_integer("num_eval", _MAIN_JOB.num_eval,
                                  "Validation and test images each.")
+_STEPS0 = flags.DEFINE_integer("stage0_steps", _MAIN_JOB.stage0_steps,
+                               "Stage 0 (tower pretraining) steps; 0: none, stage 2 then "
+                               "trains the tower from scratch.")
 _STEPS1 = flags.DEFINE_integer("stage1_steps", _MAIN_JOB.stage1_steps,
                                "Stage 1 optimizer steps.")
 _STEPS2 = flags.DEFINE_integer("stage2_steps", _MAIN_JOB.stage2_steps,
@@ -53,7 +59,8 @@ def main(argv):
         print(f"[{time.perf_counter() - start:5.0f}s] {line}", flush=True)
 
     sizes = _MAIN_JOB.replace(num=_NUM.value, num_eval=_NUM_EVAL.value,
-                              stage1_steps=_STEPS1.value, stage2_steps=_STEPS2.value,
+                              stage0_steps=_STEPS0.value, stage1_steps=_STEPS1.value,
+                              stage2_steps=_STEPS2.value,
                               jitter=_JITTER.value)
     workdir = _WORKDIR.value
     result = recipe.run(os.path.join(workdir, "data"), workdir, recipe=sizes,

@@ -86,6 +86,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     paper = parser.add_argument_group("paper (table 6); unset: the main job's (recipe.Recipe)")
     paper.add_argument("--workdir", default="/tmp/tokenpacker_bench_paper")
     paper.add_argument("--seeds", type=int, default=3)
+    paper.add_argument("--stage0_steps", type=int, default=None,
+                       help="tower pretraining steps (0: none)")
     paper.add_argument("--stage1_steps", type=int, default=None)
     paper.add_argument("--stage2_steps", type=int, default=None)
     paper.add_argument("--num", type=int, default=None, help="training images")
@@ -128,10 +130,11 @@ def run_table(name: str, args: argparse.Namespace) -> report.Section:
         return tpu_fit(args.jobs)
     if name == "packing":
         return packing.run(args.sizes, args.runs)
-    sizes = dict(stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
+    sizes = dict(stage0_steps=args.stage0_steps, stage1_steps=args.stage1_steps,
+                 stage2_steps=args.stage2_steps,
                  num=args.num, num_eval=args.num_eval, jitter=args.jitter)
     if args.sizes == "tiny":  # unset sizes: a few steps on a few images
-        tiny = dict(stage1_steps=1, stage2_steps=2, num=16, num_eval=2, jitter=0)
+        tiny = dict(stage0_steps=2, stage1_steps=1, stage2_steps=2, num=16, num_eval=2, jitter=0)
         sizes = {k: tiny[k] if v is None else v for k, v in sizes.items()}
     return paper_table.run(
         workdir=args.workdir, seeds=args.seeds,

@@ -10,15 +10,16 @@ exact match, as ``quickstart`` scores it); the table gives the accuracy's mean a
 per projector and per question category.
 
 Each run is the main job, ``tokenpacker_jax.recipe.run``, with the entry's projector; steps
-and data sizes default to the main job's (``--stage1_steps``, ``--stage2_steps``, ``--num``,
-``--num_eval``, ``--jitter``), so the comparison follows the recipe when it is retuned. Runs
+and data sizes default to the main job's (``--stage0_steps``, ``--stage1_steps``,
+``--stage2_steps``, ``--num``, ``--num_eval``, ``--jitter``), so the comparison follows the
+recipe when it is retuned. Runs
 go seed by seed (every entry's seed 0, then seed 1, ...) and resume: a finished run's
 ``result.json`` is kept and read back, an unfinished one continues from its checkpoints
 (``train.run``); so an interrupted table keeps its whole seeds.
 
-    python -m tokenpacker_jax.bench paper [--seeds 3] [--stage1_steps N] [--stage2_steps N]
-        [--num N] [--num_eval N] [--jitter PX] [--projectors a,b] [--budgets 2,3]
-        [--workdir DIR]
+    python -m tokenpacker_jax.bench paper [--seeds 3] [--stage0_steps N] [--stage1_steps N]
+        [--stage2_steps N] [--num N] [--num_eval N] [--jitter PX] [--projectors a,b]
+        [--budgets 2,3] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -86,21 +87,24 @@ def entry_adjust(entry: Entry, adjust: recipe.Adjust | None = None) -> recipe.Ad
 
 
 def train_and_score(entry: Entry, seed: int, *, data: str, workdir: str,
-                    sizes: recipe.Recipe, adjust: recipe.Adjust | None = None,
-                    log=print) -> dict[str, Any]:
+                    sizes: recipe.Recipe, data_seed: int = 0,
+                    adjust: recipe.Adjust | None = None, log=print) -> dict[str, Any]:
     """Trains one run of the recipe with the entry's projector and scores it on the
     held-out questions; the result is kept in ``workdir/ENTRY_seedN_RECIPE/result.json``
     (RECIPE: a hash of the stage configs) and read back when the run is asked again."""
     edit = entry_adjust(entry, adjust)
     configs = recipe.stage_configs(data, sizes, seed, edit)
     # The run directory is named by what was trained, so a retuned recipe starts afresh.
-    digest = hashlib.sha256("".join(c.to_json() for _, c in configs).encode()).hexdigest()
+    stage0 = f"stage0:{sizes.stage0_steps},{sizes.stage0_images}"
+    digest = hashlib.sha256((stage0 + "".join(c.to_json() for _, c in configs)).encode()
+                            ).hexdigest()
     run_dir = os.path.join(workdir, f"{entry.name}_seed{seed}_{digest[:10]}")
     result_path = os.path.join(run_dir, "result.json")
     if os.path.exists(result_path):
         with open(result_path, encoding="utf-8") as file:
             return json.load(file)
-    outcome = recipe.run(data, run_dir, recipe=sizes, seed=seed, adjust=edit,
+    outcome = recipe.run(data, run_dir, recipe=sizes, seed=seed, data_seed=data_seed,
+                         adjust=edit,
                          log=lambda _: None)
     model = configs[-1][1].model
     scores = outcome.scores
@@ -190,8 +194,9 @@ def markdown(summaries: Sequence[Summary]) -> str:
 
 def run(*, workdir: str = "/tmp/tokenpacker_bench_paper", seeds: int = 3,
         projectors: Sequence[str] = PROJECTORS, budgets: Sequence[int] = BUDGETS,
-        stage1_steps: int | None = None, stage2_steps: int | None = None,
-        num: int | None = None, num_eval: int | None = None, jitter: int | None = None,
+        stage0_steps: int | None = None, stage1_steps: int | None = None,
+        stage2_steps: int | None = None, num: int | None = None,
+        num_eval: int | None = None, jitter: int | None = None,
         data_seed: int = 0, adjust: recipe.Adjust | None = None,
         log=print) -> report.Section:
     """Trains and scores every (entry, seed); returns the BENCHMARKS.md section. ``None``
@@ -199,15 +204,16 @@ def run(*, workdir: str = "/tmp/tokenpacker_bench_paper", seeds: int = 3,
     cells' centres (-1: anywhere, as quickstart's flag); ``adjust`` edits each stage's
     config (tests)."""
     sizes = recipe.Recipe(eval_batch=EVAL_BATCH).replace(
-        num=num, num_eval=num_eval, stage1_steps=stage1_steps, stage2_steps=stage2_steps,
-        jitter=jitter)
+        num=num, num_eval=num_eval, stage0_steps=stage0_steps, stage1_steps=stage1_steps,
+        stage2_steps=stage2_steps, jitter=jitter)
     num, num_eval, jitter = sizes.num, sizes.num_eval, sizes.jitter
+    stage0_steps = sizes.stage0_steps
     stage1_steps, stage2_steps = sizes.stage1_steps, sizes.stage2_steps
     header = hardware.machine()
     data = os.path.join(workdir, f"data_{num}_{num_eval}_seed{data_seed}_jitter{jitter}")
     recipe.make_data(data, sizes, data_seed, adjust)
     results = [train_and_score(entry, seed, data=data, workdir=workdir, sizes=sizes,
-                               adjust=adjust, log=log)
+                               data_seed=data_seed, adjust=adjust, log=log)
                for seed in range(seeds) for entry in entries(projectors, budgets)]
     summaries = summarise(results)
     questions = results[0]["n"]
@@ -219,11 +225,13 @@ def run(*, workdir: str = "/tmp/tokenpacker_bench_paper", seeds: int = 3,
     budget_text = ", ".join(f"{(grid // s) ** 2} tokens ({s * s}x fewer)" for s in budgets)
     body = "\n".join([
         "`python -m tokenpacker_jax.bench paper` "
-        f"(`--seeds={seeds} --stage1_steps={stage1_steps} --stage2_steps={stage2_steps} "
+        f"(`--seeds={seeds} --stage0_steps={stage0_steps} --stage1_steps={stage1_steps} "
+        f"--stage2_steps={stage2_steps} "
         f"--num={num} --num_eval={num_eval} --jitter={jitter}`). Machine: {header}.",
         "",
         f"`configs/tiny.py` ({vision.image_size} px, {grid} x {grid} patches; the MLP keeps "
-        f"all {grid * grid}, the others pack them to {budget_text}), stage 1 "
+        f"all {grid * grid}, the others pack them to {budget_text}), stage 0 "
+        f"({stage0_steps} steps, the tower; 0: none, stage 2 trains it), stage 1 "
         f"({stage1_steps} steps, captions) then stage 2 ({stage2_steps} steps, questions), "
         f"as `quickstart` trains; {num} training images ({placement}); held-out accuracy "
         f"(exact match, greedy) on the {questions} questions about {num_eval} test images; "

@@ -11,7 +11,9 @@ the projector and the LLM on questions and answers mixed with the captions (as L
 stage-2 mix holds descriptions beside questions), in ``vicuna_v1`` without its system
 prompt, starting from ``train.init_from``. With no pretrained CLIP or LLM to be had offline,
 the tiny tower is random, so stage 2 trains it too (``model.train_vision``; the paper's
-configs keep it frozen), and the dense kernels of the decoder and projector start from
+configs keep it frozen), unless ``vision_checkpoint=PATH`` names a pretrained tower (the
+main job's stage 0, ``tokenpacker_jax.tower_pretraining``): both stages then load it and
+keep it frozen, as the paper's do. The dense kernels of the decoder and projector start from
 1/sqrt(width)-sized weights rather than the big models' 0.02 (``model.init_kernel_scale``):
 at widths of 64-128 the 0.02 init leaves the visual tokens ~10x smaller than the text
 embeddings, and runs learned the answers' priors but not the images.
@@ -26,7 +28,7 @@ import os
 
 from tokenpacker_jax.configs import common
 
-VARIANTS = dict(stage=1, data="", lora=False, quantize="none")
+VARIANTS = dict(stage=1, data="", lora=False, quantize="none", vision_checkpoint="")
 
 
 def get_config(arg: str | None = None):
@@ -85,6 +87,11 @@ def get_config(arg: str | None = None):
     elif variant["quantize"] != "none":
         raise ValueError("configs/tiny.py: quantize= stores the base of LoRA layers; add "
                          "lora=true")
+    if variant["vision_checkpoint"]:
+        config.model.vision_checkpoint = variant["vision_checkpoint"]
+        config.model.train_vision = False
+        config.train.trainable = tuple(g for g in config.train.trainable
+                                       if g != "vision_tower")
     if variant["data"]:
         root = variant["data"]
         config.data.image_folder = root

@@ -166,6 +166,35 @@ def scene(rng: np.random.Generator, size: int, jitter: int | None = None
                     "digit_position": POSITIONS[int(cells[count])]}
 
 
+CELL_LABELS = ("shape", "colour", "digit")  # the rows of ``cell_labels``; 0 = empty
+
+
+def cell_labels(info: dict[str, Any]) -> np.ndarray:
+    """What each of the 9 cells holds (``scene``'s info) -> int32 [3, 9]: per cell (reading
+    order), row 0 the shape (index in SHAPES + 1), row 1 the colour (in COLOURS + 1), row 2
+    the digit (+ 1); 0 where the cell holds none."""
+    labels = np.zeros((len(CELL_LABELS), len(POSITIONS)), np.int32)
+    for item in info["objects"]:
+        cell = POSITIONS.index(item["position"])
+        labels[0, cell] = SHAPES.index(item["shape"]) + 1
+        labels[1, cell] = list(COLOURS).index(item["colour"]) + 1
+    labels[2, POSITIONS.index(info["digit_position"])] = DIGITS.index(info["digit"]) + 1
+    return labels
+
+
+def labelled_scenes(split: str, num: int, seed: int, size: int, jitter: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``num`` images of a split, drawn again from their streams (the pixels
+    ``generate_split`` writes), with their ``cell_labels``: uint8 [num, size, size, 3] and
+    int32 [num, 3, 9]."""
+    pixels, labels = [], []
+    for index in range(num):
+        image, info = scene(np.random.default_rng([seed, SPLITS[split], index]), size, jitter)
+        pixels.append(image)
+        labels.append(cell_labels(info))
+    return np.stack(pixels), np.stack(labels)
+
+
 def questions(info: dict[str, Any], rng: np.random.Generator) -> list[dict[str, str]]:
     """The five questions about a scene, one per category, with their answers.
 
