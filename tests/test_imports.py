@@ -19,7 +19,7 @@ LAYERS = (
     ("configs", "configuration"),  # configs and their checks
     ("convert",),  # checkpoint formats (HF, the reference's) both ways
     ("tokenizer", "optim", "train_state", "train_step", "checkpoint", "checkpoint_integrity",
-     "flops", "metrics"),
+     "flops", "metrics", "tower_pretraining"),
     ("assembly",),  # models and runs assembled from configs
     ("generate", "region_maps", "evaluation", "serving"),  # inference and scoring
     ("train", "evaluate", "aot", "recipe", "quickstart", "conversion", "bench", "chat",
