@@ -12,10 +12,9 @@ per projector and per question category.
 Each run is the main job, ``tokenpacker_jax.recipe.run``, with the entry's projector; steps
 and data sizes default to the main job's (``--stage0_steps``, ``--stage1_steps``,
 ``--stage2_steps``, ``--num``, ``--num_eval``, ``--jitter``), so the comparison follows the
-recipe when it is retuned. Runs
-go seed by seed (every entry's seed 0, then seed 1, ...) and resume: a finished run's
-``result.json`` is kept and read back, an unfinished one continues from its checkpoints
-(``train.run``); so an interrupted table keeps its whole seeds.
+recipe when it is retuned. Runs go seed by seed (every entry's seed 0, then seed 1, ...) and
+resume: a finished run's ``result.json`` is kept and read back, an unfinished one continues
+from its checkpoints (``train.run``); so an interrupted table keeps its whole seeds.
 
     python -m tokenpacker_jax.bench paper [--seeds 3] [--stage0_steps N] [--stage1_steps N]
         [--stage2_steps N] [--num N] [--num_eval N] [--jitter PX] [--projectors a,b]
