@@ -51,8 +51,9 @@ def small_config(data_dir, stage=2, variant="", **overrides):
     return config
 
 
-# Packed rows for the small config: rows of 256 positions hold 2-4 samples, 4 images at most.
-PACKED = {"data.packing": "first_fit", "data.max_length": 256, "data.max_images_per_row": 4}
+# Packed rows for the small config: rows of 320 positions hold 2-4 samples, 5 images at most
+# (a stage-2 sample with its caption takes up to ~130 positions).
+PACKED = {"data.packing": "first_fit", "data.max_length": 320, "data.max_images_per_row": 5}
 
 
 def _sample_ids(log):
