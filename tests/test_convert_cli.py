@@ -29,7 +29,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from tokenpacker_jax import checkpoint, configuration, conversion
+from tokenpacker_jax import checkpoint, configuration, conversion, run_export
 from tokenpacker_jax.assembly import load_trained
 from tokenpacker_jax.bench.torch_tokenpacker import TorchTokenPacker
 from tokenpacker_jax.convert import checkpoint_io, llava, reference
@@ -143,8 +143,8 @@ def imported(built):
 def exported(built, imported):
     """The imported workdir in each format (float32)."""
     workdir, _ = imported
-    return {fmt: Path(conversion.export_checkpoint(workdir, built["root"] / f"export_{fmt}", fmt))
-            for fmt in conversion.FORMATS}
+    return {fmt: Path(run_export.export_checkpoint(workdir, built["root"] / f"export_{fmt}", fmt))
+            for fmt in run_export.FORMATS}
 
 
 def flat(params):
@@ -453,7 +453,7 @@ def test_llava_mlp_checkpoint_with_tower_keys(built, tmp_path):
     config = checkpoint.restore_config(checkpoint.run_directory(workdir))
     assert (config["model"]["projector"]["name"], config["model"]["projector"]["scale_factor"],
             config["data"]["image"]["aspect_mode"]) == ("mlp2x_gelu", 1, "square")
-    out = Path(conversion.export_checkpoint(workdir, tmp_path / "exported", "reference",
+    out = Path(run_export.export_checkpoint(workdir, tmp_path / "exported", "reference",
                                             mm_vision_tower="openai/clip-vit-large-patch14-336"))
     assert not (out / "vision_tower").exists()
     exported = safetensors_state(out)

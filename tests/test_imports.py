@@ -21,6 +21,7 @@ LAYERS = (
     ("tokenizer", "optim", "train_state", "train_step", "checkpoint", "checkpoint_integrity",
      "flops", "metrics", "tower_pretraining"),
     ("assembly",),  # models and runs assembled from configs
+    ("reference_import", "run_export"),  # whole runs to and from PyTorch layouts
     ("generate", "region_maps", "evaluation", "serving"),  # inference and scoring
     ("train", "evaluate", "aot", "recipe", "quickstart", "conversion", "bench", "chat",
      "serve", "serving.lmms_eval_task", "data_stats"),  # commands

@@ -23,7 +23,7 @@ import transformers
 from flax import traverse_util
 from PIL import Image
 
-from tokenpacker_jax import assembly, checkpoint, conversion, sharding, train
+from tokenpacker_jax import assembly, checkpoint, conversion, run_export, sharding, train
 from tokenpacker_jax import train_state as state_lib
 from tokenpacker_jax.data import batch as batch_lib
 from tokenpacker_jax.evaluation.runner import Answerer
@@ -128,7 +128,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(data_dir, stage1, lora_run,  # 
 
 def peft_logits(out, ids, mask):
     base = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    model = peft.PeftModel.from_pretrained(base, out / conversion.ADAPTER_DIR).eval()
+    model = peft.PeftModel.from_pretrained(base, out / run_export.ADAPTER_DIR).eval()
     with torch.no_grad():
         return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
 
@@ -142,7 +142,7 @@ def our_decoder_logits(workdir, ids, mask):
 def test_hf_export_loads_in_peft_and_gives_our_logits(lora_run, tmp_path):
     out = Path(conversion.main(["export", "--checkpoint", str(lora_run), "--out",
                          str(tmp_path / "hf"), "--format", "hf"]))
-    config = json.loads((out / conversion.ADAPTER_DIR / "adapter_config.json").read_text())
+    config = json.loads((out / run_export.ADAPTER_DIR / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (8, 16.0, 0.05)
     ids, mask = text_batch(json.loads((out / "config.json").read_text())["vocab_size"])
     expected = peft_logits(out, ids, mask)
@@ -180,7 +180,7 @@ def test_merge_lora_writes_a_run_with_the_same_logits(lora_run, tmp_path):
     # A normal run directory: exports as any other (no adapter directory).
     exported = Path(conversion.main(["export", "--checkpoint", str(merged), "--out",
                               str(tmp_path / "hf"), "--format", "hf"]))
-    assert (exported / "config.json").is_file() and not (exported / conversion.ADAPTER_DIR).exists()
+    assert (exported / "config.json").is_file() and not (exported / run_export.ADAPTER_DIR).exists()
 
 
 def test_qlora_run_keeps_its_quantised_base(data_dir, stage1, tmp_path):  # noqa: F811

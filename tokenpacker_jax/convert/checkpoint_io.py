@@ -5,7 +5,9 @@ A directory holds ``config.json`` and its weights as one of:
 ``pytorch_model.bin.index.json`` + shards. Safetensors are read lazily (one tensor at a time,
 no torch needed); ``.bin`` files need torch and are opened with ``weights_only=True`` so an
 untrusted file cannot run code, memory-mapped (``mmap=True``) so that a shard is read from
-disk only as its tensors are used.
+disk only as its tensors are used. A converted tree of parameters is checked against the
+model's abstract tree (same structure, same shapes) before anything is written, and
+everything is written into a new or empty directory.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
@@ -187,3 +190,19 @@ def write_safetensors(tensors: Iterator[tuple[str, np.ndarray]], path: str | os.
         weight_map.update(dict.fromkeys(names, final))
     index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
     (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
+def require_empty_directory(path: Path, what: str) -> None:
+    """``path`` (the directory that ``what`` names, e.g. ``--out``) is absent or empty."""
+    if path.exists() and any(path.iterdir()):
+        raise FileExistsError(f"{path}: {what} must be a new or empty directory")
+
+
+def check_fits(abstract: Any, params: Any, group: str) -> None:
+    """The loaded tree ``params`` has the structure and shapes of the model's ``abstract``
+    tree (of parameter group ``group``, named in the error)."""
+    want = jax.tree.map(lambda x: tuple(x.shape), abstract)
+    got = jax.tree.map(lambda x: tuple(x.shape), params)
+    if want != got:
+        raise CheckpointError(f"{group}: the checkpoint's parameters do not fit the model "
+                              f"(expected {want}, got {got})")
