@@ -17,8 +17,8 @@ from serving_helpers import reference_prompt_ids, reference_vicuna_prompt, write
 
 from tokenpacker_jax import chat, user_error
 from tokenpacker_jax.assembly import load_trained
+from tokenpacker_jax.data.example import example_builder
 from tokenpacker_jax.data.image import load_image
-from tokenpacker_jax.data.pipeline import example_builder
 from tokenpacker_jax.data.prompt import Prompt, left_pad
 from tokenpacker_jax.generate import Generator, SamplingConfig
 

@@ -35,7 +35,7 @@ from tokenpacker_jax.bench.torch_tokenpacker import TorchTokenPacker
 from tokenpacker_jax.convert import checkpoint_io, llava, reference
 from tokenpacker_jax.data import hd
 from tokenpacker_jax.data.conversation import VICUNA_SYSTEM
-from tokenpacker_jax.data.pipeline import example_builder
+from tokenpacker_jax.data.example import example_builder
 from tokenpacker_jax.data.prompt import build_prompt
 from tokenpacker_jax.data.synthetic import train_tokenizer
 from tokenpacker_jax.generate import Generator, SamplingConfig, answer

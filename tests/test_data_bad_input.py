@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tokenpacker_jax.data import errors, pipeline
+from tokenpacker_jax.data import bad_records, errors, pipeline
 from tokenpacker_jax.data.conversation import ConversationTokenizer
 from tokenpacker_jax.data.errors import DataError
 from tokenpacker_jax.data.example import ExampleBuilder, ImageSettings
@@ -115,8 +115,8 @@ def test_skip_counts_and_messages(bad_dataset, tokenizer, caplog):
     ids = np.concatenate([b["sample_id"] for b in result])
     good_lines = [0, 1, 2, 13, 14, 15]
     assert list(ids) == good_lines * 2  # both epochs complete, in order, nothing else
-    assert pipeline.skipped_records(iterator) == expected_counts(expected, epochs=2)
-    assert sum(pipeline.skipped_records(iterator).values()) == 20
+    assert bad_records.skipped_records(iterator) == expected_counts(expected, epochs=2)
+    assert sum(bad_records.skipped_records(iterator).values()) == 20
     messages = [r.getMessage() for r in caplog.records]
     for line, (reason, record_id) in expected.items():
         name = f"id={record_id!r}" if record_id else f"#{line - 1}"
@@ -148,7 +148,7 @@ def test_skip_counts_survive_a_restore(bad_dataset, tokenizer):
     resumed.set_state(state)
     rest = list(resumed)
     assert [int(i) for b in rest for i in b["sample_id"]] == [14, 15]
-    assert pipeline.skipped_records(resumed) == expected_counts(expected)
+    assert bad_records.skipped_records(resumed) == expected_counts(expected)
 
 
 def test_raise_names_the_record(bad_dataset, tokenizer):
@@ -187,7 +187,7 @@ def test_eval_split_turns_bad_records_into_padding_rows(bad_dataset, tokenizer):
     ids = np.concatenate([b["sample_id"] for b in result])
     assert list(ids[ids >= 0]) == [0, 1, 2, 13, 14, 15]
     assert (ids < 0).sum() == 10
-    assert pipeline.skipped_records(iterator) == expected_counts(expected)
+    assert bad_records.skipped_records(iterator) == expected_counts(expected)
 
 
 def test_an_epoch_without_usable_records_raises_instead_of_spinning(bad_dataset, tokenizer):

@@ -13,6 +13,7 @@ from tokenpacker_jax.configs import tiny
 from tokenpacker_jax.configuration import ConfigError, validate
 from tokenpacker_jax.data import batch as batch_lib
 from tokenpacker_jax.data import errors, hd, pipeline, synthetic
+from tokenpacker_jax.data import example as example_lib
 from tokenpacker_jax.data.conversation import ConversationTokenizer, parse_turns
 from tokenpacker_jax.data.errors import DataError
 from tokenpacker_jax.data.example import ExampleBuilder, ImageSettings
@@ -206,7 +207,7 @@ def test_worker_processes_match_threads_and_resume(synthetic_dir, tokenizer):
 
 def test_global_batch(synthetic_dir, tokenizer, mesh8):
     batch = batches(config_for(synthetic_dir), tokenizer, count=1)[0]
-    arrays = pipeline.global_batch(batch, mesh8)
+    arrays = batch_lib.global_batch(batch, mesh8)
     for key, value in batch.items():
         assert arrays[key].shape == value.shape
         assert arrays[key].sharding.spec[0] == ("data", "fsdp")
@@ -260,7 +261,7 @@ def test_hd_slice_positions_follow_the_layout(tokenizer):
 
 def test_hd_separator_ids_from_the_tokenizer(synthetic_dir, tokenizer):
     config = config_for(synthetic_dir, **{"image.aspect_mode": "slice"})
-    settings = pipeline.image_settings(config, tokenizer)
+    settings = example_lib.image_settings(config, tokenizer)
     assert settings.comma_id == tokenizer.encode(",", add_bos=False)[-1]
     assert settings.newline_id == tokenizer.encode("\n", add_bos=False)[-1]
     assert batch_lib.max_tiles(config) == 10

@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from tokenpacker_jax.data import pipeline
+from tokenpacker_jax.data import pipeline, sources
 from tokenpacker_jax.data.errors import DataError
 from tokenpacker_jax.data.image import preprocess
 
@@ -75,7 +75,7 @@ def test_tfds_captions_through_the_pipeline(prepared, tokenizer):
                                           process_index=0, process_count=1))
     batches = list(iterator)
     assert len(batches) == 2
-    source = pipeline.make_source(config, "train")
+    source = sources.make_source(config, "train")
     assert len(source) == NUM
     seen = set()
     for batch in batches:
@@ -102,7 +102,7 @@ def test_tfds_eval_split_and_names(prepared, tokenizer):
                                          process_count=1))
     assert len(batches) == 1
     assert list(batches[0]["sample_id"]) == [0, 1, -1]
-    record = pipeline.make_source(config, "val")[1]
+    record = sources.make_source(config, "val")[1]
     assert record.describe().startswith("record id='pic-") and "validation" in record.where
     assert record.record["conversations"][0]["value"] == \
         "<image>\nDescribe the image briefly."
@@ -117,5 +117,5 @@ def test_missing_feature_is_a_bad_record(prepared, tokenizer):
     with pytest.raises(DataError, match=r"data\[val\]: epoch 0: 2 records skipped "
                                         r"\(bad_record: 2\): no usable record"):
         next(iterator)
-    record = pipeline.make_source(config, "val")[0]
+    record = sources.make_source(config, "val")[0]
     assert record.error_reason == "bad_record" and "['text']" in record.error

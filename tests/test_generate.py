@@ -11,8 +11,8 @@ from tokenpacker_jax import configuration
 from tokenpacker_jax.configs import tiny
 from tokenpacker_jax.data import batch as batch_lib
 from tokenpacker_jax.data import synthetic
+from tokenpacker_jax.data.example import example_builder, tokens_per_tile
 from tokenpacker_jax.data.image import load_image
-from tokenpacker_jax.data.pipeline import example_builder, tokens_per_tile
 from tokenpacker_jax.data.prompt import build_prompt, left_pad
 from tokenpacker_jax.evaluation import question_file
 from tokenpacker_jax.generate import Generator, SamplingConfig

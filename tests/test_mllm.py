@@ -10,7 +10,7 @@ import pytest
 from tokenpacker_jax import configuration
 from tokenpacker_jax.configs import tiny
 from tokenpacker_jax.data import batch as batch_lib
-from tokenpacker_jax.data import pipeline
+from tokenpacker_jax.data import example as example_lib
 from tokenpacker_jax.models import mllm
 from tokenpacker_jax.models.decoder import Decoder
 from tokenpacker_jax.models.projectors import build_projector
@@ -58,7 +58,7 @@ def test_logits_equal_hand_assembled_sequence(model_and_params):
     tile; sample 1: text only, right-padded."""
     model, params = model_and_params
     config = model.config
-    m = pipeline.tokens_per_tile(config)  # 9 for the tiny config
+    m = example_lib.tokens_per_tile(config)  # 9 for the tiny config
     rng = np.random.default_rng(0)
     input_ids = rng.integers(3, 64, size=(2, LENGTH)).astype(np.int32)
     pixel_values = rng.normal(size=(2, 3, 48, 48, 3)).astype(np.float32)

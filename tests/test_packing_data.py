@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tokenpacker_jax.data import pipeline, synthetic
+from tokenpacker_jax.data import bad_records, pipeline, synthetic
+from tokenpacker_jax.data import example as example_lib
 from tokenpacker_jax.data.llava import LlavaSource
 from tokenpacker_jax.tokenizer import load_tokenizer
 
@@ -85,7 +86,7 @@ def check_segments(row, builder, source):
 def test_rows_hold_whole_samples_within_the_budgets(synthetic_dir, tokenizer):
     config = config_for(synthetic_dir)
     got, iterator = rows(config, tokenizer, 40)
-    builder = pipeline.example_builder(config, tokenizer, G)
+    builder = example_lib.example_builder(config, tokenizer, G)
     source = LlavaSource([str(synthetic_dir / "train_mixed.json")])
     seen = []
     for row in got:
@@ -96,7 +97,7 @@ def test_rows_hold_whole_samples_within_the_budgets(synthetic_dir, tokenizer):
     assert {NUM, NUM + 1} <= set(seen)  # text-only ones (no tiles) among them
     real = np.mean([row["attention_mask"].mean() for row in got])
     assert real > 0.7, real
-    counts = pipeline.record_counts(iterator)
+    counts = bad_records.record_counts(iterator)
     # 2 tile slots bind (the samples are short): samples went to later rows; the long
     # sample was cut.
     assert counts["truncated"] == 1 and counts["deferred_by_tiles"] > 0
@@ -106,7 +107,7 @@ def test_rows_hold_whole_samples_within_the_budgets(synthetic_dir, tokenizer):
 def test_deferred_count_is_zero_when_tiles_do_not_bind(synthetic_dir, tokenizer):
     config = config_for(synthetic_dir, max_images_per_row=8, max_samples_per_row=12)
     got, iterator = rows(config, tokenizer, 12)
-    assert pipeline.record_counts(iterator)["deferred_by_tiles"] == 0
+    assert bad_records.record_counts(iterator)["deferred_by_tiles"] == 0
     assert max(int(row["tile_mask"].sum()) for row in got) < 8  # positions bind first
 
 
@@ -126,7 +127,7 @@ def test_best_fit_and_hd_tiles(synthetic_dir, tokenizer, tmp_path):
                                           "max_length": 640, "max_images_per_row": 12,
                                           "packing": "best_fit"})
     got, _ = rows(config, tokenizer, 6)
-    builder = pipeline.example_builder(config, tokenizer, G)
+    builder = example_lib.example_builder(config, tokenizer, G)
     source = LlavaSource([str(tmp_path / "hd.json")])
     tiles = []
     for row in got:
@@ -150,7 +151,7 @@ def test_state_resumes_inside_a_group_of_rows(synthetic_dir, tokenizer):
         got = next(resumed)
         for key in want:
             np.testing.assert_array_equal(got[key], want[key], err_msg=key)
-    assert pipeline.record_counts(resumed) == pipeline.record_counts(reference)
+    assert bad_records.record_counts(resumed) == bad_records.record_counts(reference)
 
 
 def test_batches_and_evaluation_padding(synthetic_dir, tokenizer):

@@ -30,8 +30,8 @@ from serving_helpers import QUESTIONS, reference_prompt_ids, reference_vicuna_pr
 from tokenpacker_jax.assembly import load_trained
 from tokenpacker_jax.bench import serving as bench_serving
 from tokenpacker_jax.data.conversation import ASSISTANT, USER, Turn, place_image
+from tokenpacker_jax.data.example import example_builder
 from tokenpacker_jax.data.image import load_image
-from tokenpacker_jax.data.pipeline import example_builder
 from tokenpacker_jax.data.prompt import Prompt, conversation_prompt, left_pad
 from tokenpacker_jax.generate import Generator, SamplingConfig, answer
 from tokenpacker_jax.serving.launch import free_port, start_server, wait_healthy

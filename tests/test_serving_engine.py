@@ -10,8 +10,8 @@ from serving_helpers import QUESTIONS, write_tiny_run
 
 from tokenpacker_jax.assembly import load_trained
 from tokenpacker_jax.data.conversation import ASSISTANT, USER, Turn, place_image
+from tokenpacker_jax.data.example import example_builder
 from tokenpacker_jax.data.image import load_image
-from tokenpacker_jax.data.pipeline import example_builder
 from tokenpacker_jax.data.prompt import build_prompt, conversation_prompt, left_pad
 from tokenpacker_jax.generate import Generator, SamplingConfig
 from tokenpacker_jax.serving.cache_rows import sample_rows

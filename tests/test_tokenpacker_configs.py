@@ -7,7 +7,7 @@ from tokenpacker_jax import configuration
 from tokenpacker_jax.configs import tokenpacker
 from tokenpacker_jax.convert import hf_decoder
 from tokenpacker_jax.data import batch as batch_lib
-from tokenpacker_jax.data import pipeline
+from tokenpacker_jax.data import example as example_lib
 
 # The published config.json files (their architecture keys).
 VICUNA_13B_V15 = dict(
@@ -70,7 +70,7 @@ def test_stages_follow_the_paper_recipe(llm, devices, stage):
 def test_scales(scale, tokens):
     config = tokenpacker.get_config(f"llm=vicuna13b,scale={scale}")
     configuration.validate(config, num_devices=32)
-    assert pipeline.tokens_per_tile(configuration.mllm_config(config)) == tokens
+    assert example_lib.tokens_per_tile(configuration.mllm_config(config)) == tokens
 
 
 def test_decoders_match_the_published_configs():
@@ -94,7 +94,7 @@ def test_hd_variants(patch_num, scale, tiles, max_length):
     assert config.data.hd.patch_num == patch_num
     # The reference's global view, which its released HD checkpoints were trained on.
     assert config.data.hd.global_view == "reference_canvas"
-    assert pipeline.image_settings(config.data).global_view == "reference_canvas"
+    assert example_lib.image_settings(config.data).global_view == "reference_canvas"
     assert batch_lib.max_tiles(config.data) == tiles
     # The largest tiling (docs/algorithm.md §6's count) leaves room for text.
     assert config.data.max_length == max_length

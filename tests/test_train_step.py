@@ -15,13 +15,13 @@ from tokenpacker_jax import checkpoint, configuration, sharding
 from tokenpacker_jax import train_state as state_lib
 from tokenpacker_jax.configs import tiny
 from tokenpacker_jax.data import batch as batch_lib
-from tokenpacker_jax.data import pipeline
+from tokenpacker_jax.data import example as example_lib
 from tokenpacker_jax.models import mllm
 from tokenpacker_jax.optim import make_optimizer, split_trainable
 from tokenpacker_jax.train_step import global_batch, make_train_step
 
 VOCAB, LENGTH, BATCH = 64, 64, 8
-M = pipeline.tokens_per_tile(configuration.mllm_config(tiny.get_config()))  # visual tokens
+M = example_lib.tokens_per_tile(configuration.mllm_config(tiny.get_config()))  # visual tokens
 
 
 def _optim(lr=3e-3):

@@ -31,7 +31,8 @@ from tokenpacker_jax import checkpoint, configuration, flops, sharding
 from tokenpacker_jax import train_state as state_lib
 from tokenpacker_jax.convert import checkpoint_io, hf, hf_decoder, hf_vision
 from tokenpacker_jax.data import batch as batch_lib
-from tokenpacker_jax.data import hd, pipeline
+from tokenpacker_jax.data import example as example_lib
+from tokenpacker_jax.data import hd
 from tokenpacker_jax.models import mllm
 from tokenpacker_jax.optim import make_optimizer, split_trainable
 from tokenpacker_jax.tokenizer import load_tokenizer
@@ -265,4 +266,4 @@ def load_trained(workdir: str, *, mesh: Mesh | None = None,
                                        placed.param_shardings, step)
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.decoder_checkpoint)
     return TrainedModel(config, placed.model, params, tokenizer,
-                        pipeline.tokens_per_tile(placed.model.config), step)
+                        example_lib.tokens_per_tile(placed.model.config), step)

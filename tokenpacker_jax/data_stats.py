@@ -29,8 +29,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from tokenpacker_jax import assembly, configuration, user_error
+from tokenpacker_jax.data import bad_records, packing, pipeline, sources
 from tokenpacker_jax.data import batch as batch_lib
-from tokenpacker_jax.data import packing, pipeline
+from tokenpacker_jax.data import example as example_lib
 from tokenpacker_jax.tokenizer import load_tokenizer
 
 
@@ -92,7 +93,7 @@ def report(config: ml_collections.ConfigDict, split: str = "train",
     """The lines ``python -m tokenpacker_jax.data.stats`` prints (see the module docstring)."""
     configuration.validate_data(config)
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.decoder_checkpoint)
-    tokens_per_tile = pipeline.tokens_per_tile(assembly.build_model(config).config)
+    tokens_per_tile = example_lib.tokens_per_tile(assembly.build_model(config).config)
     data = config.data
     length = int(data.max_length)
     packed_data = ml_collections.ConfigDict(data.to_dict())
@@ -102,7 +103,7 @@ def report(config: ml_collections.ConfigDict, split: str = "train",
                                              length // tokens_per_tile)
     unpacked_data = ml_collections.ConfigDict(data.to_dict())
     unpacked_data.packing = batch_lib.NO_PACKING
-    source = pipeline.head_of_source(data, split, samples, config.seed)
+    source = sources.head_of_source(data, split, samples, config.seed)
 
     def stream(data_config):
         return iter(pipeline.make_rows(data_config, tokenizer, tokens_per_tile, split,
@@ -112,7 +113,7 @@ def report(config: ml_collections.ConfigDict, split: str = "train",
     padded = collect(stream(unpacked_data), length, len(source))
     packed_rows = stream(packed_data)
     packed = collect(packed_rows, length, len(source))
-    counts = pipeline.record_counts(packed_rows)
+    counts = bad_records.record_counts(packed_rows)
     dims = batch_lib.Dims.of_data(packed_data)
     if not padded.samples:
         raise user_error.InputError(f"no usable sample among the first {len(source)} records "
@@ -146,6 +147,6 @@ def define_flags() -> None:
     """The command's flags (``data/stats/__main__.py`` defines them before parsing)."""
     config_flags.DEFINE_config_file("config", None, "Config file (with :variant).",
                                     lock_config=True)
-    flags.DEFINE_enum("split", "train", pipeline.SPLITS, "Which split to read.")
+    flags.DEFINE_enum("split", "train", sources.SPLITS, "Which split to read.")
     flags.DEFINE_integer("samples", 2000, "How many records to read.")
     flags.mark_flags_as_required(["config"])

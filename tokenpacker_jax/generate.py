@@ -30,9 +30,8 @@ from absl import flags, logging
 
 from tokenpacker_jax import user_error
 from tokenpacker_jax.assembly import load_trained
-from tokenpacker_jax.data.example import ExampleBuilder
+from tokenpacker_jax.data.example import ExampleBuilder, example_builder
 from tokenpacker_jax.data.image import load_image
-from tokenpacker_jax.data.pipeline import example_builder
 from tokenpacker_jax.data.prompt import build_prompt, left_pad
 from tokenpacker_jax.models import mllm
 from tokenpacker_jax.models.decoder import unstack_layers

@@ -26,7 +26,8 @@ from absl import flags, logging
 from tqdm.auto import tqdm
 
 from tokenpacker_jax import assembly, checkpoint, configuration, flops, metrics, user_error
-from tokenpacker_jax.data import pipeline
+from tokenpacker_jax.data import bad_records, pipeline
+from tokenpacker_jax.data import example as example_lib
 from tokenpacker_jax.tokenizer import load_tokenizer
 from tokenpacker_jax.train_step import make_eval_step, make_train_step  # noqa: F401 (re-exported)
 
@@ -102,7 +103,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         raise configuration.ConfigError(
             f"model.decoder.vocab_size: {model_config.decoder.vocab_size} is smaller than the "
             f"tokenizer's {tokenizer.vocab_size} tokens")
-    tokens_per_tile = pipeline.tokens_per_tile(model_config)
+    tokens_per_tile = example_lib.tokens_per_tile(model_config)
     total_steps = train_cfg.num_steps
     if total_steps <= 0:
         # Packed rows hold several samples each: an epoch takes fewer of them.
@@ -187,7 +188,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                 host.update(throughput.measure())
                 host["lr"] = float(assembled.schedules[assembled.trainable[-1]](step))
                 host.update({f"data_{key}": value
-                             for key, value in pipeline.record_counts(train_iter).items()})
+                             for key, value in bad_records.record_counts(train_iter).items()})
                 writer.write(done, host)
                 progress.set_postfix(loss=f"{host['loss']:.4f}", acc=f"{host['accuracy']:.3f}")
                 summary = {f"train/{k}": v for k, v in host.items()}

@@ -21,7 +21,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from tokenpacker_jax import train_state as state_lib
 from tokenpacker_jax.data import batch as batch_lib
-from tokenpacker_jax.data import pipeline
 from tokenpacker_jax.models import mllm
 from tokenpacker_jax.optim import join_params, split_trainable
 
@@ -152,5 +151,5 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh,
                  shardings: Mapping[str, NamedSharding] | None = None
                  ) -> dict[str, jax.Array]:
     """What the step reads of a per-host batch, as global arrays (batch axis sharded)."""
-    return pipeline.global_batch(batch_lib.select(local, batch_lib.STEP_KEYS), mesh,
+    return batch_lib.global_batch(batch_lib.select(local, batch_lib.STEP_KEYS), mesh,
                                  shardings)

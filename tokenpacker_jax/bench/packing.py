@@ -33,6 +33,7 @@ from tokenpacker_jax import assembly, data_stats, sharding
 from tokenpacker_jax.bench import hardware, measurement, report, training
 from tokenpacker_jax.configs import tiny, tokenpacker
 from tokenpacker_jax.data import batch as batch_lib
+from tokenpacker_jax.data import example as example_lib
 from tokenpacker_jax.data import pipeline, synthetic
 from tokenpacker_jax.tokenizer import load_tokenizer
 
@@ -105,7 +106,7 @@ def step_rows(data: str, batches: int, runs: int, log, shrink: bool = False,
         run = assembly.assemble(config, mesh, total_steps=1000)
         tokenizer = load_tokenizer(config.model.tokenizer)
         local = [batch for _, batch in zip(range(batches), iter(pipeline.make_dataset(
-            config.data, tokenizer, pipeline.tokens_per_tile(run.model.config), "train",
+            config.data, tokenizer, example_lib.tokens_per_tile(run.model.config), "train",
             seed=0)), strict=False)]
         example = batch_lib.example_inputs(batch_lib.Dims.of_model(run.model.config, 8))
         params = jax.device_put(measurement.random_params(run.model, **example),

@@ -23,7 +23,7 @@ from tokenpacker_jax import assembly, sharding
 from tokenpacker_jax.bench import hardware, measurement, report
 from tokenpacker_jax.configs import tiny
 from tokenpacker_jax.data import batch as batch_lib
-from tokenpacker_jax.data import pipeline
+from tokenpacker_jax.data import example as example_lib
 from tokenpacker_jax.models.projectors import PROJECTORS
 
 PREFERRED_ORDER = ("tokenpacker", "mlp2x_gelu", "avgpool", "pixel_shuffle", "resampler",
@@ -90,7 +90,7 @@ def measure(config: ml_collections.ConfigDict, runs: int,
     state = assembled.init_state(params, jax.random.key(0))  # every group given
     batch = assembled.global_batch(batch_lib.synthetic_batch(
         batch_lib.Dims.of_config(config), config.data.batch_size,
-        visual_tokens=pipeline.tokens_per_tile(assembled.model.config),
+        visual_tokens=example_lib.tokens_per_tile(assembled.model.config),
         vocab_size=assembled.model.config.decoder.vocab_size))
 
     with assembled.use_mesh():
@@ -104,7 +104,7 @@ def measure(config: ml_collections.ConfigDict, runs: int,
             return holder[0], metrics
 
         timing = measurement.time_calls(one_step, runs=runs)
-    visual = pipeline.tokens_per_tile(assembled.model.config)
+    visual = example_lib.tokens_per_tile(assembled.model.config)
     projector_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params["projector"]))
     return Row(projector=config.model.projector.name, visual_tokens=visual,
                batch=config.data.batch_size, length=config.data.max_length,

@@ -125,7 +125,7 @@ def base_config() -> ml_collections.ConfigDict:
         mean=CLIP_MEAN,
         std=CLIP_STD,
     ))
-    # Records (tokenpacker_jax/data/pipeline.py): "llava" = LLaVA JSON/JSONL files per
+    # Records (tokenpacker_jax/data/sources.py): "llava" = LLaVA JSON/JSONL files per
     # split, image paths relative to image_folder; "tfds" = an image-caption TFDS dataset.
     config.data.source = "llava"
     config.data.files = ml_collections.ConfigDict(dict(train="", val="", test=""))

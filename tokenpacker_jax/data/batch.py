@@ -21,7 +21,9 @@ rows on a leading axis B. ``FIELDS`` is the one table: the example builder
 pads with it, the pipeline stacks its keys, the trainer and ``aot`` take their inputs from
 it, and adding a key is one entry there. ``MODEL_INPUTS`` are the keyword arguments of
 ``MultimodalLM.__call__`` and ``PREFILL_INPUTS`` those of its ``prefill`` (a test keeps them
-equal), ``STEP_KEYS`` what the training step reads.
+equal), ``STEP_KEYS`` what the training step reads. ``collate`` stacks rows into a batch
+[B, ...]; ``global_batch`` makes each host's batch [B / hosts, ...] its part of global arrays
+[B, ...] sharded on the batch axis.
 """
 
 from __future__ import annotations
@@ -148,6 +150,12 @@ def padding_row(dims: Dims, pad_id: int, keys: Sequence[str] = KEYS) -> dict[str
                          else FIELDS[key].fill, FIELDS[key].dtype) for key in keys}
 
 
+def collate(examples: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Rows -> a batch: every key stacked on a new leading axis."""
+    return {key: np.stack([example[key] for example in examples]) for key in KEYS}
+
+
+
 def pad_rows(rows: Sequence[Sequence[Any]], fill: Any, length: int | None = None, *,
              side: str = "left", dtype: Any = np.int32) -> tuple[np.ndarray, np.ndarray]:
     """Rows of different lengths as one array [B, L] (L = ``length``, default the longest)
@@ -183,6 +191,24 @@ def abstract_batch(dims: Dims, batch_size: int, mesh: jax.sharding.Mesh | None =
             sharding=None if mesh is None else sharding.batch_sharding(mesh, len(shape)))
 
     return {key: struct(key) for key in keys}
+
+
+def global_batch(batch: Mapping[str, np.ndarray], mesh: Any,
+                 shardings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """This host's batch -> global jax arrays (leading axis over the mesh's batch axes).
+
+    Every host calls this with its own per-host batch; the global leading size is
+    per-host size * process_count. ``shardings`` (name -> NamedSharding) overrides the
+    default ``sharding.batch_sharding`` (leading axis over ``('data', 'fsdp')``).
+    """
+    arrays = {}
+    for name, value in batch.items():
+        value = np.asarray(value)
+        target = (shardings or {}).get(name) or sharding.batch_sharding(mesh, value.ndim)
+        shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
+        arrays[name] = jax.make_array_from_process_local_data(target, value, shape)
+    return arrays
+
 
 
 def example_inputs(dims: Dims, batch_size: int = 1) -> dict[str, np.ndarray]:

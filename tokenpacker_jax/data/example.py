@@ -15,6 +15,10 @@ order).
 Truncation to T never cuts inside an image's positions (separators included): a sample
 whose cut would is rejected (``too_long``), as is one left without a supervised token. An
 image whose positions all lie past the cut is dropped with them (no tiles, no positions).
+
+``example_builder(config.data, tokenizer, tokens_per_tile)`` makes the builder of a run
+(its template, ``image_settings`` and lengths); ``tokens_per_tile`` is the projector's M
+for a model config.
 """
 
 from __future__ import annotations
@@ -30,10 +34,17 @@ from PIL import Image
 
 from tokenpacker_jax.data import batch as batch_lib
 from tokenpacker_jax.data import errors, hd
-from tokenpacker_jax.data.conversation import IMAGE_TOKEN_ID, ConversationTokenizer, parse_turns
+from tokenpacker_jax.data.conversation import (
+    IMAGE_TOKEN_ID,
+    ConversationTokenizer,
+    get_template,
+    parse_turns,
+)
 from tokenpacker_jax.data.errors import DataError
 from tokenpacker_jax.data.image import ImageError, load_image, normalize, preprocess, to_rgb
 from tokenpacker_jax.data.llava import SourceRecord
+from tokenpacker_jax.data.text_tokenizer import text_tokenizer
+from tokenpacker_jax.models.projectors import num_output_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,3 +281,35 @@ class ExampleBuilder:
             segment_ids=padded("segment_ids", np.ones(length)),
             positions=padded("positions", np.arange(length)),
             image_kept=image_kept, length=length)
+
+
+def image_settings(data_config: Any, tokenizer: Any = None) -> ImageSettings:
+    """ImageSettings from ``config.data``; HD separator ids of -1 are looked up in the
+    tokenizer (the last id of ``encode(',')`` / ``encode('\\n')``)."""
+    image, hd_config = data_config.image, data_config.hd
+    comma, newline = int(hd_config.comma_id), int(hd_config.newline_id)
+    if (comma < 0 or newline < 0) and image.aspect_mode == "slice":
+        if tokenizer is None:
+            raise ValueError("data.hd.comma_id / newline_id = -1 need the tokenizer")
+        encode = text_tokenizer(tokenizer).encode
+        comma = encode(",")[-1] if comma < 0 else comma
+        newline = encode("\n")[-1] if newline < 0 else newline
+    return ImageSettings(mode=image.aspect_mode, size=int(image.image_size),
+                         mean=tuple(image.mean), std=tuple(image.std),
+                         patch_num=int(hd_config.patch_num), comma_id=comma,
+                         newline_id=newline,
+                         global_view=hd.check_global_view(hd_config.global_view))
+
+
+def example_builder(data_config: Any, tokenizer: Any, tokens_per_tile: int) -> ExampleBuilder:
+    """The record -> example function for ``config.data``."""
+    system = data_config.get("system_prompt")
+    template = get_template(data_config.template, system)
+    return ExampleBuilder(ConversationTokenizer(template, tokenizer),
+                          image_settings(data_config, tokenizer), tokens_per_tile,
+                          data_config.max_length, data_config.image_folder)
+
+
+def tokens_per_tile(model_config: Any) -> int:
+    """Visual tokens per image tile of an ``MLLMConfig`` (the projector's output count)."""
+    return num_output_tokens(model_config.projector, model_config.vision.grid_size)

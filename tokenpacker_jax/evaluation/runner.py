@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 
 from tokenpacker_jax import generate as generation
 from tokenpacker_jax import sharding
-from tokenpacker_jax.data.pipeline import example_builder
+from tokenpacker_jax.data.example import example_builder
 from tokenpacker_jax.data.prompt import build_prompt, left_pad
 from tokenpacker_jax.evaluation.benchmark import Question
 from tokenpacker_jax.user_error import InputError

@@ -11,8 +11,7 @@ from typing import Any
 
 from tokenpacker_jax.assembly import TrainedModel, load_trained
 from tokenpacker_jax.data.conversation import Turn
-from tokenpacker_jax.data.example import ExampleBuilder
-from tokenpacker_jax.data.pipeline import example_builder
+from tokenpacker_jax.data.example import ExampleBuilder, example_builder
 from tokenpacker_jax.data.prompt import Prompt, conversation_prompt
 from tokenpacker_jax.serving.engine import Engine, EngineConfig
 from tokenpacker_jax.user_error import InputError
