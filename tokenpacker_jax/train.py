@@ -29,7 +29,6 @@ from tokenpacker_jax import assembly, checkpoint, configuration, flops, metrics,
 from tokenpacker_jax.data import bad_records, pipeline
 from tokenpacker_jax.data import example as example_lib
 from tokenpacker_jax.tokenizer import load_tokenizer
-from tokenpacker_jax.train_step import make_eval_step, make_train_step  # noqa: F401 (re-exported)
 
 
 class TrainingDiverged(user_error.UserError, RuntimeError):
@@ -78,8 +77,6 @@ def evaluate_loss(assembled: assembly.Run, params, batches: Iterator[dict],
     return {"loss": total / denominator, "accuracy": correct / denominator,
             "supervised_tokens": count}
 
-
-# -- the run ---------------------------------------------------------------------------------
 
 StepHook = Callable[[int, dict[str, np.ndarray]], None]
 
