@@ -13,6 +13,9 @@
 - ``reference_slice``: the reference's TokenPacker-HD tiles and global view, transcribed
   into torch (the oracle of the HD tests).
 - ``tokenizer_image_token``: the reference's prompt tokenisation around ``<image>``.
+- ``synthetic_dir`` / ``synthetic_tokenizer``: module fixtures, a generated set of 200
+  samples (20 for evaluation) of 48 px and the tokenizer trained with it (the pipeline's
+  and the example builder's tests bind them under their own names).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import os
 import random
 
+import pytest
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
@@ -28,6 +32,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
 
 from tokenpacker_jax.configs import tiny
+from tokenpacker_jax.data import synthetic
+from tokenpacker_jax.tokenizer import load_tokenizer
 
 IMAGE_TOKEN_INDEX = -200  # the reference's id of the image slot
 
@@ -117,6 +123,18 @@ def data_config(**overrides):
             target = target[part]
         target[last] = value
     return config
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic")
+    synthetic.generate(str(out), 200, seed=7, num_eval=20, size=48, tokenizer_vocab=512)
+    return out
+
+
+@pytest.fixture(scope="module")
+def synthetic_tokenizer(synthetic_dir):
+    return load_tokenizer(synthetic_dir / "tokenizer")
 
 
 def reference_fit(height, width, box_height, box_width):
