@@ -8,7 +8,9 @@ here from the reference's scripts (``model_vqa_loader``, ``model_vqa``, ``model_
 whole tokenised prompt of one question per benchmark against the reference's own recipe (the
 vicuna_v1 conversation as one string, split at ``<image>``, each piece tokenised by the
 transformers tokenizer), and the files written. Then answering sharded over 8 devices and
-over 2 hosts against one device, and a killed run resumed.
+over 2 hosts against one device, and a killed run resumed. Every test answers with the same
+model, compiled once for the module (``answerer``).
+Bad question files: test_questions_bad_input.py.
 """
 
 import base64
@@ -40,19 +42,13 @@ from tokenpacker_jax.evaluation.mmmu import SUBJECTS
 from tokenpacker_jax.evaluation.runner import PARTS, Answerer, answer_all
 from tokenpacker_jax.evaluation.vqa import evalai_answer
 
+from evaluation_helpers import write_image, write_jsonl
+
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, NEW_TOKENS, BUCKET = 8, 4, 256  # one compiled program for every benchmark
 SHORT = "Answer the question using a single word or phrase."
 LETTER = "Answer with the option's letter from the given choices directly."
 MODEL = "tiny-run"
-
-
-def image(path, size=(40, 30), seed=0):
-    """A small random picture."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), np.uint8)
-    Image.fromarray(pixels).save(path)
-    return path
 
 
 def png_bytes(seed):
@@ -61,12 +57,6 @@ def png_bytes(seed):
     pixels = np.random.default_rng(seed).integers(0, 255, (24, 32, 3), np.uint8)
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def jsonl(path, records):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Path(path).write_text("".join(json.dumps(r) + "\n" for r in records))
-    return str(path)
 
 
 def write_json(path, value):
@@ -175,19 +165,17 @@ def llava_lines(out, questions):
     return lines
 
 
-# -- VQAv2, GQA, VizWiz, TextVQA --------------------------------------------------------------
-
 def test_vqav2_writes_the_test_dev_submission(tmp_path, answerer):
     data = tmp_path / "vqav2"
     questions = [{"question_id": 1001, "image": "COCO_test2015_000000000001.jpg",
                   "text": f"What colour is the cat?\n{SHORT}", "category": "default"},
                  {"question_id": 1002, "image": "COCO_test2015_000000000002.jpg",
                   "text": f"Is there a dog?\n{SHORT}", "category": "default"}]
-    jsonl(data / "llava_vqav2_mscoco_test-dev2015.jsonl", questions)
-    jsonl(data / "llava_vqav2_mscoco_test2015.jsonl", questions + [
+    write_jsonl(data / "llava_vqav2_mscoco_test-dev2015.jsonl", questions)
+    write_jsonl(data / "llava_vqav2_mscoco_test2015.jsonl", questions + [
         {"question_id": 1003, "image": "COCO_test2015_000000000003.jpg", "text": "?"}])
     for k in (1, 2):
-        image(data / f"test2015/COCO_test2015_00000000000{k}.jpg", seed=k)
+        write_image(data / f"test2015/COCO_test2015_00000000000{k}.jpg", seed=k)
     asked, summary = run("vqav2", data, answerer, tmp_path / "out")
     assert_reference_prompt(answerer, asked[0], f"<image>\nWhat colour is the cat?\n{SHORT}")
     lines = llava_lines(tmp_path / "out", asked)
@@ -205,7 +193,7 @@ def vqa_processed(text):
 
 def test_gqa_scores_testdev_balanced(tmp_path, answerer):
     data = tmp_path / "gqa"
-    jsonl(data / "llava_gqa_testdev_balanced.jsonl", [
+    write_jsonl(data / "llava_gqa_testdev_balanced.jsonl", [
         {"question_id": "201", "image": "n1.jpg", "text": f"Is it a cat?\n{SHORT}",
          "category": "default"},
         {"question_id": "202", "image": "n2.jpg", "text": f"What shape is it?\n{SHORT}",
@@ -215,8 +203,8 @@ def test_gqa_scores_testdev_balanced(tmp_path, answerer):
                 "isBalanced": True, "types": {"structural": "verify", "semantic": "obj"}},
         "202": {"imageId": "n2", "question": "What shape is it?", "answer": "circle",
                 "isBalanced": True, "types": {"structural": "query", "semantic": "attr"}}})
-    image(data / "data/images/n1.jpg", seed=1)
-    image(data / "data/images/n2.jpg", seed=2)
+    write_image(data / "data/images/n1.jpg", seed=1)
+    write_image(data / "data/images/n2.jpg", seed=2)
     asked, summary = run("gqa", data, answerer, tmp_path / "out")
     assert_reference_prompt(answerer, asked[1], f"<image>\nWhat shape is it?\n{SHORT}")
     lines = llava_lines(tmp_path / "out", asked)
@@ -231,11 +219,11 @@ def test_gqa_scores_testdev_balanced(tmp_path, answerer):
 def test_vizwiz_writes_the_submission(tmp_path, answerer):
     data = tmp_path / "vizwiz"
     hint = "When the provided information is insufficient, respond with 'Unanswerable'."
-    jsonl(data / "llava_test.jsonl", [
+    write_jsonl(data / "llava_test.jsonl", [
         {"question_id": k, "image": f"VizWiz_test_0000000{k}.jpg",
          "text": f"What is this?\n{hint}\n{SHORT}", "category": "default"} for k in (0, 1)])
     for k in (0, 1):
-        image(data / f"test/VizWiz_test_0000000{k}.jpg", seed=k)
+        write_image(data / f"test/VizWiz_test_0000000{k}.jpg", seed=k)
     asked, _ = run("vizwiz", data, answerer, tmp_path / "out")
     assert_reference_prompt(answerer, asked[0], f"<image>\nWhat is this?\n{hint}\n{SHORT}")
     lines = llava_lines(tmp_path / "out", asked)
@@ -246,14 +234,14 @@ def test_vizwiz_writes_the_submission(tmp_path, answerer):
 
 def test_textvqa_scores_with_the_ocr_token_variant(tmp_path, answerer):
     data = tmp_path / "textvqa"
-    jsonl(data / "llava_textvqa_val_v051_ocr.jsonl", [
+    write_jsonl(data / "llava_textvqa_val_v051_ocr.jsonl", [
         {"question_id": "003a", "image": "003a.jpg",
          "text": f"What is the brand?\nReference OCR token: DAKOTA, DIGITAL\n{SHORT}",
          "category": "default"}])
     write_json(data / "TextVQA_0.5.1_val.json", {"dataset_name": "textvqa", "data": [
         {"image_id": "003a", "question": "what is the brand?", "question_id": 34602,
          "answers": ["dakota"] * 10}]})
-    image(data / "train_images/003a.jpg")
+    write_image(data / "train_images/003a.jpg")
     asked, summary = run("textvqa", data, answerer, tmp_path / "out")
     assert_reference_prompt(answerer, asked[0], "<image>\nWhat is the brand?\nReference OCR "
                                                 f"token: DAKOTA, DIGITAL\n{SHORT}")
@@ -262,22 +250,20 @@ def test_textvqa_scores_with_the_ocr_token_variant(tmp_path, answerer):
     assert summary[-1] == f"textvqa accuracy: {100 * right:.2f} (n=1)"
 
 
-# -- POPE, MME ------------------------------------------------------------------------------
-
 def test_pope_scores_three_categories(tmp_path, answerer):
     data = tmp_path / "pope"
     categories = ("adversarial", "popular", "random")
-    jsonl(data / "llava_pope_test.jsonl", [
+    write_jsonl(data / "llava_pope_test.jsonl", [
         {"question_id": i + 1, "image": f"COCO_val2014_00000000000{i}.jpg",
          "text": f"Is there a cat in the image?\n{SHORT}", "category": c}
         for i, c in enumerate(categories)])
     for i, c in enumerate(categories):
-        jsonl(data / f"coco/coco_pope_{c}.json", [
+        write_jsonl(data / f"coco/coco_pope_{c}.json", [
             {"question_id": 1, "image": f"COCO_val2014_00000000000{i}.jpg",
              "text": "Is there a cat in the image?", "label": "yes" if i else "no"}])
-    image(data / "val2014/COCO_val2014_000000000000.jpg")
-    image(data / "val2014/COCO_val2014_000000000001.jpg", seed=1)
-    image(data / "val2014/000000000002.jpg", seed=2)  # the name TokenPacker's loader opens
+    write_image(data / "val2014/COCO_val2014_000000000000.jpg")
+    write_image(data / "val2014/COCO_val2014_000000000001.jpg", seed=1)
+    write_image(data / "val2014/000000000002.jpg", seed=2)  # the name TokenPacker's loader opens
     asked, summary = run("pope", data, answerer, tmp_path / "out")
     assert asked[2].image.endswith("val2014/000000000002.jpg")
     assert_reference_prompt(answerer, asked[0], f"<image>\nIs there a cat in the image?\n"
@@ -305,11 +291,11 @@ def test_mme_writes_the_official_tool_files_and_scores(tmp_path, answerer):
         (qa_dir / f"{stem}.txt").write_text(
             "Is there a cat? Please answer yes or no.\tYes\n"
             "Is there a dog? Please answer yes or no.\tNo\n")
-        image(release / task / folder / image_id)
+        write_image(release / task / folder / image_id)
         questions += [{"question_id": f"{task}/{folder}{image_id}",
                        "image": f"{task}/{folder}{image_id}", "text": f"Is there a {a}?\n{SHORT}",
                        "category": task} for a in ("cat", "dog")]
-    jsonl(data / "llava_mme.jsonl", questions)
+    write_jsonl(data / "llava_mme.jsonl", questions)
     asked, summary = run("mme", data, answerer, tmp_path / "out")
     assert_reference_prompt(answerer, asked[2], f"<image>\nIs there a cat?\n{SHORT}")
     lines = llava_lines(tmp_path / "out", asked)
@@ -320,8 +306,6 @@ def test_mme_writes_the_official_tool_files_and_scores(tmp_path, answerer):
     assert set(scores["per_task"]) == {"count", "artwork"}
     assert summary[-1].startswith("mme perception: ")
 
-
-# -- MMBench, ScienceQA, MMMU ---------------------------------------------------------------
 
 MMBENCH_COLUMNS = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category",
                    "image", "source", "l2-category", "comment", "split"]
@@ -391,7 +375,7 @@ def test_scienceqa_img_asks_image_and_text_questions(tmp_path, answerer):
         "5": {"question": "Which is it?", "choices": ["cat", "dog"], "answer": 0,
               "image": "image.png", "split": "test"}})
     write_json(data / "pid_splits.json", {"test": ["4", "5"], "train": []})
-    image(data / "images/test/5/image.png")
+    write_image(data / "images/test/5/image.png")
     asked, summary = run("scienceqa", data, answerer, tmp_path / "out")
     assert asked[0].image is None
     assert_reference_prompt(answerer, asked[0], f"Which is a cat?\nA. dog\nB. cat\n{LETTER}")
@@ -455,13 +439,11 @@ def test_mmmu_prompts_parsing_and_score(tmp_path, answerer):
     assert summary[-1] == (f"mmmu accuracy: {100 * judged['metric_dict']['acc']:.2f} (n=3)")
 
 
-# -- MM-Vet, OCRBench, DocVQA ---------------------------------------------------------------
-
 def test_mmvet_writes_the_grader_file(tmp_path, answerer):
     data = tmp_path / "mm-vet"
-    jsonl(data / "llava-mm-vet.jsonl", [{"image": "v1_0.png", "text": "What is x?",
+    write_jsonl(data / "llava-mm-vet.jsonl", [{"image": "v1_0.png", "text": "What is x?",
                                          "category": "conv", "question_id": 0}])
-    image(data / "images/v1_0.png")
+    write_image(data / "images/v1_0.png")
     asked, _ = run("mmvet", data, answerer, tmp_path / "out")
     assert_reference_prompt(answerer, asked[0], "<image>\nWhat is x?")
     lines = llava_lines(tmp_path / "out", asked)
@@ -478,8 +460,8 @@ def test_ocrbench_results_file(tmp_path, answerer):
                 "question": "write the formula", "answers": ["x ^ 2"],
                 "type": "Handwritten Mathematical Expression Recognition"}]
     write_json(data / "OCRBench/OCRBench.json", records)
-    image(data / "OCRBench_Images/IIIT5K/test/918_1.png")
-    image(data / "OCRBench_Images/HME100k/5.jpg", seed=1)
+    write_image(data / "OCRBench_Images/IIIT5K/test/918_1.png")
+    write_image(data / "OCRBench_Images/HME100k/5.jpg", seed=1)
     asked, summary = run("ocrbench", data, answerer, tmp_path / "out")
     assert_reference_prompt(answerer, asked[0],
                             f"<image>\nwhat is written in the image?\n{SHORT}")
@@ -495,7 +477,7 @@ def test_docvqa_submission_and_anls(tmp_path, answerer):
     write_json(data / "data/val_v1.0.json", {"dataset_name": "docvqa", "data": [
         {"questionId": 49153, "question": "What is the date?", "image": "documents/abc.png",
          "docId": 1, "answers": ["1/2/2003"]}]})
-    image(data / "images/abc.png")
+    write_image(data / "images/abc.png")
     asked, summary = run("docvqa", data, answerer, tmp_path / "out", split="val")
     assert_reference_prompt(answerer, asked[0], f"<image>\nWhat is the date?\n{SHORT}")
     lines = [r for _, r in files.read_jsonl(str(tmp_path / "out/answers.jsonl"))]
@@ -505,47 +487,16 @@ def test_docvqa_submission_and_anls(tmp_path, answerer):
     assert summary[-1].startswith("docvqa anls: ") and summary[-1].endswith("(n=1)")
 
 
-# -- errors ---------------------------------------------------------------------------------
-
-def test_errors_name_the_file_and_line(tmp_path):
-    data = tmp_path / "gqa"
-    path = jsonl(data / "llava_gqa_testdev_balanced.jsonl", [
-        {"question_id": "1", "image": "n1.jpg", "text": "?"},
-        {"question_id": "2", "image": "missing.jpg", "text": "?"}])
-    image(data / "data/images/n1.jpg")
-    layout = Layout(data=str(data), split="testdev_balanced")
-    with pytest.raises(FileNotFoundError, match=f"{path}:2: image .*missing.jpg not found"):
-        suite.benchmark("gqa").questions(layout)
-    Path(path).write_text('{"question_id": "1", "image": "n1.jpg", "text": "?"}\n{"question\n')
-    with pytest.raises(ValueError, match=f"{path}:2: not valid JSON"):
-        suite.benchmark("gqa").questions(layout)
-    Path(path).write_text('{"question_id": "1", "image": "n1.jpg"}\n')
-    with pytest.raises(ValueError, match=rf"{path}:1: missing fields \['text'\]"):
-        suite.benchmark("gqa").questions(layout)
-    with pytest.raises(files.LayoutError, match="llava_vqav2_mscoco_test-dev2015.jsonl: not "
-                                                "found"):
-        suite.benchmark("vqav2").questions(Layout(data=str(data), split="test-dev2015"))
-    with pytest.raises(files.LayoutError, match="Accounting: no validation"):
-        suite.benchmark("mmmu").questions(Layout(data=str(data), split="validation"))
-    tsv = data / "mmbench_dev_20230712.tsv"
-    tsv.write_text("index\tquestion\n1\tq\n")
-    with pytest.raises(files.LayoutError, match="mmbench_dev_20230712.tsv:1: expected "
-                                                "MMBench's columns"):
-        suite.benchmark("mmbench").questions(Layout(data=str(data), split="dev_20230712"))
-
-
-# -- sharded, resumable ---------------------------------------------------------------------
-
 @pytest.fixture(scope="module")
 def many(tmp_path_factory):
     """Ten GQA questions: one full batch of 8 and a part."""
     data = tmp_path_factory.mktemp("many")
-    jsonl(data / "llava_gqa_testdev_balanced.jsonl", [
+    write_jsonl(data / "llava_gqa_testdev_balanced.jsonl", [
         {"question_id": str(300 + k), "image": f"n{k % 4}.jpg",
          "text": f"{('Is there a cat?', 'What colour is it?', 'Is it a dog?')[k % 3]}\n{SHORT}"}
         for k in range(10)])
     for k in range(4):
-        image(data / f"data/images/n{k}.jpg", seed=10 + k)
+        write_image(data / f"data/images/n{k}.jpg", seed=10 + k)
     layout = Layout(data=str(data), split="testdev_balanced")
     return suite.benchmark("gqa").questions(layout)
 
