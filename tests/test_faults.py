@@ -1,7 +1,7 @@
 """Faults a long run meets: damaged checkpoints (bits flipped in each item, truncated and missing
 files), a chosen restore step, SIGKILL during an asynchronous save, SIGTERM during evaluation,
-a disk that fills during a save, a non-finite loss right after a resume; and a user's mistakes
-at every command line (one line on stderr, exit status 2, no traceback).
+a disk that fills during a save, a non-finite loss right after a resume, a checkpoint of
+another model. (A user's mistakes at the command line: test_command_line_mistakes.py.)
 
 The runs are test_train_run's shrunken tiny config (6 steps, checkpoints every 2, 2 kept);
 every rerun ends with the parameters of an uninterrupted run, bit for bit.
@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-from concurrent import futures
 from pathlib import Path
 
 import grain
@@ -25,7 +24,6 @@ import jax
 import numpy as np
 import pytest
 from etils import epath
-from safetensors.numpy import save_file
 
 from tokenpacker_jax import checkpoint, train
 from tokenpacker_jax import checkpoint_integrity as integrity
@@ -73,8 +71,6 @@ def assert_same_params(reference_dir: Path, workdir: Path) -> None:
 def warnings_of(caplog) -> str:
     return "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
 
-
-# -- damaged checkpoints -------------------------------------------------------------------
 
 def test_flipped_bytes_in_the_newest_checkpoint_are_detected_and_the_run_resumes_before(
         uninterrupted, data_dir, tmp_path, caplog):
@@ -181,8 +177,6 @@ def test_checksums_name_each_array_file(uninterrupted):
     assert integrity.verify(epath.Path(step), checkpoint.ITEMS)
 
 
-# -- restore_step ----------------------------------------------------------------------------
-
 def test_restore_step_resumes_from_that_step_and_its_data_position(uninterrupted, data_dir,
                                                                    tmp_path, caplog):
     reference_dir, reference_order, _ = uninterrupted
@@ -203,8 +197,6 @@ def test_restore_step_resumes_from_that_step_and_its_data_position(uninterrupted
     with pytest.raises(checkpoint.CheckpointNotFound, match="no step 5 in .*steps: \\[4, 6\\]"):
         train.run(small_config(data_dir, **{"checkpoint.restore_step": 5}), str(workdir))
 
-
-# -- preemption and full disks ---------------------------------------------------------------
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_sigkill_during_an_asynchronous_save_then_rerun_equals_uninterrupted(
@@ -342,7 +334,8 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint_and_after_a_resume_names
 def test_a_checkpoint_of_another_model_is_refused_naming_the_arrays(uninterrupted, data_dir,
                                                                   tmp_path):
     """The run's workdir with another config (configs/tiny.py unshrunk: 4 tower layers, 2
-    decoder layers, stage 1); at the command line this is one line (see MISTAKES)."""
+    decoder layers, stage 1); at the command line this is one line
+    (test_command_line_mistakes.py)."""
     workdir = copy_run(uninterrupted[0], tmp_path / "run")
     with pytest.raises(checkpoint.CheckpointError,
                        match=r"checkpoint step 6 in .* is not of this model .*: params\.\S+ "
@@ -358,126 +351,3 @@ def test_divergence_message_says_which_checkpoint_to_resume_from():
     assert "the last good checkpoint (step 81)" in saved_since
     long_after = train.divergence_message(200, 80, 80, [80], "/run/checkpoints")
     assert "the last good checkpoint (step 80)" in long_after
-
-
-# -- users' mistakes at the command line -----------------------------------------------------
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory, data_dir):
-    """Small files the mistakes point at."""
-    root = tmp_path_factory.mktemp("inputs")
-    (root / "garbage.png").write_bytes(b"not an image at all")
-    (root / "questions.jsonl").write_text('{"question_id": 1, "text": "hi"}\n{oops\n')
-    (root / "empty").mkdir()
-    other = root / "other_model"  # a HF directory of a model that is not LLaVA / TokenPacker
-    other.mkdir()
-    (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    save_file({"bert.embeddings.word_embeddings.weight": np.zeros((4, 2), np.float32)},
-              str(other / "model.safetensors"))
-    return root
-
-
-def tiny_config(data_dir) -> str:
-    return f"--config={ROOT / 'configs' / 'tiny.py'}:stage=1,data={data_dir}"
-
-
-# (command, arguments, what the one line says); {inputs}, {run}, {config} are filled in. Each
-# kind of mistake once, each command once at least (the dearest are at ~8 s a process, most
-# of it imports).
-MISTAKES = {
-    "train: missing config file": (
-        "tokenpacker_jax.train", ["--config=configs/nope.py", "--workdir={inputs}/w1"],
-        "configs/nope.py"),
-    "train: bad config value": (
-        "tokenpacker_jax.train", ["{config}", "--workdir={inputs}/w2",
-                                  "--config.data.batch_size=0"],
-        "data.batch_size: 0 must be positive"),
-    "train: unknown config field": (
-        "tokenpacker_jax.train", ["{config}", "--workdir={inputs}/w3", "--config.data.nope=1"],
-        "--config.data.nope: the config has no field 'nope'"),
-    "generate: no checkpoint in the directory": (
-        "tokenpacker_jax.generate", ["--checkpoint={inputs}/empty", "--prompt=hi"],
-        "no checkpoint in"),
-    "generate: undecodable image": (
-        "tokenpacker_jax.generate", ["--checkpoint={run}", "--prompt=hi",
-                                     "--image={inputs}/garbage.png"],
-        "garbage.png: cannot decode image"),
-    "evaluate: missing question file": (
-        "tokenpacker_jax.evaluate", ["--checkpoint={run}", "--questions={inputs}/nope.jsonl"],
-        "nope.jsonl: not found"),
-    "evaluate: unreadable question file": (
-        "tokenpacker_jax.evaluate", ["--checkpoint={run}",
-                                     "--questions={inputs}/questions.jsonl"],
-        "questions.jsonl:2: not valid JSON"),
-    "convert: wrong format name": (
-        "tokenpacker_jax.convert", ["export", "--checkpoint={run}", "--out={inputs}/x1",
-                                    "--format=onnx"],
-        "argument --format: invalid choice: 'onnx'"),
-    "convert: checkpoint of another model": (
-        "tokenpacker_jax.convert", ["import", "--checkpoint={inputs}/other_model",
-                                    "--vision={inputs}/other_model", "--out={inputs}/x2"],
-        "other_model: checkpoint has no model.mm_projector.* keys"),
-    "aot: bad topology": (
-        "tokenpacker_jax.aot", ["{config}", "--topology=v9:1x1"], "topology 'v9:1x1'"),
-    "quickstart: workdir under a file": (
-        "tokenpacker_jax.quickstart", ["--workdir={inputs}/garbage.png/run"],
-        "garbage.png/run"),
-    "data.synthetic: bad value": (
-        "tokenpacker_jax.data.synthetic", ["--out={inputs}/s", "--num=2", "--size=10"],
-        "--size 10: images below 24 px"),
-    "bench: unknown table": (
-        "tokenpacker_jax.bench", ["nonsense"], "unknown table 'nonsense'"),
-    "chat: no run directory": (
-        "tokenpacker_jax.chat", ["--checkpoint={inputs}/nope"], "nope: not a directory"),
-    "serve: prompt lengths that do not fit": (
-        "tokenpacker_jax.serve", ["--checkpoint={run}", "--max_length=64", "--buckets=128"],
-        "must lie in [1, max_length 64)"),
-    "launch/tpu.py: bad accelerator": (
-        "launch/tpu.py", ["create", "--name=tp", "--zone=z", "--accelerator-type=v9-8",
-                          "--dry-run"], "--accelerator-type 'v9-8'"),
-}
-# The same mistakes with the flag that shows the traceback.
-VERBOSE = {
-    "train --verbosity=1": ("tokenpacker_jax.train", [
-        "{config}", "--workdir={inputs}/w4", "--config.data.batch_size=0", "--verbosity=1"]),
-    "convert --verbose": ("tokenpacker_jax.convert", [
-        "export", "--checkpoint={inputs}/empty", "--out={inputs}/x3", "--format=hf",
-        "--verbose"]),
-}
-
-
-def _command(module: str, args: list[str], fill: dict[str, str]) -> list[str]:
-    head = [str(ROOT / module)] if module.endswith(".py") else ["-m", module]
-    return [sys.executable, *head, *(a.format(**fill) for a in args)]
-
-
-@pytest.fixture(scope="module")
-def commands(uninterrupted, data_dir, inputs):
-    """Each command of MISTAKES and VERBOSE run once, two at a time: name -> its result."""
-    run_copy = shutil.copytree(uninterrupted[0], inputs / "run")
-    fill = {"inputs": str(inputs), "run": str(run_copy), "config": tiny_config(data_dir)}
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-
-    def run(item):
-        name, (module, args, *_) = item
-        return name, subprocess.run(_command(module, args, fill), capture_output=True,
-                                    text=True, cwd=ROOT, env=env, timeout=300)
-
-    with futures.ThreadPoolExecutor(2) as pool:
-        return dict(pool.map(run, [*MISTAKES.items(), *VERBOSE.items()]))
-
-
-@pytest.mark.parametrize("name", sorted(MISTAKES))
-def test_a_mistake_is_one_line_and_a_non_zero_exit(commands, name):
-    result = commands[name]
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr and "error: " in lines[0], lines
-    assert MISTAKES[name][2] in lines[0], lines
-
-
-@pytest.mark.parametrize("name", sorted(VERBOSE))
-def test_the_verbosity_flag_shows_the_traceback(commands, name):
-    result = commands[name]
-    assert result.returncode == 1 and "Traceback (most recent call last)" in result.stderr, (
-        result.stderr[-3000:])

@@ -2,7 +2,8 @@
 resume, stage 2 from stage 1.
 
 The faults (SIGKILL, SIGTERM, damaged checkpoints, NaN, a full disk) are in test_faults.py,
-which reuses these fixtures.
+which reuses these fixtures, as test_command_line_mistakes.py does for a run to point the
+commands at.
 """
 
 import json
