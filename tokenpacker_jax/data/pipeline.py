@@ -243,8 +243,9 @@ def make_rows(data_config: Any, tokenizer: Any, tokens_per_tile: int,
     Args:
       data_config: ``config.data``.
       tokenizer: ``tokenpacker_jax.tokenizer.Tokenizer``, a transformers tokenizer, or any
-        ``conversation.TextTokenizer``.
-      tokens_per_tile: visual tokens per image tile (the projector's M; ``tokens_per_tile``).
+        ``text_tokenizer.TextTokenizer``.
+      tokens_per_tile: visual tokens per image tile (the projector's M,
+        ``example.tokens_per_tile``).
       split: ``train`` (shuffled, repeated, bad records dropped) or ``val`` / ``test``
         (in order, one pass; unpacked, bad records and the remainder as padding rows).
       seed: shuffle seed (the trainer passes ``config.seed``; default 0).
