@@ -264,6 +264,6 @@ def load_trained(workdir: str, *, mesh: Mesh | None = None,
     placed = place_model(config, mesh)
     params = checkpoint.restore_params(workdir, placed.abstract_params,
                                        placed.param_shardings, step)
-    tokenizer = load_tokenizer(config.model.tokenizer or config.model.decoder_checkpoint)
+    tokenizer = load_tokenizer(configuration.tokenizer_source(config))
     return TrainedModel(config, placed.model, params, tokenizer,
                         example_lib.tokens_per_tile(placed.model.config), step)

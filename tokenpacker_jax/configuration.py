@@ -68,6 +68,12 @@ def lora_config(config: ml_collections.ConfigDict, group: str) -> LoraConfig | N
         raise ConfigError(f"model.lora: {err}") from err
 
 
+def tokenizer_source(config: ml_collections.ConfigDict) -> str:
+    """Where the run's tokenizer is read from: ``model.tokenizer``, or, when that is empty,
+    the decoder's checkpoint directory (``model.decoder_checkpoint``)."""
+    return config.model.tokenizer or config.model.decoder_checkpoint
+
+
 def mllm_config(config: ml_collections.ConfigDict, *, vision: VisionConfig | None = None,
                 decoder: DecoderConfig | None = None) -> MLLMConfig:
     """The MLLMConfig; ``vision`` / ``decoder`` (e.g. read from checkpoints) replace the

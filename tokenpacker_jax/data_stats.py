@@ -92,7 +92,7 @@ def report(config: ml_collections.ConfigDict, split: str = "train",
            samples: int = 2000) -> list[str]:
     """The lines ``python -m tokenpacker_jax.data.stats`` prints (see the module docstring)."""
     configuration.validate_data(config)
-    tokenizer = load_tokenizer(config.model.tokenizer or config.model.decoder_checkpoint)
+    tokenizer = load_tokenizer(configuration.tokenizer_source(config))
     tokens_per_tile = example_lib.tokens_per_tile(assembly.build_model(config).config)
     data = config.data
     length = int(data.max_length)

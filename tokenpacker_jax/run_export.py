@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from tokenpacker_jax import assembly, checkpoint, sharding
+from tokenpacker_jax import assembly, checkpoint, configuration, sharding
 from tokenpacker_jax.convert import adapters, checkpoint_io, hf, llava, reference
 from tokenpacker_jax.convert.hf_preprocessor import preprocessor_config
 from tokenpacker_jax.convert.tokenizer_files import copy_tokenizer, write_tokenizer
@@ -51,10 +51,6 @@ ADAPTER_DIR = "adapter"  # where an hf export of a LoRA run puts the PEFT adapte
 
 def _all_devices_mesh() -> jax.sharding.Mesh:
     return sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-
-
-def _tokenizer_source(config: ml_collections.ConfigDict) -> str:
-    return config.model.tokenizer or config.model.decoder_checkpoint
 
 
 def merge_lora(workdir: str | os.PathLike, out: str | os.PathLike, *,
@@ -81,7 +77,7 @@ def merge_lora(workdir: str | os.PathLike, out: str | os.PathLike, *,
     params = jax.tree.map(lambda value, like, where: jax.device_put(
         value.astype(like.dtype), where), merged, abstract, shardings)
     tokenizer_dir = out / "tokenizer"
-    write_tokenizer(_tokenizer_source(trained.config), tokenizer_dir,
+    write_tokenizer(configuration.tokenizer_source(trained.config), tokenizer_dir,
                     plain.model.config.decoder)
     config.model.tokenizer = str(tokenizer_dir)
     config.convert = ml_collections.ConfigDict(dict(
@@ -120,7 +116,7 @@ def export_checkpoint(workdir: str | os.PathLike, out: str | os.PathLike, fmt: s
         if adapted_config.decoder.lora is not None:
             adapters.save_peft_adapter(adapted_config.decoder, trained.params["decoder"],
                                        out / ADAPTER_DIR, base_model=str(out), dtype=cast)
-        copy_tokenizer(_tokenizer_source(trained.config), out)
+        copy_tokenizer(configuration.tokenizer_source(trained.config), out)
         reference.save_reference_projector(params["projector"], out / projector_file,
                                            name=trained.config.model.projector.name,
                                            dtype=cast)
@@ -134,7 +130,7 @@ def export_checkpoint(workdir: str | os.PathLike, out: str | os.PathLike, fmt: s
             settings, model_config.vision, model_config.decoder,
             dtype=str(cast or jnp.dtype(model_config.decoder.param_dtype)))
         out.mkdir(parents=True, exist_ok=True)
-        copy_tokenizer(_tokenizer_source(trained.config), out)
+        copy_tokenizer(configuration.tokenizer_source(trained.config), out)
         (out / "config.json").write_text(json.dumps(ref_config, indent=2))
         checkpoint_io.write_safetensors(
             llava.reference_tensors(model_config.decoder, params, settings.projector, cast),

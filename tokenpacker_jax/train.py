@@ -94,7 +94,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     configuration.validate(config)
     train_cfg = config.train
     os.makedirs(workdir, exist_ok=True)
-    tokenizer = load_tokenizer(config.model.tokenizer or config.model.decoder_checkpoint)
+    tokenizer = load_tokenizer(configuration.tokenizer_source(config))
     model_config = assembly.build_model(config).config
     if tokenizer.vocab_size > model_config.decoder.vocab_size:
         raise configuration.ConfigError(
