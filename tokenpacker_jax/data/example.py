@@ -173,9 +173,9 @@ class ExampleBuilder:
         self.pad_id = conversation.tokenizer.pad_id
         self.dims = batch_lib.Dims(self.max_length, image.max_tiles, image.size)
 
-    # -- the stream's two kinds of element ----------------------------------------------
-
-    def __call__(self, source: SourceRecord) -> dict[str, np.ndarray] | Skipped:
+    def __call__(self, source: SourceRecord) -> dict[str, np.ndarray] | Truncated | Skipped:
+        """The stream's element for ``source``: its example, ``Truncated`` around it when it
+        was cut at max_length, or ``Skipped`` (with the record's name) when it cannot be used."""
         try:
             example, length = self.build_with_length(source)
             return Truncated(example, length) if length > self.max_length else example
@@ -185,8 +185,6 @@ class ExampleBuilder:
     def padding_example(self) -> dict[str, np.ndarray]:
         """An all-padding row (every mask zero, sample_id -1)."""
         return batch_lib.padding_row(self.dims, self.pad_id)
-
-    # -- building ------------------------------------------------------------------------
 
     def build(self, source: SourceRecord) -> dict[str, np.ndarray]:
         """Raises DataError (without the record's name) for a record that cannot be used."""

@@ -302,8 +302,6 @@ class Decoder(nn.Module):
                             next_position=cache.next_position + 1)
         return self.logits(self.final_norm(x[:, 0])), new_cache
 
-    # -- internals -------------------------------------------------------------------------
-
     def _inputs(self, input_ids, inputs_embeds, attention_mask, positions):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("decoder: pass exactly one of input_ids and inputs_embeds")
