@@ -41,6 +41,11 @@ IMAGE_TOKEN_INDEX = -200  # the reference's id of the image slot
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+# Visual tokens per tile that the data tests (no model) give the example builder and the
+# pipeline: a 48 px tower in patches of 4, packed 2x (12 x 12 -> 6 x 6). Not the tiny config's
+# model, whose patches of 8 give 9.
+TOKENS_PER_TILE = 36
+
 WORDS = ("a chat between curious user and an artificial intelligence assistant the gives "
          "helpful detailed polite answers to questions what is colour shape red green blue "
          "yellow purple circle square triangle cross in top left right bottom centre image "

@@ -14,9 +14,8 @@ from tokenpacker_jax.data.errors import DataError
 from tokenpacker_jax.data.example import ExampleBuilder, ImageSettings
 from tokenpacker_jax.data.llava import SourceRecord
 
-from data_helpers import data_config, vicuna_like
+from data_helpers import TOKENS_PER_TILE, data_config, vicuna_like
 
-G = 36
 MAX_LENGTH = 256
 
 
@@ -33,13 +32,13 @@ def image_starts_inside_the_cut(tokenizer, folder):
     """A first answer long enough that an image in the second question straddles
     MAX_LENGTH."""
     builder = ExampleBuilder(ConversationTokenizer("vicuna_v1", tokenizer),
-                             ImageSettings(size=48), G, 1024, str(folder))
+                             ImageSettings(size=48), TOKENS_PER_TILE, 1024, str(folder))
     for words in range(20, 400, 3):
         conversation = qa("hi", " ".join(["circle"] * words)) + qa()
         record = {"id": "x", "image": "good.png", "conversations": conversation}
         example = builder.build(SourceRecord(0, "probe", record))
         start = int(np.flatnonzero(example["image_mask"])[0])
-        if start < MAX_LENGTH - 5 < MAX_LENGTH < start + G - 5:
+        if start < MAX_LENGTH - 5 < MAX_LENGTH < start + TOKENS_PER_TILE - 5:
             return conversation
     raise AssertionError("no answer length puts the image across the cut")
 
@@ -107,7 +106,7 @@ def expected_counts(expected, epochs=1):
 def test_skip_counts_and_messages(bad_dataset, tokenizer, caplog):
     folder, path, expected = bad_dataset
     config = config_for(folder, path)
-    dataset = pipeline.make_dataset(config, tokenizer, G, "train", num_epochs=2,
+    dataset = pipeline.make_dataset(config, tokenizer, TOKENS_PER_TILE, "train", num_epochs=2,
                                     process_index=0, process_count=1)
     with caplog.at_level(logging.INFO, logger="tokenpacker_jax.data"):
         iterator = iter(dataset)
@@ -137,13 +136,13 @@ def test_skip_counts_and_messages(bad_dataset, tokenizer, caplog):
 def test_skip_counts_survive_a_restore(bad_dataset, tokenizer):
     folder, path, expected = bad_dataset
     config = config_for(folder, path)
-    iterator = iter(pipeline.make_dataset(config, tokenizer, G, "train", num_epochs=1,
+    iterator = iter(pipeline.make_dataset(config, tokenizer, TOKENS_PER_TILE, "train", num_epochs=1,
                                           process_index=0, process_count=1))
     next(iterator)
     next(iterator)
     state = json.loads(json.dumps(iterator.get_state()))
     iterator.close()
-    resumed = iter(pipeline.make_dataset(config, tokenizer, G, "train", num_epochs=1,
+    resumed = iter(pipeline.make_dataset(config, tokenizer, TOKENS_PER_TILE, "train", num_epochs=1,
                                          process_index=0, process_count=1))
     resumed.set_state(state)
     rest = list(resumed)
@@ -154,8 +153,8 @@ def test_skip_counts_survive_a_restore(bad_dataset, tokenizer):
 def test_raise_names_the_record(bad_dataset, tokenizer):
     folder, path, _ = bad_dataset
     config = config_for(folder, path, on_error="raise")
-    iterator = iter(pipeline.make_dataset(config, tokenizer, G, "train", process_index=0,
-                                          process_count=1))
+    iterator = iter(pipeline.make_dataset(config, tokenizer, TOKENS_PER_TILE, "train",
+                                          process_index=0, process_count=1))
     next(iterator)  # good-1, good-2
     with pytest.raises(DataError) as info:
         next(iterator)  # good-3, then the broken line
@@ -169,8 +168,8 @@ def test_raise_names_the_record(bad_dataset, tokenizer):
     only_missing = folder / "missing.jsonl"
     only_missing.write_text(lines[0] + "\n" + lines[4] + "\n")
     config.files.train = str(only_missing)
-    iterator = iter(pipeline.make_dataset(config, tokenizer, G, "train", process_index=0,
-                                          process_count=1))
+    iterator = iter(pipeline.make_dataset(config, tokenizer, TOKENS_PER_TILE, "train",
+                                          process_index=0, process_count=1))
     with pytest.raises(DataError, match=r"record id='bad-missing' \(.*missing.jsonl:2\): "
                                         r".*nowhere.png: image file not found"):
         next(iterator)
@@ -180,8 +179,8 @@ def test_raise_names_the_record(bad_dataset, tokenizer):
 def test_eval_split_turns_bad_records_into_padding_rows(bad_dataset, tokenizer):
     folder, path, expected = bad_dataset
     config = config_for(folder, path, batch_size=4)
-    iterator = iter(pipeline.make_dataset(config, tokenizer, G, "val", process_index=0,
-                                          process_count=1))
+    iterator = iter(pipeline.make_dataset(config, tokenizer, TOKENS_PER_TILE, "val",
+                                          process_index=0, process_count=1))
     result = list(iterator)
     assert len(result) == 4  # 16 rows
     ids = np.concatenate([b["sample_id"] for b in result])
@@ -196,8 +195,8 @@ def test_an_epoch_without_usable_records_raises_instead_of_spinning(bad_dataset,
     only_bad = folder / "only_bad.jsonl"
     only_bad.write_text("\n".join(lines[3:6]) + "\n")
     config = config_for(folder, path, **{"files.train": str(only_bad)})
-    iterator = iter(pipeline.make_dataset(config, tokenizer, G, "train", process_index=0,
-                                          process_count=1))  # endless
+    iterator = iter(pipeline.make_dataset(config, tokenizer, TOKENS_PER_TILE, "train",
+                                          process_index=0, process_count=1))  # endless
     with pytest.raises(DataError, match=r"epoch 0: 3 records skipped .*no usable record"):
         next(iterator)
     iterator.close()
@@ -206,5 +205,5 @@ def test_an_epoch_without_usable_records_raises_instead_of_spinning(bad_dataset,
 def test_on_error_must_be_known(bad_dataset, tokenizer):
     folder, path, _ = bad_dataset
     with pytest.raises(ValueError, match="on_error"):
-        pipeline.make_dataset(config_for(folder, path, on_error="ignore"), tokenizer, G,
-                              process_index=0, process_count=1)
+        pipeline.make_dataset(config_for(folder, path, on_error="ignore"), tokenizer,
+                              TOKENS_PER_TILE, process_index=0, process_count=1)

@@ -14,9 +14,8 @@ from tokenpacker_jax.data.example import ExampleBuilder, ImageSettings
 from tokenpacker_jax.data.llava import SourceRecord
 
 import data_helpers
-from data_helpers import data_config
+from data_helpers import TOKENS_PER_TILE, data_config
 
-G = 36  # tokens per tile of the tiny config (48 px / patch 4 = 12, scale 2 -> 6 x 6)
 # The generated set's tokenizer (test_data_pipeline's too).
 tokenizer = data_helpers.synthetic_tokenizer
 synthetic_dir = data_helpers.synthetic_dir
@@ -25,7 +24,7 @@ synthetic_dir = data_helpers.synthetic_dir
 def vicuna_builder(tokenizer, *, mode="square", max_length=256, comma=7, newline=9):
     settings = ImageSettings(mode=mode, size=48, patch_num=9, comma_id=comma,
                              newline_id=newline)
-    return ExampleBuilder(ConversationTokenizer("vicuna_v1", tokenizer), settings, G,
+    return ExampleBuilder(ConversationTokenizer("vicuna_v1", tokenizer), settings, TOKENS_PER_TILE,
                           max_length)
 
 
@@ -46,11 +45,11 @@ def test_hd_slice_positions_follow_the_layout(tokenizer):
     tiles = rows * cols + 1
     assert example["tile_mask"].sum() == tiles and example["pixel_values"].shape == (10, 48,
                                                                                       48, 3)
-    layout = hd.hd_layout(rows, cols, G)
+    layout = hd.hd_layout(rows, cols, TOKENS_PER_TILE)
     start = int(np.flatnonzero(example["image_mask"])[0])
     span = slice(start, start + layout.length)
     np.testing.assert_array_equal(example["image_mask"][span], layout.kind == hd.TILE)
-    assert example["image_mask"].sum() == tiles * G
+    assert example["image_mask"].sum() == tiles * TOKENS_PER_TILE
     ids = example["input_ids"][span]
     assert (ids[layout.kind == hd.COMMA] == 7).all() and (ids[layout.kind == hd.NEWLINE]
                                                            == 9).all()
@@ -72,7 +71,7 @@ def test_hd_separator_ids_from_the_tokenizer(tokenizer):
 
 def conversation_length(builder, record):
     turns = parse_turns(record.record["conversations"], has_image=True)
-    return len(builder.conversation(turns).ids) - 1 + G
+    return len(builder.conversation(turns).ids) - 1 + TOKENS_PER_TILE
 
 
 def test_truncation_keeps_images_whole(tokenizer):

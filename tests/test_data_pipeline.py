@@ -18,9 +18,8 @@ from tokenpacker_jax.data.image import preprocess
 from tokenpacker_jax.data.llava import LlavaSource
 
 import data_helpers
-from data_helpers import data_config
+from data_helpers import TOKENS_PER_TILE, data_config
 
-G = 36  # tokens per tile of the tiny config (48 px / patch 4 = 12, scale 2 -> 6 x 6)
 NUM = 200  # records of the generated set (data_helpers.synthetic_dir)
 
 # The generated set and its tokenizer (test_data_example's too).
@@ -44,7 +43,7 @@ def config_for(synthetic_dir, **overrides):
 def batches(config, tokenizer, split="train", count=None, **kwargs):
     kwargs.setdefault("process_index", 0)
     kwargs.setdefault("process_count", 1)
-    iterator = iter(pipeline.make_dataset(config, tokenizer, G, split, **kwargs))
+    iterator = iter(pipeline.make_dataset(config, tokenizer, TOKENS_PER_TILE, split, **kwargs))
     try:
         if count is None:
             return list(iterator)
@@ -72,7 +71,7 @@ def test_batch_contract(synthetic_dir, tokenizer, records):
         length = int(attention.sum())
         assert (attention[:length] == 1).all() and (attention[length:] == 0).all()
         assert (target[:-1] == ids[1:]).all() and target[length - 1] == pad
-        assert image.sum() == G * batch["tile_mask"][row].sum() == G
+        assert image.sum() == TOKENS_PER_TILE * batch["tile_mask"][row].sum() == TOKENS_PER_TILE
         assert (ids[image] == pad).all() and (ids[length:] == pad).all()
         # Supervised targets are real text tokens, never visual or padding.
         supervised = loss == 1
@@ -121,8 +120,8 @@ def test_endless_by_default_and_steps_per_epoch(synthetic_dir, tokenizer):
 
 def test_restored_state_reproduces_the_rest(synthetic_dir, tokenizer):
     config = config_for(synthetic_dir)
-    dataset = pipeline.make_dataset(config, tokenizer, G, "train", seed=1, process_index=0,
-                                    process_count=1)
+    dataset = pipeline.make_dataset(config, tokenizer, TOKENS_PER_TILE, "train", seed=1,
+                                    process_index=0, process_count=1)
     iterator = iter(dataset)
     for _ in range(7):
         next(iterator)
@@ -130,7 +129,7 @@ def test_restored_state_reproduces_the_rest(synthetic_dir, tokenizer):
     rest = [next(iterator) for _ in range(25)]  # crosses into the second epoch
     iterator.close()
 
-    resumed = iter(pipeline.make_dataset(config, tokenizer, G, "train", seed=1,
+    resumed = iter(pipeline.make_dataset(config, tokenizer, TOKENS_PER_TILE, "train", seed=1,
                                          process_index=0, process_count=1))
     resumed.set_state(state)
     for expected in rest:
@@ -178,8 +177,8 @@ def test_eval_split_in_order_padded_and_split_over_hosts(synthetic_dir, tokenize
 def test_worker_processes_match_threads_and_resume(synthetic_dir, tokenizer):
     threads = batches(config_for(synthetic_dir), tokenizer, count=4)
     config = config_for(synthetic_dir, worker_count=1)
-    iterator = iter(pipeline.make_dataset(config, tokenizer, G, "train", process_index=0,
-                                          process_count=1))
+    iterator = iter(pipeline.make_dataset(config, tokenizer, TOKENS_PER_TILE, "train",
+                                          process_index=0, process_count=1))
     got = [next(iterator) for _ in range(2)]
     state = json.loads(json.dumps(iterator.get_state()))
     got += [next(iterator) for _ in range(2)]
@@ -187,8 +186,8 @@ def test_worker_processes_match_threads_and_resume(synthetic_dir, tokenizer):
     for expected, batch in zip(threads, got, strict=True):
         for key in expected:
             np.testing.assert_array_equal(batch[key], expected[key], err_msg=key)
-    resumed = iter(pipeline.make_dataset(config, tokenizer, G, "train", process_index=0,
-                                         process_count=1))
+    resumed = iter(pipeline.make_dataset(config, tokenizer, TOKENS_PER_TILE, "train",
+                                         process_index=0, process_count=1))
     resumed.set_state(state)
     np.testing.assert_array_equal(next(resumed)["sample_id"], threads[2]["sample_id"])
     resumed.close()
@@ -219,7 +218,7 @@ def test_text_only_records_mix_with_image_records(synthetic_dir, tokenizer, tmp_
     batch = batches(config, tokenizer, count=1)[0]
     has_image = np.array(["image" in r for r in records])
     np.testing.assert_array_equal(batch["tile_mask"][:, 0], has_image)
-    np.testing.assert_array_equal(batch["image_mask"].sum(1), has_image * G)
+    np.testing.assert_array_equal(batch["image_mask"].sum(1), has_image * TOKENS_PER_TILE)
     assert not batch["pixel_values"][~has_image].any()
     assert (batch["loss_mask"].sum(1) > 0).all()
 

@@ -14,9 +14,8 @@ from tokenpacker_jax.data import example as example_lib
 from tokenpacker_jax.data.llava import LlavaSource
 from tokenpacker_jax.tokenizer import load_tokenizer
 
-from data_helpers import data_config
+from data_helpers import TOKENS_PER_TILE, data_config
 
-G = 36  # tokens per tile of a 48 px tower in patches of 4, packed 2x
 NUM = 120
 
 
@@ -52,7 +51,7 @@ def config_for(synthetic_dir, **overrides):
 
 
 def rows(config, tokenizer, count, split="train", **kwargs):
-    iterator = iter(pipeline.make_rows(config, tokenizer, G, split, process_index=0,
+    iterator = iter(pipeline.make_rows(config, tokenizer, TOKENS_PER_TILE, split, process_index=0,
                                        process_count=1, **kwargs))
     return [next(iterator) for _ in range(count)], iterator
 
@@ -79,14 +78,14 @@ def check_segments(row, builder, source):
     assert row["tile_mask"][:tile].all() and not row["tile_mask"][tile:].any()
     assert not row["pixel_values"][tile:].any()
     # The row's visual positions are as many as its tiles' tokens, in the tiles' order.
-    assert int(row["image_mask"].sum()) == tile * G
+    assert int(row["image_mask"].sum()) == tile * TOKENS_PER_TILE
     return ids
 
 
 def test_rows_hold_whole_samples_within_the_budgets(synthetic_dir, tokenizer):
     config = config_for(synthetic_dir)
     got, iterator = rows(config, tokenizer, 40)
-    builder = example_lib.example_builder(config, tokenizer, G)
+    builder = example_lib.example_builder(config, tokenizer, TOKENS_PER_TILE)
     source = LlavaSource([str(synthetic_dir / "train_mixed.json")])
     seen = []
     for row in got:
@@ -127,7 +126,7 @@ def test_best_fit_and_hd_tiles(synthetic_dir, tokenizer, tmp_path):
                                           "max_length": 640, "max_images_per_row": 12,
                                           "packing": "best_fit"})
     got, _ = rows(config, tokenizer, 6)
-    builder = example_lib.example_builder(config, tokenizer, G)
+    builder = example_lib.example_builder(config, tokenizer, TOKENS_PER_TILE)
     source = LlavaSource([str(tmp_path / "hd.json")])
     tiles = []
     for row in got:
@@ -144,8 +143,8 @@ def test_state_resumes_inside_a_group_of_rows(synthetic_dir, tokenizer):
     expected, reference = rows(config, tokenizer, 14, seed=5)
     _, iterator = rows(config, tokenizer, 6, seed=5)
     state = json.loads(json.dumps(iterator.get_state()))
-    resumed = iter(pipeline.make_rows(config, tokenizer, G, "train", seed=5, process_index=0,
-                                      process_count=1))
+    resumed = iter(pipeline.make_rows(config, tokenizer, TOKENS_PER_TILE, "train", seed=5,
+                                      process_index=0, process_count=1))
     resumed.set_state(state)
     for want in expected[6:]:
         got = next(resumed)
@@ -158,11 +157,11 @@ def test_batches_and_evaluation_padding(synthetic_dir, tokenizer):
     """Training batches stack rows; an evaluation split packs too and, once its rows run
     out, yields padding batches without end (hosts pack different numbers of rows)."""
     config = config_for(synthetic_dir)
-    batch = next(iter(pipeline.make_dataset(config, tokenizer, G, "train", process_index=0,
-                                            process_count=1)))
+    batch = next(iter(pipeline.make_dataset(config, tokenizer, TOKENS_PER_TILE, "train",
+                                            process_index=0, process_count=1)))
     assert batch["segment_ids"].shape == (4, 256) and batch["sample_id"].shape == (4, 5)
-    evaluation = iter(pipeline.make_dataset(config, tokenizer, G, "val", process_index=0,
-                                            process_count=1))
+    evaluation = iter(pipeline.make_dataset(config, tokenizer, TOKENS_PER_TILE, "val",
+                                            process_index=0, process_count=1))
     batches = [next(evaluation) for _ in range(8)]
     ids = np.concatenate([b["sample_id"].ravel() for b in batches])
     assert sorted(ids[ids >= 0].tolist()) == list(range(24))
