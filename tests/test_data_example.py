@@ -11,6 +11,7 @@ from tokenpacker_jax.data import example as example_lib
 from tokenpacker_jax.data.conversation import ConversationTokenizer, parse_turns
 from tokenpacker_jax.data.errors import DataError
 from tokenpacker_jax.data.example import ExampleBuilder, ImageSettings
+from tokenpacker_jax.data.image import normalize
 from tokenpacker_jax.data.llava import SourceRecord
 
 import data_helpers
@@ -55,9 +56,8 @@ def test_hd_slice_positions_follow_the_layout(tokenizer):
                                                            == 9).all()
     assert (layout.kind == hd.COMMA).sum() == rows * (cols - 1)
     assert not example["loss_mask"][start - 1:span.stop].any()
-    reference = hd.hd_tiles(np.asarray(
-        __import__("tokenpacker_jax.data.image", fromlist=["normalize"]).normalize(
-            wide, builder.image.mean, builder.image.std)), 9, tile_size=48, num_slots=10)
+    reference = hd.hd_tiles(normalize(wide, builder.image.mean, builder.image.std), 9,
+                            tile_size=48, num_slots=10)
     np.testing.assert_array_equal(example["pixel_values"], reference.pixels)
 
 
