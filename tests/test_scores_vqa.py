@@ -7,6 +7,7 @@ import json
 import pytest
 
 from tokenpacker_jax.evaluation import vqa, vqa_answers
+from tokenpacker_jax.evaluation.benchmark import accuracy_lines
 
 from evaluation_helpers import answers_file, write_jsonl
 
@@ -71,7 +72,7 @@ def test_score_vqav2(tmp_path):
     assert result["per_answer_type"]["number"] == {"accuracy": pytest.approx(0.6), "n": 1}
     assert result["per_answer_type"]["other"] == {"accuracy": pytest.approx(0.9), "n": 1}
     assert result["per_question_type"]["what"]["n"] == 3
-    lines = vqa.accuracy_lines("vqav2", result)
+    lines = accuracy_lines("vqav2", result)
     assert lines[-1] == "vqav2 accuracy: 83.33 (n=3)"
 
 def test_textvqa_question_from_prompt():

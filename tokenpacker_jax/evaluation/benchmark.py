@@ -8,7 +8,8 @@ it (the image, when there is one, goes in front as ``<image>`` + newline, the co
 template wraps it), where the question came from, and what its answer line carries.
 
 Besides, what several benchmarks share: the reference's instructions, scoring on
-finishing (``finish_with_score``) and printing an accuracy (``accuracy_lines``).
+finishing (``finish_with_score``; ``finish_with_accuracy`` for an accuracy against
+annotations) and printing an accuracy (``accuracy_lines``).
 """
 
 from __future__ import annotations
@@ -129,6 +130,15 @@ def accuracy_score(name: str, scorer):
         return accuracy_lines(name, scorer(answers, annotations))
 
     return score
+
+
+def finish_with_accuracy(layout: Layout, lines: list[dict[str, Any]], name: str,
+                         scorer: Callable[[str, str], dict[str, Any]],
+                         annotations: str) -> list[str]:
+    """``finish_with_score`` with ``scorer(answers, annotations)``, printed by
+    ``accuracy_lines`` (what ``accuracy_score`` prints for the score command)."""
+    return finish_with_score(layout, lines, lambda answers: scorer(answers, annotations),
+                             lambda result: accuracy_lines(name, result))
 
 
 def llava_answer_line(question: Question, text: str, model_id: str) -> dict[str, Any]:

@@ -21,9 +21,8 @@ from tokenpacker_jax.evaluation import files
 from tokenpacker_jax.evaluation.benchmark import (
     Benchmark,
     Layout,
-    accuracy_lines,
     accuracy_score,
-    finish_with_score,
+    finish_with_accuracy,
 )
 from tokenpacker_jax.evaluation.question_file import reader
 from tokenpacker_jax.user_error import InputError
@@ -75,8 +74,7 @@ def _finish(layout: Layout, lines: list[dict[str, Any]]) -> list[str]:
                        "prediction": gqa_prediction(line["text"])} for line in lines])
     annotations = files.require(f"{layout.data}/data/{layout.split}_questions.json",
                                 "the official GQA questions with their answers")
-    return finish_with_score(layout, lines, lambda path: score_gqa(path, annotations),
-                             lambda result: accuracy_lines("gqa", result))
+    return finish_with_accuracy(layout, lines, "gqa", score_gqa, annotations)
 
 
 GQA = Benchmark("gqa", reader("llava_gqa_{split}.jsonl", "data/images",

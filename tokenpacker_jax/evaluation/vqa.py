@@ -45,9 +45,8 @@ from tokenpacker_jax.evaluation import files
 from tokenpacker_jax.evaluation.benchmark import (
     Benchmark,
     Layout,
-    accuracy_lines,
     accuracy_score,
-    finish_with_score,
+    finish_with_accuracy,
 )
 from tokenpacker_jax.evaluation.question_file import reader
 from tokenpacker_jax.evaluation.vqa_answers import evalai_answer, textvqa_accuracy, vqa_accuracy
@@ -163,8 +162,7 @@ def score_textvqa(answers_path: str, annotations_path: str) -> dict[str, Any]:
 def _textvqa_finish(layout: Layout, lines: list[dict[str, Any]]) -> list[str]:
     annotations = files.require(f"{layout.data}/TextVQA_0.5.1_val.json",
                                 "the TextVQA val annotations")
-    return finish_with_score(layout, lines, lambda path: score_textvqa(path, annotations),
-                             lambda result: accuracy_lines("textvqa", result))
+    return finish_with_accuracy(layout, lines, "textvqa", score_textvqa, annotations)
 
 
 VQAV2 = Benchmark("vqav2", reader("llava_vqav2_mscoco_{split}.jsonl", "test2015",
