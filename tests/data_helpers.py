@@ -121,12 +121,7 @@ def data_config(**overrides):
     templates' own system prompts (the reference's; tiny drops vicuna_v1's)."""
     config = tiny.get_config().data
     config.system_prompt = None
-    for key, value in overrides.items():
-        target = config
-        *path, last = key.split(".")
-        for part in path:
-            target = target[part]
-        target[last] = value
+    config.update_from_flattened_dict(overrides)
     return config
 
 

@@ -43,12 +43,7 @@ def small_config(data_dir, stage=2, variant="", **overrides):
     config.data.update(dict(batch_size=8, max_length=160))
     config.train.update(dict(num_steps=STEPS, log_every=1))
     config.checkpoint.update(dict(every_steps=2, asynchronous=False))
-    for key, value in overrides.items():
-        *sections, field = key.split(".")
-        node = config
-        for section in sections:
-            node = node[section]
-        node[field] = value
+    config.update_from_flattened_dict(overrides)
     return config
 
 
