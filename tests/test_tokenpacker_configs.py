@@ -114,6 +114,19 @@ def test_hd_global_view_variant():
                                num_devices=16)
 
 
+def test_stage_2_recipes_rows_per_microbatch():
+    # lean: a packed step's 32 rows in one microbatch (4 per chip of v5e-8), so that no
+    # float32 gradient accumulator sits beside each microbatch's gradients; padded: 4 of 32.
+    lean = tokenpacker.get_config("llm=vicuna7b,stage=2,lean=true")
+    assert (lean.data.batch_size, lean.train.microbatches) == (32, 1)
+    assert lean.optim.offload and lean.train.grad_dtype == "bfloat16"
+    padded = tokenpacker.get_config("llm=vicuna7b,stage=2,lean=true,packing=none")
+    assert (padded.data.batch_size, padded.train.microbatches) == (128, 4)
+    # LoRA: one row per chip of v5e-4.
+    lora = tokenpacker.get_config("llm=vicuna13b,stage=2,lora=true")
+    assert (lora.data.batch_size, lora.train.microbatches) == (32, 8)
+
+
 def test_microbatches_and_data_root():
     config = tokenpacker.get_config("stage=1,microbatches=4,data=/data/llava/")
     assert config.train.microbatches == 4

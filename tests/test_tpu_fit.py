@@ -59,6 +59,12 @@ def test_table_entries_and_mistakes_on_the_command_line(capsys):
     rows = entry.config.data.batch_size
     assert entry.samples_per_step == rows * tokenpacker.PACKED_ROWS[2, 2][0]
     assert entry.config.train.microbatches == rows // 16
+    # The recipes keep their rows per microbatch where the slice's shards divide them.
+    lean, lora4, lora8 = tpu_fit.paper_table_entries(
+        [], [], recipes=(("vicuna7b", "lean=true", ("v5e-8",)),
+                         ("vicuna7b", "lora=true", ("v5e-4", "v5e-8"))))
+    assert lean.label == "vicuna7b stage 2 lean=true" and lean.config.train.microbatches == 1
+    assert [e.config.train.microbatches for e in (lora4, lora8)] == [8, 4]
     for argv, said in ((["--models=vicuna7b:3"], "--models: 'vicuna7b:3'"),
                        (["--slices=v5e-7"], "--slices: topology 'v5e-7'")):
         with pytest.raises(SystemExit) as exit_info:

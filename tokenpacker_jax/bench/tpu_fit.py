@@ -2,7 +2,7 @@
 machine (BENCHMARKS.md "TPU fit").
 
     python -m tokenpacker_jax.bench.tpu_fit [--jobs=2] [--models=vicuna7b:2,...] \\
-        [--slices=v5e-16,...]
+        [--slices=v5e-16,...] [--[no-]recipes]     # --models= --recipes: the recipes alone
 
 Each entry is ``configs/tokenpacker.py:llm=...,stage=...`` (packed rows, splash attention on
 the TPU) on a slice, with ``train.microbatches`` set so that each data-parallel shard holds
@@ -12,7 +12,8 @@ LLaVA-shaped data (``tokenpacker.PACKED_ROWS``); beside its step time at 40% MFU
 samples stands the padded config's (``packing=none``: the recipe's batch, one sample per
 row; the same analytic FLOPs, not compiled). Prints a line per entry as it finishes, then the
 Markdown table. The stage-2 recipes ``lean=true``, ``lora=true`` and
-``qlora=true`` follow on the slices they are for.
+``qlora=true`` follow on the slices they are for, with their own rows per microbatch
+(``recipe_microbatches``).
 ``python -m tokenpacker_jax.bench tpu_fit`` runs this command in a process of its own and
 writes the table into BENCHMARKS.md.
 """
@@ -74,6 +75,16 @@ def one_sequence_per_shard(config: ml_collections.ConfigDict, topology: aot.Topo
     config.train.microbatches = max(1, config.data.batch_size // replicas)
 
 
+def recipe_microbatches(config: ml_collections.ConfigDict, topology: aot.Topology) -> None:
+    """Keeps a stage-2 recipe's rows per microbatch (``configs/tokenpacker.py`` chose them
+    for the slice the recipe is for: lean=true a whole step at once, LoRA one row per chip
+    of v5e-4) where the slice's data-parallel shards divide them; else one row per shard."""
+    sizes = sharding.mesh_shape(config.mesh.to_dict(), topology.chips)
+    per_microbatch = config.data.batch_size // config.train.microbatches
+    if per_microbatch % (sizes["data"] * sizes["fsdp"]):
+        one_sequence_per_shard(config, topology)
+
+
 def paper_table_entries(slices: Sequence[str] = TABLE_SLICES,
                         models: Sequence[tuple[str, int]] = TABLE_MODELS,
                         recipes: Sequence[tuple[str, str, Sequence[str]]] = TABLE_RECIPES
@@ -87,7 +98,10 @@ def paper_table_entries(slices: Sequence[str] = TABLE_SLICES,
     for llm, stage, extra, name in runs:
         topology = aot.parse_topology(name)
         config = tokenpacker.get_config(f"llm={llm},stage={stage}{extra}")
-        one_sequence_per_shard(config, topology)
+        if extra:
+            recipe_microbatches(config, topology)
+        else:
+            one_sequence_per_shard(config, topology)
         samples_per_row = tokenpacker.PACKED_ROWS[stage, 2][0]
         label = f"{llm} stage {stage}" + (f" {extra[1:]}" if extra else "")
         entries.append(TableEntry(label, config, topology,
@@ -177,7 +191,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=1,
                         help="compile this many entries at once (worker processes)")
     parser.add_argument("--models", default=",".join(f"{m}:{s}" for m, s in TABLE_MODELS),
-                        help="the table's rows: LLM:STAGE, comma-separated")
+                        help="the table's rows: LLM:STAGE, comma-separated (empty: none, e.g. with "
+                             "--recipes for the recipes alone)")
     parser.add_argument("--slices", default=",".join(TABLE_SLICES),
                         help="the slices each model is compiled for, comma-separated")
     parser.add_argument("--recipes", action=argparse.BooleanOptionalAction, default=None,
@@ -189,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         with_recipes = (args.models == parser.get_default("models")
                         and args.slices == parser.get_default("slices"))
     models = []
-    for item in args.models.split(","):
+    for item in filter(None, args.models.split(",")):
         llm, _, stage = item.partition(":")
         if llm not in tokenpacker.LLMS or stage not in ("1", "2"):
             parser.error(f"--models: {item!r} is not LLM:STAGE with LLM one of "

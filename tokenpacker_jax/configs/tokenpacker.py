@@ -41,12 +41,14 @@ LoRA (``lora=true``, the reference's ``finetune_lora.sh``): rank 128, alpha 256,
 in bfloat16, the projector trained in full at 2e-5 and the adapters at 2e-4.
 ``qlora=true`` stores the adapted layers' frozen base as NF4 (``finetune_qlora.sh``'s 4 bits).
 ``lean=true`` keeps the full stage 2 in less memory: Adam's moments in the host's memory
-(the first in bfloat16) but for the update, each microbatch's weight gradients in bfloat16
-(summed in float32), the loss and the attention
-512 positions at a time (never the whole [tokens, 32000] logits, nor [heads, 2048, 2048]),
-and token lookups in the FSDP-split embedding table, one sequence per chip per microbatch:
-aimed at 7B stage 2 on v5e-8, which it does not reach yet (17.7 GiB of 16 per chip,
-BENCHMARKS.md "LoRA and QLoRA").
+(the first in bfloat16) but for the update, the matmul weights' gradients in bfloat16, the
+loss and the attention 512 positions at a time (never the whole [tokens, 32000] logits, nor
+[heads, 2048, 2048]), token lookups in the FSDP-split embedding table, and a step's 32
+packed rows in one microbatch (4 rows per chip of v5e-8; padded, 4 microbatches of 32).
+Accumulating over microbatches of one row per chip would hold a float32 sum of the gradients
+beside each microbatch's bfloat16 ones (4.7 GiB per chip for 7B on 8 chips), more than the
+other rows' activations take under full remat: 7B stage 2 on v5e-8 is 14.03 GiB per chip in
+one microbatch against 17.78 in four (BENCHMARKS.md "TPU fit of the recipes").
 """
 
 import ml_collections
@@ -68,6 +70,9 @@ PACKED_ROWS = {(1, 2): (11.24, 12), (1, 3): (21.51, 23), (1, 4): (30.77, 33),
 # lean=true: positions per piece of the chunked loss and attention (a sequence's logits
 # [512, 32000] float32 = 62.5 MiB, against 250 MiB for all 2048 positions).
 LOSS_CHUNK = 512
+# lean=true: rows per microbatch, a packed step's 32 at once (4 per chip of v5e-8): no float32
+# gradient accumulator (see the docstring).
+LEAN_ROWS_PER_MICROBATCH = 32
 
 
 def vicuna_13b() -> ml_collections.ConfigDict:
@@ -131,12 +136,12 @@ def get_config(arg: str | None = None):
         config.data.max_images_per_row = -(-most_tiles // 4) * 4
         rows = round(config.data.batch_size / samples_per_row / SEQUENCES_PER_MICROBATCH)
         config.data.batch_size = max(1, rows) * SEQUENCES_PER_MICROBATCH
-    # One sequence per chip in each microbatch on the slice each recipe is for.
+    # Rows per microbatch on the slice each recipe is for: one per chip (lean: four).
     per_microbatch = SEQUENCES_PER_MICROBATCH
     if variant["lean"]:
-        per_microbatch = 8  # v5e-8
+        per_microbatch = LEAN_ROWS_PER_MICROBATCH
     if variant["lora"] or variant["qlora"]:
-        per_microbatch = 4  # v5e-4 (on v5e-8: --config.train.microbatches=16)
+        per_microbatch = 4  # v5e-4 (v5e-8: --config.train.microbatches=4 packed)
     config.train.microbatches = variant["microbatches"] or max(
         1, config.data.batch_size // per_microbatch)
     if llm == "vicuna13b":
