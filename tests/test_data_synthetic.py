@@ -34,7 +34,7 @@ def test_same_seed_same_bytes(generated, tmp_path_factory):
     synthetic.main(["--out", str(again), "--num", "40", "--seed", "5", "--num-eval", "10",
                     "--tokenizer-vocab", "400"])
     first, second = tree(generated), tree(again)
-    assert len(first) == 40 + 2 * 10 + 3 * 3 + 1 + 3  # images, 3 files per split, meta, tok
+    assert len(first) == 40 + 2 * 10 + 4 * 3 + 1 + 3  # images, 4 files per split, meta, tok
     assert first == second
     other = tmp_path_factory.mktemp("c")
     synthetic.main(["--out", str(other), "--num", "40", "--seed", "6", "--num-eval", "10"])
@@ -131,22 +131,53 @@ def test_answers_match_the_pixels(size, tmp_path):
         np.testing.assert_array_equal(glyph, np.kron(trimmed, np.ones((scale, scale), bool)))
 
 
-def test_no_question_names_another_turns_answer(generated):
+def question_pairs(record):
+    turns = record["conversations"]
+    assert turns[0]["value"].startswith("<image>\n"), record["id"]
+    return [(q["value"].removeprefix("<image>\n"), a["value"])
+            for q, a in zip(turns[::2], turns[1::2], strict=True)]
+
+
+@pytest.mark.parametrize("kind", ["qa", "lookup"])
+def test_no_question_names_another_turns_answer(generated, kind):
     """A conversation's answers must come from the image, not from its other turns: no
     question names the colour or shape that another question answers."""
-    conversations = json.loads((generated / "train_qa.json").read_text())
+    conversations = json.loads((generated / f"train_{kind}.json").read_text())
     names = set(synthetic.COLOURS) | set(synthetic.SHAPES)
     attribute_questions = 0
     for record in conversations:
-        turns = record["conversations"]
-        pairs = [(q["value"], a["value"]) for q, a in zip(turns[::2], turns[1::2], strict=True)]
+        pairs = question_pairs(record)
         for i, (_, answer) in enumerate(pairs):
             for j, (question, _) in enumerate(pairs):
                 named = set(question.rstrip("?").split()) & names
                 assert i == j or answer not in named, (record["id"], pairs)
-        attribute_questions += len(pairs) - 2
-    # Scenes hold 1-4 objects: 1-3 attribute questions each, and every kind of scene occurs.
-    assert len(conversations) < attribute_questions < 3 * len(conversations)
+        attribute_questions += len(pairs) - (2 if kind == "qa" else 0)
+    # Scenes hold 1-4 objects: 1-3 attribute questions each in qa, 1-4 in lookup, and every
+    # kind of scene occurs.
+    most = 3 if kind == "qa" else 4
+    assert len(conversations) < attribute_questions < most * len(conversations)
+
+
+def test_lookup_conversations_ask_one_attribute_of_every_object(generated):
+    """Each lookup conversation asks one category of every object of its scene, and the
+    answers are the scene's; over the images every category occurs."""
+    conversations = json.loads((generated / "train_lookup.json").read_text())
+    forms = {category: text.split("{")[0] for category, text in
+             synthetic._ATTRIBUTE_QUESTIONS.items()}
+    categories = set()
+    for index, record in enumerate(conversations):
+        _, info = synthetic.scene(np.random.default_rng([5, synthetic.SPLITS["train"], index]),
+                                  48, None)
+        pairs = question_pairs(record)
+        asked = {category for category, form in forms.items()
+                 if all(question.startswith(form) for question, _ in pairs)}
+        assert len(asked) == 1, pairs
+        category = asked.pop()
+        categories.add(category)
+        expected = sorted((synthetic._ATTRIBUTE_QUESTIONS[category].format(**o), o[category])
+                          for o in info["objects"])
+        assert sorted(pairs) == expected, record["id"]
+    assert categories == set(synthetic.ATTRIBUTE_CATEGORIES)
 
 
 def item_offsets(pixels, info, size):

@@ -7,16 +7,17 @@ DIR/tokenizer; ``--jitter 0`` centres the items in their cells, as the main job 
 
 48 px images in 8 px patches: a 6 x 6 grid, packed 4x into 3 x 3 = 9 visual tokens, one per
 cell of the synthetic scenes. Stage 1 trains the projector on captions (``plain``); stage 2
-the projector and the LLM on questions and answers mixed with the captions (as LLaVA's
-stage-2 mix holds descriptions beside questions), in ``vicuna_v1`` without its system
-prompt, starting from ``train.init_from``. With no pretrained CLIP or LLM to be had offline,
-the tiny tower is random, so stage 2 trains it too (``model.train_vision``; the paper's
-configs keep it frozen), unless ``vision_checkpoint=PATH`` names a pretrained tower (the
-main job's stage 0, ``tokenpacker_jax.tower_pretraining``): both stages then load it and
-keep it frozen, as the paper's do. The dense kernels of the decoder and projector start from
-1/sqrt(width)-sized weights rather than the big models' 0.02 (``model.init_kernel_scale``):
-at widths of 64-128 the 0.02 init leaves the visual tokens ~10x smaller than the text
-embeddings, and runs learned the answers' priors but not the images.
+the projector and the LLM on questions and answers (``qa`` and ``lookup``) mixed with the
+captions (as LLaVA's stage-2 mix holds descriptions beside questions), in ``vicuna_v1``
+without its system prompt, starting from ``train.init_from``. With no pretrained CLIP or LLM
+to be had offline, the tiny tower is random, so stage 2 trains it too
+(``model.train_vision``; the paper's configs keep it frozen), unless
+``vision_checkpoint=PATH`` names a pretrained tower (the main job's stage 0,
+``tokenpacker_jax.tower_pretraining``): both stages then load it and keep it frozen, as the
+paper's do. The dense kernels of the decoder and projector start from 1/sqrt(width)-sized
+weights rather than the big models' 0.02 (``model.init_kernel_scale``): at widths of 64-128
+the 0.02 init leaves the visual tokens ~10x smaller than the text embeddings, and runs
+learned the answers' priors but not the images.
 
 ``lora=true`` (stage 2): the LoRA recipe at toy scale: rank-8 adapters (alpha 16, dropout
 0.05) on every linear layer of the LLM, whose base stays frozen, the projector trained in
@@ -99,6 +100,6 @@ def get_config(arg: str | None = None):
                                   for split in ("train", "val", "test")})
         if stage == 2:
             config.data.files.train = ",".join(os.path.join(root, f"train_{k}.json")
-                                               for k in ("qa", "caption"))
+                                               for k in ("qa", "lookup", "caption"))
         config.model.tokenizer = os.path.join(root, "tokenizer")
     return config

@@ -230,6 +230,36 @@ def conversation_questions(info: dict[str, Any],
     return list(asked[:kept]) + list(asked[len(ATTRIBUTE_CATEGORIES):])
 
 
+def lookup_questions(info: dict[str, Any], rng: np.random.Generator) -> list[dict[str, str]]:
+    """One attribute category drawn at random, asked of every object of the scene in a
+    random order: the colour of each shape, the shape of each colour or the cell of each
+    object.
+
+    The questions of one category name only the other attributes, so none names another's
+    answer. ``questions`` asks each category of at most one object per image, so each
+    lookup (an object by its shape, by its colour, by both) is trained on a fraction of the
+    images: with these as well, the lookup by shape and the cell of an object formed in
+    every seed measured (BENCHMARKS.md, "The main job").
+    """
+    category = ATTRIBUTE_CATEGORIES[int(rng.integers(len(ATTRIBUTE_CATEGORIES)))]
+    objects = info["objects"]
+    return [{"category": category,
+             "text": _ATTRIBUTE_QUESTIONS[category].format(**objects[int(index)]),
+             "answer": objects[int(index)][category]}
+            for index in rng.permutation(len(objects))]
+
+
+def conversation(image: str, sample_id: str, asked: Sequence[dict[str, str]]
+                 ) -> dict[str, Any]:
+    """A LLaVA record asking ``asked`` in order, the image before the first question."""
+    turns = []
+    for turn, question in enumerate(asked):
+        prefix = "<image>\n" if turn == 0 else ""
+        turns += [{"from": "human", "value": prefix + question["text"]},
+                  {"from": "gpt", "value": question["answer"]}]
+    return {"id": sample_id, "image": image, "conversations": turns}
+
+
 def caption(info: dict[str, Any], rng: np.random.Generator) -> str:
     """Every object, then the digit, in one of two forms chosen at random: colour first in
     the colours' order ("a red circle at the top, a blue cross at the left ...") or shape
@@ -261,9 +291,9 @@ def _png(pixels: np.ndarray) -> bytes:
 
 def generate_split(out: str, split: str, num: int, seed: int, size: int,
                    jitter: int | None = None) -> dict[str, list]:
-    """Writes one split's images; returns its caption / qa / question records."""
+    """Writes one split's images; returns its caption / qa / lookup / question records."""
     os.makedirs(os.path.join(out, "images", split), exist_ok=True)
-    captions, conversations, evaluation = [], [], []
+    captions, conversations, lookups, evaluation = [], [], [], []
     for index in range(num):
         rng = np.random.default_rng([seed, SPLITS[split], index])
         pixels, info = scene(rng, size, jitter)
@@ -273,22 +303,19 @@ def generate_split(out: str, split: str, num: int, seed: int, size: int,
         sample_id = f"{split}-{index:05d}"
         asked = questions(info, rng)
         kept = conversation_questions(info, asked)
-        turns = []
-        for turn, number in enumerate(rng.permutation(len(kept))):
-            question = kept[int(number)]
-            prefix = "<image>\n" if turn == 0 else ""
-            turns += [{"from": "human", "value": prefix + question["text"]},
-                      {"from": "gpt", "value": question["answer"]}]
-        conversations.append({"id": sample_id, "image": image, "conversations": turns})
+        conversations.append(conversation(
+            image, sample_id, [kept[int(number)] for number in rng.permutation(len(kept))]))
         captions.append({"id": sample_id, "image": image, "conversations": [
             {"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
             {"from": "gpt", "value": caption(info, rng)}]})
+        lookups.append(conversation(image, sample_id, lookup_questions(info, rng)))
         for question in sorted(asked, key=lambda q: CATEGORIES.index(q["category"])):
             evaluation.append({"question_id": f"{sample_id}-{question['category']}",
                                "image": image, "text": question["text"],
                                "answer": question["answer"],
                                "category": question["category"]})
-    return {"caption": captions, "qa": conversations, "questions": evaluation}
+    return {"caption": captions, "qa": conversations, "lookup": lookups,
+            "questions": evaluation}
 
 
 def _write_json(path: str, value: Any) -> None:
@@ -332,10 +359,12 @@ def generate(out: str, num: int, seed: int, *, num_eval: int | None = None, size
         records = generate_split(out, split, count, seed, size, jitter)
         _write_json(os.path.join(out, f"{split}_caption.json"), records["caption"])
         _write_json(os.path.join(out, f"{split}_qa.json"), records["qa"])
+        _write_json(os.path.join(out, f"{split}_lookup.json"), records["lookup"])
         with open(os.path.join(out, f"{split}_questions.jsonl"), "w", encoding="utf-8") as file:
             for question in records["questions"]:
                 file.write(json.dumps(question, ensure_ascii=False) + "\n")
         if split == "train":
+            # The lookup conversations ask the qa's question forms again: no new text.
             texts += [t["value"] for r in records["caption"] + records["qa"]
                       for t in r["conversations"]]
     if llava_mix:
