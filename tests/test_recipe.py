@@ -109,3 +109,17 @@ def test_a_vision_checkpoint_freezes_the_tower():
         assert "vision_tower" not in config.train.trainable
     assert tiny.get_config("stage=2").train.trainable == (
         "vision_tower", "projector", "decoder")
+
+
+def test_make_data_writes_again_what_an_older_version_lacks(tmp_path):
+    """Data found complete is kept as it is; data lacking a file stage 2 trains on (written
+    by an older version) is written again."""
+    data = str(tmp_path / "data")
+    recipe.make_data(data, TOY, seed=3, adjust=training.shrink)
+    meta = os.path.join(data, "meta.json")
+    written = os.stat(meta).st_mtime_ns
+    recipe.make_data(data, TOY, seed=3, adjust=training.shrink)
+    assert os.stat(meta).st_mtime_ns == written
+    os.remove(os.path.join(data, "train_lookup.json"))
+    recipe.make_data(data, TOY, seed=3, adjust=training.shrink)
+    assert os.path.exists(os.path.join(data, "train_lookup.json"))

@@ -118,11 +118,13 @@ def pretrain_tower(data_dir: str, workdir: str, recipe: Recipe, seed: int, data_
 
 
 def make_data(data_dir: str, recipe: Recipe, seed: int, adjust: Adjust | None = None) -> None:
-    """Writes the synthetic dataset and its tokenizer to ``data_dir`` unless it is there,
-    at the image size and vocabulary of the stage configs."""
-    if os.path.exists(os.path.join(data_dir, "meta.json")):
-        return
+    """Writes the synthetic dataset and its tokenizer to ``data_dir`` unless it is there
+    (meta.json and every file stage 2 trains on: data written by an older version lacking
+    one is written again), at the image size and vocabulary of the stage configs."""
     probe = stage_config(2, data_dir, recipe, seed, adjust)
+    needed = [os.path.join(data_dir, "meta.json"), *probe.data.files.train.split(",")]
+    if all(os.path.exists(path) for path in needed):
+        return
     synthetic.generate(data_dir, recipe.num, seed, num_eval=recipe.num_eval,
                        size=probe.model.vision.image_size,
                        jitter=None if recipe.jitter < 0 else recipe.jitter,
