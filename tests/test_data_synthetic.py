@@ -159,25 +159,41 @@ def test_no_question_names_another_turns_answer(generated, kind):
 
 
 def test_lookup_conversations_ask_one_attribute_of_every_object(generated):
-    """Each lookup conversation asks one category of every object of its scene, and the
-    answers are the scene's; over the images every category occurs."""
+    """Each image has two lookup conversations: the cell of every object, then the colour
+    or the shape of every object; each question names one object of the scene and its
+    answer is that object's; over the images every form of question occurs."""
     conversations = json.loads((generated / "train_lookup.json").read_text())
-    forms = {category: text.split("{")[0] for category, text in
-             synthetic._ATTRIBUTE_QUESTIONS.items()}
-    categories = set()
-    for index, record in enumerate(conversations):
+    assert len(conversations) == 2 * 40
+    forms = {"position": "Where is the ", "colour": "What colour is the ",
+             "shape": "What shape is the "}
+    seen = set()
+    for index in range(40):
         _, info = synthetic.scene(np.random.default_rng([5, synthetic.SPLITS["train"], index]),
                                   48, None)
-        pairs = question_pairs(record)
-        asked = {category for category, form in forms.items()
-                 if all(question.startswith(form) for question, _ in pairs)}
-        assert len(asked) == 1, pairs
-        category = asked.pop()
-        categories.add(category)
-        expected = sorted((synthetic._ATTRIBUTE_QUESTIONS[category].format(**o), o[category])
-                          for o in info["objects"])
-        assert sorted(pairs) == expected, record["id"]
-    assert categories == set(synthetic.ATTRIBUTE_CATEGORIES)
+        objects = info["objects"]
+        cells, attributes = (question_pairs(r) for r in conversations[2 * index:2 * index + 2])
+        for pairs, categories in ((cells, {"position"}), (attributes, {"colour", "shape"})):
+            asked = {c for c in categories if all(q.startswith(forms[c]) for q, _ in pairs)}
+            assert len(asked) == 1, pairs
+            category = asked.pop()
+            named = []
+            for question, answer in pairs:
+                words = set(question.rstrip("?").split())
+                matches = [o for o in objects
+                           if words & {o["colour"], o["shape"]}
+                           and not words & (set(synthetic.COLOURS) - {o["colour"]})
+                           and not words & (set(synthetic.SHAPES) - {o["shape"]})]
+                assert len(matches) == 1, (question, objects)
+                assert answer == matches[0][category], (question, answer, objects)
+                named.append(objects.index(matches[0]))
+                seen.add((category, bool(words & set(synthetic.COLOURS)),
+                          bool(words & set(synthetic.SHAPES))))
+            assert sorted(named) == list(range(len(objects)))
+    # The cell by colour and shape (the held-out form), by colour, by shape; the colour of
+    # a shape; the shape of a colour.
+    assert seen == {("position", True, True), ("position", True, False),
+                    ("position", False, True), ("colour", False, True), ("shape", True, False)}
+
 
 
 def item_offsets(pixels, info, size):
