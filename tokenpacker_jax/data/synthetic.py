@@ -315,9 +315,8 @@ def generate_split(out: str, split: str, num: int, seed: int, size: int,
         kept = conversation_questions(info, asked)
         conversations.append(conversation(
             image, sample_id, [kept[int(number)] for number in rng.permutation(len(kept))]))
-        captions.append({"id": sample_id, "image": image, "conversations": [
-            {"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
-            {"from": "gpt", "value": caption(info, rng)}]})
+        captions.append(conversation(image, sample_id, [
+            {"text": CAPTION_PROMPT, "answer": caption(info, rng)}]))
         lookups += [conversation(image, sample_id, asked)
                     for asked in lookup_questions(info, rng)]
         for question in sorted(asked, key=lambda q: CATEGORIES.index(q["category"])):
