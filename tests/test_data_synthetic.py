@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from tokenpacker_jax.data import synthetic
+from tokenpacker_jax.user_error import InputError
 
 
 def tree(root):
@@ -255,3 +256,8 @@ def test_captions_follow_the_attributes_not_the_grid(generated):
         assert items in (colour_first, shape_first), (record["id"], text)
         forms.add("colour" if items == colour_first else "shape")
     assert forms == {"colour", "shape"}
+
+
+def test_a_vocabulary_too_small_for_the_text_is_the_users_mistake(tmp_path):
+    with pytest.raises(InputError, match="--tokenizer-vocab 50: Vocabulary size is smaller"):
+        synthetic.generate(str(tmp_path), 2, 0, num_eval=1, tokenizer_vocab=50)

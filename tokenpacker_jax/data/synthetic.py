@@ -339,12 +339,18 @@ def train_tokenizer(texts: Sequence[str], out_dir: str, vocab_size: int) -> None
     ``</s>`` 2, digits split) trained on ``texts``, saved for ``load_tokenizer``."""
     os.makedirs(out_dir, exist_ok=True)
     model = io.BytesIO()  # no file names enter the model, so its bytes depend on texts only
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1,
-        eos_id=2, pad_id=-1, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
-        num_threads=1, minloglevel=2)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+            model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1,
+            eos_id=2, pad_id=-1, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, split_digits=True,
+            allow_whitespace_only_pieces=True, num_threads=1, minloglevel=2)
+    except RuntimeError as error:  # sentencepiece reports a size that cannot fit the text
+        if "Vocabulary size" not in str(error):
+            raise
+        reason = ". ".join(str(error).split("] ")[-1].split(". ")[:2]).rstrip(".")
+        raise InputError(f"--tokenizer-vocab {vocab_size}: {reason} (sentencepiece)") from error
     with open(os.path.join(out_dir, "tokenizer.model"), "wb") as file:
         file.write(model.getvalue())
     _write_json(os.path.join(out_dir, "tokenizer_config.json"), {
