@@ -230,6 +230,11 @@ def conversation_questions(info: dict[str, Any],
     return list(asked[:kept]) + list(asked[len(ATTRIBUTE_CATEGORIES):])
 
 
+def in_random_order(items: Sequence[Any], rng: np.random.Generator) -> list[Any]:
+    """``items`` in an order drawn from ``rng`` (one permutation)."""
+    return [items[int(i)] for i in rng.permutation(len(items))]
+
+
 POSITION_FORMS = ("Where is the {colour} {shape}?", "Where is the {colour} object?",
                   "Where is the {shape}?")  # the first is the held-out form
 
@@ -251,11 +256,11 @@ def lookup_questions(info: dict[str, Any], rng: np.random.Generator
     positions = [{"category": "position",
                   "text": POSITION_FORMS[int(rng.integers(len(POSITION_FORMS)))].format(**o),
                   "answer": o["position"]}
-                 for o in (objects[int(i)] for i in rng.permutation(len(objects)))]
+                 for o in in_random_order(objects, rng)]
     category = ("colour", "shape")[int(rng.integers(2))]
     attributes = [{"category": category,
                    "text": _ATTRIBUTE_QUESTIONS[category].format(**o), "answer": o[category]}
-                  for o in (objects[int(i)] for i in rng.permutation(len(objects)))]
+                  for o in in_random_order(objects, rng)]
     return [positions, attributes]
 
 
