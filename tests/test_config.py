@@ -9,6 +9,7 @@ import pytest
 from absl import flags
 from jax.sharding import AxisType
 from ml_collections import config_flags
+from paper_facts import TOKENS_PER_SCALE
 
 from tokenpacker_jax import configuration, sharding
 from tokenpacker_jax.configs import common, tiny, tokenpacker
@@ -51,7 +52,7 @@ def test_parse_variant_types_and_errors():
         common.parse_variant("scale", defaults)
 
 
-@pytest.mark.parametrize("scale,tokens", [(2, 144), (3, 64), (4, 36)])
+@pytest.mark.parametrize("scale,tokens", TOKENS_PER_SCALE.items())
 def test_paper_variants_validate(scale, tokens):
     config = tokenpacker.get_config(f"scale={scale}")
     configuration.validate(config, num_devices=8)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from paper_facts import TOKENS_PER_SCALE
 from scipy.special import erf
 
 from tokenpacker_jax import sharding
@@ -122,7 +123,7 @@ def test_sharded_matches_single_device(built, inputs, mesh8, name):
 
 
 def test_token_budgets():
-    for scale, tokens in ((2, 144), (3, 64), (4, 36)):
+    for scale, tokens in TOKENS_PER_SCALE.items():
         for name in ("tokenpacker", "avgpool", "pixel_shuffle", "ldpv2", "c_abstractor",
                      "resampler"):
             assert num_output_tokens(config_for(name, scale_factor=scale), 24) == tokens

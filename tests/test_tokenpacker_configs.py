@@ -2,6 +2,7 @@
 The hyperparameters of docs/reference.md §7, validated for the slices they are meant for."""
 
 import pytest
+from paper_facts import TOKENS_PER_SCALE
 
 from tokenpacker_jax import configuration
 from tokenpacker_jax.configs import tokenpacker
@@ -66,7 +67,7 @@ def test_stages_follow_the_paper_recipe(llm, devices, stage):
     assert config.mesh.tensor == (2 if llm == "vicuna13b" else 1)
 
 
-@pytest.mark.parametrize("scale,tokens", [(2, 144), (3, 64), (4, 36)])
+@pytest.mark.parametrize("scale,tokens", TOKENS_PER_SCALE.items())
 def test_scales(scale, tokens):
     config = tokenpacker.get_config(f"llm=vicuna13b,scale={scale}")
     configuration.validate(config, num_devices=32)
@@ -100,7 +101,7 @@ def test_hd_variants(patch_num, scale, tiles, max_length):
     assert config.data.max_length == max_length
     assert config.data.max_length <= config.model.decoder.max_position_embeddings
     # Packed: as many tile slots as the positions hold, the recipe's rows.
-    tokens = {2: 144, 4: 36}[scale]
+    tokens = TOKENS_PER_SCALE[scale]
     assert config.data.max_images_per_row == max_length // tokens >= tiles
     assert config.data.batch_size == 128
 
