@@ -3,7 +3,7 @@ processes with libtpu's compile-only devices, and their Markdown rows."""
 
 import pytest
 
-from tokenpacker_jax import aot
+from tokenpacker_jax import aot, configuration, sharding
 from tokenpacker_jax.bench import tpu_fit
 from tokenpacker_jax.configs import tiny, tokenpacker
 
@@ -59,6 +59,12 @@ def test_table_entries_and_mistakes_on_the_command_line(capsys):
     rows = entry.config.data.batch_size
     assert entry.samples_per_step == rows * tokenpacker.PACKED_ROWS[2, 2][0]
     assert entry.config.train.microbatches == rows // 16
+    # Packed stage 1 has 16 rows: on 32 chips the tensor axis takes the rest (16 x 2).
+    (stage_1,) = tpu_fit.paper_table_entries(["v5e-32"], [("vicuna7b", 1)], recipes=())
+    assert stage_1.config.data.batch_size == 16 and stage_1.config.train.microbatches == 1
+    assert sharding.mesh_shape(stage_1.config.mesh.to_dict(), 32) == {
+        "data": 1, "fsdp": 16, "tensor": 2}
+    configuration.validate(stage_1.config, num_devices=32)
     # The recipes keep their rows per microbatch where the slice's shards divide them.
     lean, lora4, lora8 = tpu_fit.paper_table_entries(
         [], [], recipes=(("vicuna7b", "lean=true", ("v5e-8",)),

@@ -69,9 +69,16 @@ def padded_flops_per_sample(llm: str, stage: int, extra: str = "") -> float:
 def one_sequence_per_shard(config: ml_collections.ConfigDict, topology: aot.Topology) -> None:
     """Sets train.microbatches so that each data-parallel shard (a chip, or a tensor-parallel
     group) holds one sequence per microbatch, the least activation memory the mesh allows;
-    the global batch stays."""
+    the global batch stays. A slice with more data-parallel shards than the step has rows
+    (packed stage 1: 16 rows, on 32 chips of FSDP) gives the rest of its chips to the tensor
+    axis, so that each shard still holds a whole row."""
     sizes = sharding.mesh_shape(config.mesh.to_dict(), topology.chips)
     replicas = sizes["data"] * sizes["fsdp"]
+    if config.data.batch_size < replicas and replicas % config.data.batch_size == 0:
+        config.mesh.tensor = sizes["tensor"] * replicas // config.data.batch_size
+        config.mesh.fsdp = -1
+        sizes = sharding.mesh_shape(config.mesh.to_dict(), topology.chips)
+        replicas = sizes["data"] * sizes["fsdp"]
     config.train.microbatches = max(1, config.data.batch_size // replicas)
 
 
