@@ -4,9 +4,9 @@
 
 ``which``: table names or numbers (``tokenpacker_jax/bench/__init__.py``); default: tables
 1-5 (``projector token_budget llava_torch training tpu_fit``). ``tpu_fit`` (table 5) runs
-``python -m tokenpacker_jax.bench.tpu_fit --jobs=N`` (``--jobs``, default 2: compiles at
-once); ``paper`` (table 6) trains the projector comparison for hours, is asked for by name,
-and has its own flags (``--seeds``, ``--stage1_steps``, ...; see ``paper_table.py``).
+``python -m tokenpacker_jax.bench.tpu_fit --jobs=N --no-recipes`` (``--jobs``, default 2:
+compiles at once); ``paper`` (table 6) trains the projector comparison for hours, is asked
+for by name, and has its own flags (``--seeds``, ``--stage1_steps``, ...; see ``paper_table.py``).
 
 Without ``--write`` the sections are printed (Markdown, for pasting); with it each replaces
 the text between its markers in BENCHMARKS.md (``<!-- bench:NAME -->`` ...
@@ -51,9 +51,11 @@ BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
 
 
 def tpu_fit(jobs: int, log=print) -> report.Section:
-    """Table 5: runs ``python -m tokenpacker_jax.bench.tpu_fit`` (its own process: libtpu's
-    compile-only devices stay out of this one) and keeps its Markdown table."""
-    command = [sys.executable, "-m", "tokenpacker_jax.bench.tpu_fit", f"--jobs={jobs}"]
+    """Table 5: runs ``python -m tokenpacker_jax.bench.tpu_fit --no-recipes`` (its own
+    process: libtpu's compile-only devices stay out of this one) and keeps its Markdown table
+    (the recipes' table, ``--models= --recipes``, is BENCHMARKS.md's "TPU fit of the recipes")."""
+    command = [sys.executable, "-m", "tokenpacker_jax.bench.tpu_fit", f"--jobs={jobs}",
+               "--no-recipes"]
     log(" ".join(command))
     process = subprocess.run(command, capture_output=True, text=True, check=False)
     if process.returncode:
