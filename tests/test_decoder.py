@@ -1,5 +1,6 @@
 """Decoders against transformers' PyTorch models: logits on padded batches, KV-cache decoding,
-greedy generation, export / import round trips, config.json layouts, parameter counts.
+greedy generation, export / import round trips, config.json layouts, parameter counts;
+packed rows by the XLA, splash and (lowered for CUDA) cuDNN kernels.
 
 Tiny random models of each family are saved with ``save_pretrained`` once per module.
 """
@@ -14,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from jax import export
+from jax._src.cudnn import fused_attention_stablehlo
 from safetensors.numpy import load_file
 
 from tokenpacker_jax.convert import checkpoint_io, hf, hf_decoder
@@ -513,3 +516,28 @@ def test_splash_kernel_in_the_decoder_equals_xla(tiny):
     expected = forward({"params": params}, ids, segment_ids=segments)
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected),
                                atol=1e-5 * float(jnp.abs(expected).max()), rtol=0)
+
+
+@pytest.mark.parametrize("tiny", ["llama3_gqa"], indirect=True)
+def test_cudnn_kernel_lowers_for_nvidia_gpus(tiny, monkeypatch):
+    """The cuDNN path (grouped heads, bfloat16, a packed row's segment mask plus the causal
+    hint) is accepted by JAX's cuDNN lowering for CUDA, forward and gradients: lowered here
+    without a GPU, its module holds cuDNN's fused attention, not an XLA fallback. This
+    machine has no cuDNN for JAX's version check to ask, so the check is told cuDNN 9.1."""
+    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 90100)
+    _, _, _, module, params, _ = tiny
+    config = dataclasses.replace(module.config, attention_impl="cudnn", dtype="bfloat16")
+    ids, segments, _, _ = packed_row(lengths=(40, 50, 30), length=128)
+    cudnn_module = Decoder(config)
+
+    def loss(params):
+        logits = cudnn_module.apply({"params": params}, ids, segment_ids=segments)
+        return jnp.sum(logits * (segments[..., None] > 0))
+
+    targets = ("__cudnn$fmhaScaleBiasSoftmax", "__cudnn$fmhaScaleBiasSoftmaxBackward")
+    lowered = export.export(
+        jax.jit(jax.value_and_grad(loss)), platforms=["cuda"],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call(t) for t in targets])(params)
+    text = lowered.mlir_module()
+    assert f"@{targets[0]}(" in text and f"@{targets[1]}(" in text
+    assert '\\22mask_type\\22: \\22CAUSAL\\22' in text
