@@ -123,9 +123,11 @@ def test_stage_2_recipes_rows_per_microbatch():
     assert lean.optim.offload and lean.train.grad_dtype == "bfloat16"
     padded = tokenpacker.get_config("llm=vicuna7b,stage=2,lean=true,packing=none")
     assert (padded.data.batch_size, padded.train.microbatches) == (128, 4)
-    # LoRA: one row per chip of v5e-4.
-    lora = tokenpacker.get_config("llm=vicuna13b,stage=2,lora=true")
+    # LoRA: one row per data-parallel shard of v5e-4 (7B: 4 chips; 13B: 2 pairs of chips).
+    lora = tokenpacker.get_config("llm=vicuna7b,stage=2,lora=true")
     assert (lora.data.batch_size, lora.train.microbatches) == (32, 8)
+    lora = tokenpacker.get_config("llm=vicuna13b,stage=2,qlora=true")
+    assert (lora.data.batch_size, lora.train.microbatches) == (32, 16)
 
 
 def test_microbatches_and_data_root():

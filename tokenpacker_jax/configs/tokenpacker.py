@@ -141,7 +141,9 @@ def get_config(arg: str | None = None):
     if variant["lean"]:
         per_microbatch = LEAN_ROWS_PER_MICROBATCH
     if variant["lora"] or variant["qlora"]:
-        per_microbatch = 4  # v5e-4 (v5e-8: --config.train.microbatches=4 packed)
+        # One row per data-parallel shard of v5e-4: 4 chips of FSDP for 7B, 2 x 2-way tensor
+        # for 13B (two rows per shard take 16.20 GiB a chip there, one 14.99).
+        per_microbatch = 2 if llm == "vicuna13b" else 4
     config.train.microbatches = variant["microbatches"] or max(
         1, config.data.batch_size // per_microbatch)
     if llm == "vicuna13b":
