@@ -84,8 +84,9 @@ def one_sequence_per_shard(config: ml_collections.ConfigDict, topology: aot.Topo
 
 def recipe_microbatches(config: ml_collections.ConfigDict, topology: aot.Topology) -> None:
     """Keeps a stage-2 recipe's rows per microbatch (``configs/tokenpacker.py`` chose them
-    for the slice the recipe is for: lean=true a whole step at once, LoRA one row per chip
-    of v5e-4) where the slice's data-parallel shards divide them; else one row per shard."""
+    for the slice the recipe is for: lean=true a whole step at once, LoRA one row per
+    data-parallel shard of v5e-4) where the slice's data-parallel shards divide them; else
+    one row per shard."""
     sizes = sharding.mesh_shape(config.mesh.to_dict(), topology.chips)
     per_microbatch = config.data.batch_size // config.train.microbatches
     if per_microbatch % (sizes["data"] * sizes["fsdp"]):
