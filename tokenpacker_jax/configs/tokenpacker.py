@@ -136,20 +136,21 @@ def get_config(arg: str | None = None):
         config.data.max_images_per_row = -(-most_tiles // 4) * 4
         rows = round(config.data.batch_size / samples_per_row / SEQUENCES_PER_MICROBATCH)
         config.data.batch_size = max(1, rows) * SEQUENCES_PER_MICROBATCH
-    # Rows per microbatch on the slice each recipe is for: one per chip (lean: four).
-    per_microbatch = SEQUENCES_PER_MICROBATCH
-    if variant["lean"]:
-        per_microbatch = LEAN_ROWS_PER_MICROBATCH
-    if variant["lora"] or variant["qlora"]:
-        # One row per data-parallel shard of v5e-4: 4 chips of FSDP for 7B, 2 x 2-way tensor
-        # for 13B (two rows per shard take 16.20 GiB a chip there, one 14.99).
-        per_microbatch = 2 if llm == "vicuna13b" else 4
-    config.train.microbatches = variant["microbatches"] or max(
-        1, config.data.batch_size // per_microbatch)
     if llm == "vicuna13b":
         # Halves the all-gathered layer weights and activations per chip: 13.5 instead of
         # 15.6 GiB of 16 on v5e-32 (BENCHMARKS.md "TPU fit").
         config.mesh.update(dict(fsdp=-1, tensor=2))
+    # Rows per microbatch on the slice each recipe is for: one per data-parallel shard
+    # (lean: four per chip).
+    per_microbatch = SEQUENCES_PER_MICROBATCH
+    if variant["lean"]:
+        per_microbatch = LEAN_ROWS_PER_MICROBATCH
+    if variant["lora"] or variant["qlora"]:
+        # v5e-4's 4 chips, as shards (13B: two rows per pair of chips take 16.20 GiB a chip,
+        # one 14.99).
+        per_microbatch = 4 // config.mesh.tensor
+    config.train.microbatches = variant["microbatches"] or max(
+        1, config.data.batch_size // per_microbatch)
 
     if llm.startswith("gemma"):
         config.data.hd.update(dict(comma_id=-1, newline_id=-1))  # looked up in its tokenizer
