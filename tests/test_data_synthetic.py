@@ -167,6 +167,7 @@ def test_lookup_conversations_ask_one_attribute_of_every_object(generated):
     assert len(conversations) == 2 * 40
     forms = {"position": "Where is the ", "colour": "What colour is the ",
              "shape": "What shape is the "}
+    colours, shapes = set(synthetic.COLOURS), set(synthetic.SHAPES)
     seen = set()
     for index in range(40):
         _, info = synthetic.scene(np.random.default_rng([5, synthetic.SPLITS["train"], index]),
@@ -182,13 +183,12 @@ def test_lookup_conversations_ask_one_attribute_of_every_object(generated):
                 words = set(question.rstrip("?").split())
                 matches = [o for o in objects
                            if words & {o["colour"], o["shape"]}
-                           and not words & (set(synthetic.COLOURS) - {o["colour"]})
-                           and not words & (set(synthetic.SHAPES) - {o["shape"]})]
+                           and not words & (colours - {o["colour"]})
+                           and not words & (shapes - {o["shape"]})]
                 assert len(matches) == 1, (question, objects)
                 assert answer == matches[0][category], (question, answer, objects)
                 named.append(objects.index(matches[0]))
-                seen.add((category, bool(words & set(synthetic.COLOURS)),
-                          bool(words & set(synthetic.SHAPES))))
+                seen.add((category, bool(words & colours), bool(words & shapes)))
             assert sorted(named) == list(range(len(objects)))
     # The cell by colour and shape (the held-out form), by colour, by shape; the colour of
     # a shape; the shape of a colour.
