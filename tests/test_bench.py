@@ -14,6 +14,7 @@ from tokenpacker_jax.bench import (
     hardware,
     llava_torch,
     measurement,
+    op_profile,
     packing,
     paper_table,
     projector,
@@ -36,10 +37,12 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def table_rows(markdown: str) -> list[list[str]]:
-    """The cells of the first Markdown table in ``markdown`` (header row first), checking
-    that every row has the header's number of cells."""
-    lines = [line for line in markdown.splitlines() if line.startswith("|")]
+def table_rows(markdown: str, which: int = 0) -> list[list[str]]:
+    """The cells of the ``which``-th Markdown table in ``markdown`` (header row first),
+    checking that every row has the header's number of cells."""
+    tables = [[line for line in block.splitlines() if line.startswith("|")]
+              for block in markdown.split("\n\n")]
+    lines = [table for table in tables if table][which]
     assert len(lines) >= 3, markdown
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
     assert set(rows[1]) == {"---"}
@@ -80,6 +83,28 @@ def test_projector_table_against_torch():
     # The PyTorch side computes docs/reference.md §3 with our weights: like for like.
     assert float(column(rows, "max rel diff")[0]) < 1e-5
     assert "Machine: " in section.body and "met**" in section.body
+    # The large matmuls alone, in each library: [B * N, W * L] @ [W * L, D] first.
+    gemms = table_rows(section.body, which=1)
+    assert column(gemms, "[m, k] @ [k, n]")[0] == "[288, 64] @ [64, 32]"
+    assert {"JAX GFLOP/s", "PyTorch GFLOP/s", "NumPy GFLOP/s"} <= set(gemms[0])
+    assert "in place of JAX's" in section.body
+    # Our forward's operations by thread time, slowest first.
+    ops = table_rows(section.body, which=2)
+    assert len(ops) > 3 and "yes" in column(ops, "holds a matmul")
+    thread_ms = [float(ms) for ms in column(ops, "thread ms")]
+    assert thread_ms == sorted(thread_ms, reverse=True)
+
+
+def test_op_profile_names_each_operation_and_its_matmul():
+    a = jax.numpy.ones((64, 64))
+    compiled, _ = measurement.compile_jit(lambda a, b: jax.nn.gelu(a @ b) + 1, a, a)
+    ops = op_profile.hlo_ops(compiled.as_text())
+    assert sum(holds for _, holds, _ in ops.values()) == 1, ops  # the dot, fused or not
+    assert any(not holds for _, holds, _ in ops.values()), ops  # GELU's fusion
+    assert {"dot_general", "tanh"} & {source.split("/")[-1] for *_, source in ops.values()}
+    profiled = op_profile.profile(compiled, lambda: compiled(a, a), runs=2)
+    assert {op.name for op in profiled} <= set(ops) and profiled
+    assert all(op.ms > 0 for op in profiled)
 
 
 def test_token_budget_and_torch_llava_tables():

@@ -13,6 +13,7 @@ import platform
 from typing import Any
 
 import jax
+import numpy as np
 
 
 def cpu_model() -> str:
@@ -23,6 +24,12 @@ def cpu_model() -> str:
                 if line.startswith("model name"):
                     return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def numpy_blas() -> str:
+    """The BLAS NumPy was built with, e.g. ``scipy-openblas 0.3.31.188.0``."""
+    blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+    return f"{blas.get('name', 'unknown')} {blas.get('version', '')}".strip()
 
 
 def usable_cores() -> int:
