@@ -230,7 +230,7 @@ def measure_gemms(sizes: Sizes, scale: int, batch: int, runs: int) -> list[Gemm]
     return measured
 
 
-def gemm_table(sizes: Sizes, gemms: list[Gemm], forward: Row | None) -> str:
+def gemm_table(gemms: list[Gemm], forward: Row | None) -> str:
     """The GEMM table and what it says about the forward row at the same scale and batch."""
     libraries = list(gemms[0].seconds)
     table = report.markdown_table(
@@ -340,7 +340,7 @@ def run(size: str = "full", runs: int = measurement.MIN_RUNS, log=print, *,
            + ", keeps its threads spinning after a call, which slows the next library)"
            if "NumPy" in gemms[0].seconds else "") + ".",
         "",
-        gemm_table(sizes, gemms, forward),
+        gemm_table(gemms, forward),
         *(["", f"Where our forward at scale {scale}, batch {largest} spends its time: thread "
                 "time per operation of the compiled program (`bench/op_profile.py`, a "
                 f"`jax.profiler` trace of {runs} calls). XLA:CPU runs independent operations "
